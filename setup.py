@@ -1,0 +1,41 @@
+"""grpo_jax: GRPO for LLMs in pure-functional JAX on sharded Flax NNX weights."""
+
+from setuptools import find_packages, setup
+
+# Runtime dependencies. PyTorch is *not* one of them: it is only used by the
+# parity tests against transformers and by the peer benchmarks.
+INSTALL_REQUIRES = [
+    "jax>=0.6.0",
+    "flax>=0.11.0",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11.0",
+    "transformers>=4.51",  # tokenizers, chat templates and config/safetensors files only
+    "safetensors>=0.4",
+    "sentencepiece>=0.2",
+    "tensorflow-datasets>=4.9.6",  # used without TensorFlow, via tfds.data_source
+    "array_record>=0.5",
+    "ml-collections>=0.1.1",
+    "absl-py>=2.0",
+    "numpy>=1.26",
+    "tensorboardX>=2.6",
+    "sympy>=1.12",
+]
+
+# PyTorch is pinned: an unpinned `torch` pulls a multi-GB CUDA build.
+TORCH = "torch==2.13.0"
+
+EXTRAS = {
+    "test": [TORCH, "pytest>=8", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6", "matplotlib>=3.8"],
+    "bench": [TORCH, "trl>=0.20", "accelerate>=1.0", "datasets>=3.0"],
+    "notebooks": ["jupyter", "matplotlib>=3.8"],
+}
+
+setup(
+    name="grpo_jax",
+    version="0.1.0",
+    description="Group-relative policy optimisation for LLMs in JAX / Flax NNX",
+    packages=find_packages(include=["grpo_jax", "grpo_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
