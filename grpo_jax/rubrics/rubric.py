@@ -1,0 +1,313 @@
+"""`Rubric`: a weighted set of reward functions scored over a batch of finished episodes.
+
+Reward of episode i (Σ over functions with weight != 0):
+
+    reward_i = Σ_k w_k · s_k(episode_i)   (+ Σ_j v_j · t_j(tokens_i, mask_i) for token functions)
+
+Text reward functions
+  A function declares what it needs by parameter name and gets exactly that:
+    prompt      list of prompt messages
+    completion  list of messages after the prompt (assistant turns and env replies)
+    answer      the gold answer string of the row
+    state       the episode's state dict (tool counters, lengths set by the rollout ...)
+    info        the row's `info` dict
+    task        the row's task name
+    text        content of the last assistant message
+    parser      the rubric's parser (or None)
+    parsed      `parser.parse(completion)` ({field: str | None}), None without a parser
+  A function with `**kwargs` receives all of them.  Functions may be sync or `async def`;
+  async ones are gathered concurrently (at most `max_concurrency` at once).
+
+Failures
+  A function that raises, times out (`timeout_s`) or returns something that is not a finite
+  real number scores NaN for that sample, never 0.  The episode's total reward is NaN when a
+  weighted function failed on it (the advantage computation leaves NaN rewards out); a
+  weight-0 function (a metric) failing only makes its own score NaN.  Failures are counted
+  per function (`failures/<name>` in the metrics) and logged once per function per batch
+  with the count and the first error.  Scoring never raises because a function failed.
+
+Token reward functions (`grpo_jax.rubrics.token_rewards.TokenReward`)
+  Pure `jnp` functions `(tokens_BT, mask_BT) -> rewards_B` that run on device.  The trainer
+  calls `jax.jit(rubric.token_rewards)(tokens_BT, mask_BT)` and adds the result to the host
+  rewards; `score(..., tokens_BT=..., mask_BT=...)` does the same in one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+import math
+import numbers
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from grpo_jax.rubrics.concurrency import run_sync, wait_in_daemon_thread
+from grpo_jax.rubrics.parsers import last_assistant_text
+
+logger = logging.getLogger(__name__)
+
+ARGUMENT_NAMES = ("prompt", "completion", "answer", "state", "info", "task", "text", "parser", "parsed")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardFunc:
+    """One text reward function of a rubric, with the arguments it asks for."""
+    fn: Callable[..., Any]
+    name: str
+    weight: float
+    params: tuple[str, ...]
+    takes_all: bool
+    is_async: bool
+
+    @classmethod
+    def wrap(cls, fn: Callable[..., Any], weight: float = 1.0, name: str | None = None) -> "RewardFunc":
+        name = name or getattr(fn, "__name__", None) or type(fn).__name__
+        signature = inspect.signature(fn)
+        params, takes_all = [], False
+        for p in signature.parameters.values():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                takes_all = True
+            elif p.kind is inspect.Parameter.VAR_POSITIONAL:
+                continue
+            elif p.name in ARGUMENT_NAMES:
+                params.append(p.name)
+            elif p.default is inspect.Parameter.empty:
+                raise ValueError(f"reward function {name!r} asks for {p.name!r}; "
+                                 f"available arguments: {ARGUMENT_NAMES}")
+        is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None))
+        return cls(fn, name, float(weight), tuple(params), takes_all, is_async)
+
+    def arguments(self, context: dict[str, Any]) -> dict[str, Any]:
+        return dict(context) if self.takes_all else {p: context[p] for p in self.params}
+
+
+@dataclasses.dataclass
+class RubricScores:
+    """Scores of a batch of N episodes.
+
+    rewards:  [N] float64 weighted total; NaN where a weighted function failed.
+    scores:   {function name: [N] float64 unweighted score, NaN where it failed}.
+    failures: {function name: number of failed samples}.
+    errors:   {function name: first error message} for functions that failed.
+    metrics:  {"reward": nan-mean of rewards, "reward/<name>": nan-mean of each function,
+               "failures/<name>": failure counts, "reward_nan_fraction": share of NaN rewards}.
+    """
+    rewards: np.ndarray
+    scores: dict[str, np.ndarray]
+    failures: dict[str, int]
+    errors: dict[str, str]
+    metrics: dict[str, float]
+
+
+def _as_score(value: Any) -> float:
+    """A returned value as a float score; raises on anything that is not a finite real number."""
+    if isinstance(value, (bool, np.bool_, numbers.Real)):
+        score = float(value)
+    elif getattr(value, "shape", None) == () and np.issubdtype(np.asarray(value).dtype, np.number):
+        score = float(value)  # 0-d numpy / jax arrays
+    else:
+        raise TypeError(f"returned {type(value).__name__} {str(value)[:50]!r}, not a number")
+    if not math.isfinite(score):
+        raise ValueError(f"returned non-finite {score}")
+    return score
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+class Rubric:
+    """Weighted reward functions (weight 0: logged metric, not rewarded).
+
+    Args:
+      funcs: text reward functions (see the module docstring for their arguments).
+      weights: one weight per function (default 1.0 each).
+      parser: parser handed to functions asking for `parser` / `parsed`.
+      token_funcs: `TokenReward`s run on token arrays (see `token_rewards`).
+      names: optional names for `funcs` (default: each function's `__name__`).
+      timeout_s: per-call time limit for text functions (None: no limit).  Sync functions
+        then run in worker threads; one that hangs scores NaN and its thread is abandoned.
+      max_concurrency: most async calls in flight at once.
+    """
+
+    def __init__(self, funcs: Sequence[Callable[..., Any]] = (), weights: Sequence[float] | None = None,
+                 *, parser: Any = None, token_funcs: Sequence[Any] = (),
+                 names: Sequence[str] | None = None, timeout_s: float | None = None,
+                 max_concurrency: int = 64):
+        weights = [1.0] * len(funcs) if weights is None else list(weights)
+        names = [None] * len(funcs) if names is None else list(names)
+        if not len(weights) == len(names) == len(funcs):
+            raise ValueError("funcs, weights and names must have the same length")
+        self.parser = parser
+        self.timeout_s = timeout_s
+        self.max_concurrency = max_concurrency
+        self.funcs: list[RewardFunc] = []
+        self.token_funcs: list[Any] = []
+        self._jitted_token_rewards = None
+        for fn, w, n in zip(funcs, weights, names):
+            self.add(fn, w, n)
+        for tf in token_funcs:
+            self.add_token_func(tf)
+
+    def __repr__(self):
+        parts = [f"{f.name}={f.weight:g}" for f in self.funcs + self.token_funcs]
+        return f"Rubric({', '.join(parts)})"
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.funcs] + [f.name for f in self.token_funcs]
+
+    def _check_new_name(self, name: str):
+        if name in self.names:
+            raise ValueError(f"duplicate reward function name {name!r}")
+
+    def add(self, fn: Callable[..., Any], weight: float = 1.0, name: str | None = None) -> "Rubric":
+        """Add a text reward function; returns self."""
+        func = RewardFunc.wrap(fn, weight, name)
+        self._check_new_name(func.name)
+        self.funcs.append(func)
+        return self
+
+    def add_token_func(self, token_func: Any) -> "Rubric":
+        """Add a `TokenReward` (an object with `.fn`, `.name`, `.weight`); returns self."""
+        self._check_new_name(token_func.name)
+        self.token_funcs.append(token_func)
+        self._jitted_token_rewards = None
+        return self
+
+    # -- token functions (device) ------------------------------------------------------------
+    def token_rewards(self, tokens_BT, mask_BT):
+        """(weighted total [B], {name: [B]}) of the token functions; pure, jittable, vmappable."""
+        import jax.numpy as jnp
+        per_func = {tf.name: tf.fn(tokens_BT, mask_BT).astype(jnp.float32) for tf in self.token_funcs}
+        total = jnp.zeros(tokens_BT.shape[:-1], jnp.float32)
+        for tf in self.token_funcs:
+            if tf.weight != 0:
+                total = total + tf.weight * per_func[tf.name]
+        return total, per_func
+
+    def _token_scores(self, tokens_BT, mask_BT) -> dict[str, np.ndarray]:
+        import jax
+        if self._jitted_token_rewards is None:
+            self._jitted_token_rewards = jax.jit(self.token_rewards)
+        _, per_func = self._jitted_token_rewards(tokens_BT, mask_BT)
+        return {k: np.asarray(v, np.float64) for k, v in per_func.items()}
+
+    # -- text functions (host) --------------------------------------------------------------
+    def _contexts(self, prompts, completions, answers, states, infos, tasks) -> list[dict[str, Any]]:
+        n = len(completions)
+
+        def column(values, default):
+            if values is None:
+                return [default() for _ in range(n)]
+            if len(values) != n:
+                raise ValueError(f"expected {n} values, got {len(values)}")
+            return list(values)
+
+        prompts = column(prompts, list)
+        answers, infos = column(answers, lambda: None), column(infos, dict)
+        states, tasks = column(states, dict), column(tasks, lambda: None)
+        contexts = []
+        for i in range(n):
+            parsed = None
+            if self.parser is not None:
+                try:
+                    parsed = self.parser.parse(completions[i])
+                except Exception:  # functions asking for `parsed` then fail and are counted
+                    parsed = None
+            contexts.append(dict(prompt=prompts[i], completion=completions[i], answer=answers[i],
+                                 state=states[i], info=infos[i], task=tasks[i], parser=self.parser,
+                                 parsed=parsed, text=last_assistant_text(completions[i])))
+        return contexts
+
+    @staticmethod
+    def _call_sync(func: RewardFunc, context: dict[str, Any]) -> float | BaseException:
+        try:
+            return _as_score(func.fn(**func.arguments(context)))
+        except Exception as e:
+            return e
+
+    async def _call_async(self, func: RewardFunc, context: dict[str, Any],
+                          semaphore: asyncio.Semaphore) -> float | BaseException:
+        async with semaphore:
+            try:
+                if func.is_async:
+                    value = await asyncio.wait_for(func.fn(**func.arguments(context)), self.timeout_s)
+                else:  # only with timeout_s: a daemon thread can be abandoned if it hangs
+                    value = await wait_in_daemon_thread(self.timeout_s, func.fn, **func.arguments(context))
+                return _as_score(value)
+            except asyncio.TimeoutError:
+                return TimeoutError(f"timed out after {self.timeout_s} s")
+            except Exception as e:
+                return e
+
+    def _needs_loop(self, func: RewardFunc) -> bool:
+        return func.is_async or self.timeout_s is not None
+
+    async def _gather(self, contexts) -> dict[str, list]:
+        semaphore = asyncio.Semaphore(self.max_concurrency)
+        looped = [f for f in self.funcs if self._needs_loop(f)]
+        results = await asyncio.gather(*(self._call_async(f, c, semaphore) for f in looped for c in contexts))
+        n = len(contexts)
+        return {f.name: list(results[k * n:(k + 1) * n]) for k, f in enumerate(looped)}
+
+    def _assemble(self, contexts, looped_results, token_scores) -> RubricScores:
+        n = len(contexts)
+        scores, failures, errors = {}, {}, {}
+        for func in self.funcs:
+            if func.name in looped_results:
+                results = looped_results[func.name]
+            else:
+                results = [self._call_sync(func, c) for c in contexts]
+            values = np.full(n, np.nan, np.float64)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            for i, r in enumerate(results):
+                if not isinstance(r, BaseException):
+                    values[i] = r
+            scores[func.name] = values
+            failures[func.name] = len(failed)
+            if failed:
+                errors[func.name] = f"{type(failed[0]).__name__}: {failed[0]}"
+                logger.warning("reward function %r failed on %d/%d samples (scored NaN); first error: %s",
+                               func.name, len(failed), n, errors[func.name])
+        rewards = np.zeros(n, np.float64)
+        for func in self.funcs:
+            if func.weight != 0:
+                rewards += func.weight * scores[func.name]  # NaN propagates
+        for tf in self.token_funcs:
+            if token_scores is not None:
+                scores[tf.name] = token_scores[tf.name]
+                failures[tf.name] = 0
+                if tf.weight != 0:
+                    rewards += tf.weight * token_scores[tf.name]
+        metrics = {"reward": _nanmean(rewards),
+                   "reward_nan_fraction": float(np.isnan(rewards).mean()) if n else 0.0}
+        for name, values in scores.items():
+            metrics[f"reward/{name}"] = _nanmean(values)
+            metrics[f"failures/{name}"] = float(failures[name])
+        return RubricScores(rewards, scores, failures, errors, metrics)
+
+    def score(self, prompts, completions, answers=None, states=None, infos=None, tasks=None,
+              *, tokens_BT=None, mask_BT=None) -> RubricScores:
+        """Score N episodes (lists of length N; see the module docstring). Sync; safe in a loop."""
+        contexts = self._contexts(prompts, completions, answers, states, infos, tasks)
+        looped = {}
+        if any(self._needs_loop(f) for f in self.funcs):
+            looped = run_sync(lambda: self._gather(contexts))
+        token_scores = self._token_scores(tokens_BT, mask_BT) if (
+            self.token_funcs and tokens_BT is not None) else None
+        return self._assemble(contexts, looped, token_scores)
+
+    async def ascore(self, prompts, completions, answers=None, states=None, infos=None, tasks=None,
+                     *, tokens_BT=None, mask_BT=None) -> RubricScores:
+        """`score` for async callers: async functions are awaited on the caller's loop."""
+        contexts = self._contexts(prompts, completions, answers, states, infos, tasks)
+        looped = await self._gather(contexts)
+        token_scores = self._token_scores(tokens_BT, mask_BT) if (
+            self.token_funcs and tokens_BT is not None) else None
+        return self._assemble(contexts, looped, token_scores)
