@@ -1,0 +1,19 @@
+"""Environments: the `Environment` protocol, single-turn, multi-turn and tool envs, task groups.
+
+Tasks: `arithmetic.ArithmeticEnv`, `countdown.CountdownEnv`, `calculator.CalculatorEnv`
+(calculator tool), `gsm8k.GSM8KEnv` (TFDS, no TensorFlow; imported on use since it loads
+tensorflow_datasets).  `sandbox.run_python` runs model-written code in a separate process.
+"""
+
+from grpo_jax.envs.base import (Environment, Episode, MultiTurnEnv, SingleTurnEnv, replay_episodes, respond_all,
+                                run_episode, run_episodes)
+from grpo_jax.envs.env_group import EnvGroup, GroupRubric
+from grpo_jax.envs.tool_env import ToolEnv
+from grpo_jax.envs.tools import (JSONToolCallParser, TagToolCallParser, Tool, ToolCall, ToolResult, execute_tool_call,
+                                 python_tool)
+
+__all__ = [
+    "Environment", "SingleTurnEnv", "MultiTurnEnv", "ToolEnv", "EnvGroup", "GroupRubric", "Episode",
+    "run_episode", "run_episodes", "replay_episodes", "respond_all",
+    "Tool", "ToolCall", "ToolResult", "JSONToolCallParser", "TagToolCallParser", "execute_tool_call", "python_tool",
+]

@@ -1,0 +1,234 @@
+"""The `Environment` protocol, `SingleTurnEnv`, `MultiTurnEnv`, and episode helpers.
+
+Data
+  Message:  {"role": "system" | "user" | "assistant" | "tool", "content": str}.
+  Row:      a dataset row, a dict with "question" (str) or "prompt" (list of messages),
+            "answer" (gold answer, str), "info" (dict, task specific) and "task" (str).
+  Prompt:   the messages before the model's first turn.
+  Completion: every message after the prompt: assistant turns and environment replies.
+  State:    a per-episode dict.  All per-episode data lives here, never on the env object,
+            so one env serves many concurrent episodes.  `initial_state` sets
+              "task", "answer", "info", "prompt_length" (number of prompt messages),
+              "truncated" (False; the rollout sets True when generation hit its token limit),
+            environments add their own keys (`ToolEnv`: "tool_calls", "tool_errors",
+            "tool_timeouts", "tool_log"), and the rollout may add "completion_tokens"
+            (model tokens in the episode, read by the overlong penalty).
+
+Driving an episode (what the rollout loop does, batched over many episodes)
+    prompt, state = env.initial_state(row)
+    messages = list(prompt)
+    while True:
+        messages.append({"role": "assistant", "content": <one sampler call>})
+        if env.is_completed(messages, state):            # sync, cheap
+            break
+        reply, state = await env.env_response(messages, state)   # async; tools run here
+        messages.extend(reply)
+    completion = messages[state["prompt_length"]:]
+  `env_response` is a coroutine so that the replies of all live episodes can be gathered
+  concurrently (`respond_all`); `env_response_sync` wraps it for sync callers.  It may
+  update `state` in place and returns it.  `is_completed` is true once the episode was
+  truncated, has `max_turns` assistant turns, or the env says it is done (`is_done`).
+
+Scoring
+  `env.score(prompts, completions, states)` -> `RubricScores` (rewards [N], NaN on failure,
+  per-function scores and metrics), reading answer / info / task from the states.
+
+Episode helpers for tests, evaluation and the warm start: `run_episode(s)` with a policy
+function (messages -> text, sync or async), `replay_episodes` (scripted assistant turns,
+e.g. `env.gold_completion(row)`, with the env's replies recomputed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+from grpo_jax.rubrics.concurrency import run_sync
+from grpo_jax.rubrics.rubric import Rubric, RubricScores
+
+Message = dict[str, str]
+Row = Mapping[str, Any]
+State = dict[str, Any]
+Policy = Callable[[list[Message]], "str | Awaitable[str]"]
+
+
+@dataclasses.dataclass
+class Episode:
+    """A finished (or cut) episode: prompt messages, completion messages, final state."""
+    prompt: list[Message]
+    completion: list[Message]
+    state: State
+
+    @property
+    def messages(self) -> list[Message]:
+        return self.prompt + self.completion
+
+
+class Environment:
+    """Base class and protocol of all environments (see the module docstring).
+
+    Args:
+      name: task name, stored in each row's "task" and each state's "task".
+      rubric: scores finished episodes.
+      parser: the answer parser of the task (used by rubrics and demonstrations).
+      system_prompt: prepended as a system message to question rows.
+      max_turns: most assistant turns in an episode.
+      dataset_fn: `(split, n, seed) -> rows`, for envs not defining `dataset` themselves.
+    """
+
+    name: str = "env"
+    max_turns: int = 1
+
+    def __init__(self, *, name: str | None = None, rubric: Rubric | None = None, parser: Any = None,
+                 system_prompt: str | None = None, max_turns: int | None = None,
+                 dataset_fn: Callable[[str, int | None, int], Sequence[Row]] | None = None):
+        self.name = name or self.name
+        self.rubric = rubric if rubric is not None else Rubric()
+        self.parser = parser
+        self.system_prompt = system_prompt
+        self.max_turns = self.max_turns if max_turns is None else int(max_turns)
+        self._dataset_fn = dataset_fn
+
+    def __repr__(self):
+        return f"{type(self).__name__}(name={self.name!r}, max_turns={self.max_turns}, rubric={self.rubric})"
+
+    # -- data -------------------------------------------------------------------------------
+    def dataset(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+        """Rows of a split; `n` rows (all when None), deterministic for a given `seed`."""
+        if self._dataset_fn is None:
+            raise NotImplementedError(f"{type(self).__name__} has no dataset; pass dataset_fn")
+        return [self._with_task(row) for row in self._dataset_fn(split, n, seed)]
+
+    def _with_task(self, row: Row) -> dict[str, Any]:
+        row = dict(row)
+        row.setdefault("task", self.name)
+        row.setdefault("info", {})
+        return row
+
+    def make_prompt(self, row: Row) -> list[Message]:
+        """`row["prompt"]` if present, else [system prompt] + the question as a user message."""
+        if row.get("prompt"):
+            return [dict(m) for m in row["prompt"]]
+        prompt = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return prompt + [{"role": "user", "content": str(row["question"])}]
+
+    def initial_state(self, row: Row) -> tuple[list[Message], State]:
+        """(prompt messages, fresh state) for a row."""
+        prompt = self.make_prompt(row)
+        state = {"task": row.get("task", self.name), "answer": row.get("answer"),
+                 "info": dict(row.get("info") or {}), "prompt_length": len(prompt), "truncated": False}
+        state.update(self.setup_state(row))
+        return prompt, state
+
+    def setup_state(self, row: Row) -> State:
+        """Extra initial state keys of an environment (hook)."""
+        return {}
+
+    # -- turns ------------------------------------------------------------------------------
+    @staticmethod
+    def completion_of(messages: Sequence[Message], state: State) -> list[Message]:
+        return list(messages[state["prompt_length"]:])
+
+    def num_turns(self, messages: Sequence[Message], state: State) -> int:
+        """Assistant turns so far in the episode."""
+        return sum(m["role"] == "assistant" for m in self.completion_of(messages, state))
+
+    def is_done(self, messages: Sequence[Message], state: State) -> bool:
+        """Whether the env ends the episode after the last assistant turn (hook)."""
+        return False
+
+    def is_completed(self, messages: Sequence[Message], state: State) -> bool:
+        return (bool(state.get("truncated")) or self.num_turns(messages, state) >= self.max_turns
+                or self.is_done(messages, state))
+
+    async def env_response(self, messages: Sequence[Message], state: State) -> tuple[list[Message], State]:
+        """The environment's reply messages to the last assistant turn, and the state."""
+        raise NotImplementedError(f"{type(self).__name__} does not reply")
+
+    def env_response_sync(self, messages: Sequence[Message], state: State) -> tuple[list[Message], State]:
+        return run_sync(lambda: self.env_response(messages, state))
+
+    # -- demonstrations and scoring ------------------------------------------------------------
+    def gold_completion(self, row: Row) -> list[Message]:
+        """A correct demonstration episode for `row` (assistant turns and env replies)."""
+        raise NotImplementedError(f"{type(self).__name__} has no gold demonstrations")
+
+    def score(self, prompts: Sequence[list[Message]], completions: Sequence[list[Message]],
+              states: Sequence[State], *, tokens_BT=None, mask_BT=None) -> RubricScores:
+        """Rubric scores of N finished episodes (answer, info and task read from the states)."""
+        return self.rubric.score(prompts, completions, [s.get("answer") for s in states], states,
+                                 [s.get("info", {}) for s in states], [s.get("task") for s in states],
+                                 tokens_BT=tokens_BT, mask_BT=mask_BT)
+
+    def score_episodes(self, episodes: Sequence[Episode], **kwargs) -> RubricScores:
+        return self.score([e.prompt for e in episodes], [e.completion for e in episodes],
+                          [e.state for e in episodes], **kwargs)
+
+
+class SingleTurnEnv(Environment):
+    """One assistant turn, no environment reply (question -> answer tasks)."""
+    max_turns = 1
+
+    def __init__(self, **kwargs):
+        if kwargs.get("max_turns") not in (None, 1):
+            raise ValueError("a single-turn env has max_turns = 1")
+        super().__init__(**kwargs)
+
+    def is_completed(self, messages, state) -> bool:
+        return True
+
+
+class MultiTurnEnv(Environment):
+    """Several turns: subclasses implement `async env_response` and usually `is_done`."""
+    max_turns = 4
+
+
+# -- driving episodes --------------------------------------------------------------------------
+async def _policy_text(policy: Policy, messages: list[Message]) -> str:
+    text = policy(messages)
+    return await text if inspect.isawaitable(text) else text
+
+
+async def run_episode(env: Environment, row: Row, policy: Policy) -> Episode:
+    """Play one episode of `env` on `row` with `policy(messages) -> assistant text`."""
+    prompt, state = env.initial_state(row)
+    messages = list(prompt)
+    while True:
+        messages.append({"role": "assistant", "content": await _policy_text(policy, messages)})
+        if env.is_completed(messages, state):
+            break
+        reply, state = await env.env_response(messages, state)
+        messages.extend(reply)
+    return Episode(prompt, messages[len(prompt):], state)
+
+
+def run_episodes(env: Environment, rows: Sequence[Row], policy: Policy) -> list[Episode]:
+    """`run_episode` for all rows concurrently (env replies of different episodes overlap)."""
+    async def play_all():
+        return await asyncio.gather(*(run_episode(env, row, policy) for row in rows))
+    return list(run_sync(play_all))
+
+
+def replay_episodes(env: Environment, rows: Sequence[Row],
+                    completions: Sequence[Sequence[Message]]) -> list[Episode]:
+    """Play each row with the assistant turns of the matching scripted completion.
+
+    The env's replies are recomputed (tools really run), so the returned states are the
+    ones a policy writing exactly these turns would get.  A script that runs out of
+    assistant turns continues with empty messages.
+    """
+    async def play(row, completion):
+        turns = iter([m["content"] for m in completion if m["role"] == "assistant"])
+        return await run_episode(env, row, lambda messages: next(turns, ""))
+
+    async def play_all():
+        return await asyncio.gather(*(play(r, c) for r, c in zip(rows, completions)))
+    return list(run_sync(play_all))
+
+
+async def respond_all(env: Environment, batch_messages: Sequence[Sequence[Message]],
+                      states: Sequence[State]) -> list[tuple[list[Message], State]]:
+    """`env.env_response` for many live episodes at once (their tools run concurrently)."""
+    return list(await asyncio.gather(*(env.env_response(m, s) for m, s in zip(batch_messages, states))))

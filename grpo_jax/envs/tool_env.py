@@ -1,0 +1,77 @@
+"""`ToolEnv`: the model calls Python tools until it answers without a tool call.
+
+Each assistant turn is parsed with the env's tool-call parser (`tools.JSONToolCallParser`
+or `tools.TagToolCallParser`, or any object with the same `parse` / `format_call` /
+`describe` methods).  A turn without a call ends the episode (that is the final answer);
+a turn with calls gets one `{"role": "tool", "content": ...}` message per call, the calls
+of a turn running concurrently, each with a time limit and an output cap.  Errors of any
+kind (the tool raised, hung, printed too much, was unknown, got bad arguments, the call
+did not parse, too many calls in one turn) come back to the model as text and are counted
+in the state:
+
+    state["tool_calls"]     calls attempted          state["tool_errors"]   calls that failed
+    state["tool_timeouts"]  calls that timed out     state["tool_log"]      [{"name", "ok", "error_kind"}]
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Sequence
+
+from grpo_jax.envs.base import Message, MultiTurnEnv, Row, State
+from grpo_jax.envs.tools import JSONToolCallParser, Tool, ToolCall, ToolResult, execute_tool_call
+from grpo_jax.rubrics.parsers import last_assistant_text
+
+
+class ToolEnv(MultiTurnEnv):
+    """Multi-turn env with tools.
+
+    Args:
+      tools: Python functions (or `Tool`s); a function's name, annotations and docstring
+        make its schema.
+      call_parser: the tool-call format (default: JSON in `<tool_call>` tags).
+      tool_timeout_s: time limit of one call.
+      max_output_chars: cap on one call's reply text (prints and return value).
+      max_calls_per_turn: calls beyond this in one turn are answered with an error.
+      max_turns: most assistant turns (tool turns plus the final answer).
+      system_prompt: default: the call parser's description of the tools.
+      Other keyword arguments go to `Environment`.
+    """
+    max_turns = 4
+
+    def __init__(self, tools: Sequence[Callable[..., Any] | Tool], *, call_parser: Any = None,
+                 tool_timeout_s: float = 5.0, max_output_chars: int = 2000, max_calls_per_turn: int = 4,
+                 system_prompt: str | None = None, **kwargs: Any):
+        self.tools = {t.name: t for t in (t if isinstance(t, Tool) else Tool.from_function(t) for t in tools)}
+        self.call_parser = call_parser if call_parser is not None else JSONToolCallParser()
+        self.tool_timeout_s = tool_timeout_s
+        self.max_output_chars = max_output_chars
+        self.max_calls_per_turn = max_calls_per_turn
+        if system_prompt is None:
+            system_prompt = self.call_parser.describe(list(self.tools.values()))
+        super().__init__(system_prompt=system_prompt, **kwargs)
+
+    def setup_state(self, row: Row) -> State:
+        return {"tool_calls": 0, "tool_errors": 0, "tool_timeouts": 0, "tool_log": []}
+
+    def tool_calls(self, text: str) -> list[ToolCall]:
+        """The calls in one assistant message."""
+        return self.call_parser.parse(text)
+
+    def is_done(self, messages: Sequence[Message], state: State) -> bool:
+        return not self.tool_calls(last_assistant_text(self.completion_of(messages, state)))
+
+    async def env_response(self, messages: Sequence[Message], state: State) -> tuple[list[Message], State]:
+        calls = self.tool_calls(last_assistant_text(self.completion_of(messages, state)))
+        allowed, extra = calls[:self.max_calls_per_turn], calls[self.max_calls_per_turn:]
+        results = list(await asyncio.gather(*(
+            execute_tool_call(c, self.tools, timeout_s=self.tool_timeout_s, max_output_chars=self.max_output_chars)
+            for c in allowed)))
+        results += [ToolResult(f"Error: at most {self.max_calls_per_turn} tool calls per turn; call skipped",
+                               "too_many_calls")] * len(extra)
+        for call, result in zip(calls, results):
+            state["tool_calls"] += 1
+            state["tool_errors"] += not result.ok
+            state["tool_timeouts"] += result.error_kind == "timeout"
+            state["tool_log"].append({"name": call.name, "ok": result.ok, "error_kind": result.error_kind})
+        return [{"role": "tool", "content": r.content} for r in results], state

@@ -1,0 +1,282 @@
+"""Tools for `ToolEnv`: Python functions with a JSON schema, safe execution, call parsers.
+
+Execution (`execute_tool_call`) never raises.  Every failure becomes a `ToolResult` whose
+text is shown to the model:
+  * the tool raised                    -> "Error: calculator raised ZeroDivisionError: ..."
+  * the tool ran past `timeout_s`      -> "Error: tool 'x' timed out after 5 s" (its daemon
+                                          thread is abandoned; see `rubrics.concurrency`)
+  * unknown tool / bad arguments / a tool call that does not parse -> an error naming why.
+The tool's printed output (stdout and stderr of its thread) and its return value form the
+reply; both are captured into a buffer bounded by `max_output_chars`, so a tool printing
+or returning 100 MB costs the model a truncated reply with a note, not the process memory.
+
+Tool-call formats are pluggable objects with `parse(text) -> [ToolCall]`,
+`format_call(name, arguments) -> str` and `describe(tools) -> str` (system-prompt text):
+  * `JSONToolCallParser`: `<tool_call>{"name": "calculator", "arguments": {"expression": "2+2"}}</tool_call>`,
+    the JSON-in-tags format of Hermes / Qwen2.5 chat templates;
+  * `TagToolCallParser`: one tag = one single-argument tool, e.g. `<calc>347*29</calc>`, the
+    compact format for tiny models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import io
+import json
+import re
+import sys
+import threading
+import typing
+from typing import Any, Callable, Mapping, Sequence
+
+from grpo_jax.rubrics.concurrency import wait_in_daemon_thread
+
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tool:
+    """A Python function offered to the model, with its JSON schema."""
+    fn: Callable[..., Any]
+    name: str
+    description: str
+    parameters: dict[str, Any]  # JSON schema of the arguments object
+
+    @classmethod
+    def from_function(cls, fn: Callable[..., Any], name: str | None = None,
+                      description: str | None = None) -> "Tool":
+        """Schema from the signature (annotations -> JSON types) and the docstring's first paragraph."""
+        hints = typing.get_type_hints(fn)
+        properties, required = {}, []
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+                continue
+            json_type = _JSON_TYPES.get(typing.get_origin(hints.get(p.name)) or hints.get(p.name), "string")
+            properties[p.name] = {"type": json_type}
+            if p.default is inspect.Parameter.empty:
+                required.append(p.name)
+        doc = inspect.getdoc(fn) or ""
+        description = description or doc.split("\n\n")[0].replace("\n", " ").strip()
+        parameters = {"type": "object", "properties": properties, "required": required}
+        return cls(fn, name or fn.__name__, description, parameters)
+
+    def schema(self) -> dict[str, Any]:
+        """OpenAI-style function schema, as chat templates take it."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.parameters}}
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """A parsed call; `error` is set when the text looked like a call but did not parse."""
+    name: str | None
+    arguments: dict[str, Any]
+    raw: str
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolResult:
+    """Reply text for the model; `error_kind` None on success, else one of "exception",
+    "timeout", "bad_arguments", "unknown_tool", "parse_error" (or "too_many_calls" from ToolEnv)."""
+    content: str
+    error_kind: str | None = None
+    truncated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error_kind is None
+
+
+# -- output capture ---------------------------------------------------------------------------
+class _BoundedBuffer:
+    """Keeps the first `limit` characters written and counts the rest."""
+
+    def __init__(self, limit: int):
+        self.limit, self.parts, self.kept, self.total = limit, [], 0, 0
+
+    def write(self, text: str) -> int:
+        n = len(text)
+        self.total += n
+        room = self.limit - self.kept
+        if room > 0:
+            self.parts.append(text[:room])
+            self.kept += min(n, room)
+        return n
+
+    def getvalue(self) -> str:
+        return "".join(self.parts)
+
+
+_capture = threading.local()
+_install_lock = threading.Lock()
+
+
+class _ThreadRoutedStream(io.TextIOBase):
+    """Stands in for sys.stdout / sys.stderr: a thread running a tool writes into its own
+    bounded buffer, every other thread writes to the original stream."""
+
+    def __init__(self, target):
+        self._target = target
+
+    def write(self, text):
+        buffer = getattr(_capture, "buffer", None)
+        return buffer.write(text) if buffer is not None else self._target.write(text)
+
+    def flush(self):
+        if getattr(_capture, "buffer", None) is None:
+            self._target.flush()
+
+    def __getattr__(self, name):  # encoding, fileno, isatty ... of the real stream
+        return getattr(self._target, name)
+
+
+def _install_routing():
+    with _install_lock:
+        if not isinstance(sys.stdout, _ThreadRoutedStream):
+            sys.stdout = _ThreadRoutedStream(sys.stdout)
+        if not isinstance(sys.stderr, _ThreadRoutedStream):
+            sys.stderr = _ThreadRoutedStream(sys.stderr)
+
+
+def _truncate(text: str, total: int, limit: int) -> tuple[str, bool]:
+    if total <= limit:
+        return text, False
+    return text[:limit] + f"\n[output truncated: {total} characters, showing the first {limit}]", True
+
+
+def _run_captured(fn: Callable[..., Any], arguments: Mapping[str, Any],
+                  max_chars: int) -> tuple[str, bool, BaseException | None]:
+    """Run `fn(**arguments)` in this thread, capturing prints: (reply text, truncated, error).
+
+    The tool's exception is returned, not raised, so that only the caller's own time-out
+    reaches the awaiting coroutine as an exception.
+    """
+    buffer = _BoundedBuffer(max_chars + 1)
+    _capture.buffer = buffer
+    error = None
+    try:
+        value = fn(**arguments)
+    except Exception as e:
+        value, error = None, e
+    finally:
+        _capture.buffer = None
+    if value is not None:
+        if buffer.total:
+            buffer.write("\n")
+        buffer.write(value if isinstance(value, str) else repr(value))
+    text, truncated = _truncate(buffer.getvalue(), buffer.total, max_chars)
+    return text, truncated, error
+
+
+async def execute_tool_call(call: ToolCall, tools: Mapping[str, Tool], *, timeout_s: float = 5.0,
+                            max_output_chars: int = 2000) -> ToolResult:
+    """Run one parsed call with a time limit and an output cap; never raises."""
+    if call.error is not None:
+        return ToolResult(f"Error: could not parse tool call: {call.error}", "parse_error")
+    tool = tools.get(call.name)
+    if tool is None:
+        return ToolResult(f"Error: unknown tool {call.name!r}; available: {', '.join(sorted(tools))}",
+                          "unknown_tool")
+    try:
+        inspect.signature(tool.fn).bind(**call.arguments)
+    except TypeError as e:
+        return ToolResult(f"Error: bad arguments for tool {tool.name!r}: {e}", "bad_arguments")
+    _install_routing()
+    try:
+        text, truncated, error = await wait_in_daemon_thread(timeout_s, _run_captured, tool.fn,
+                                                             call.arguments, max_output_chars)
+    except asyncio.TimeoutError:
+        return ToolResult(f"Error: tool {tool.name!r} timed out after {timeout_s:g} s", "timeout")
+    if error is not None:
+        message, _ = _truncate(str(error), len(str(error)), 500)
+        printed = f"{text}\n" if text else ""
+        return ToolResult(f"{printed}Error: {tool.name} raised {type(error).__name__}: {message}", "exception")
+    return ToolResult(text, None, truncated)
+
+
+# -- call formats ------------------------------------------------------------------------------
+class JSONToolCallParser:
+    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes / Qwen2.5 style)."""
+
+    def __init__(self, tag: str = "tool_call"):
+        self.tag = tag
+        self._re = re.compile(rf"<{tag}>([\s\S]*?)</{tag}>")
+
+    def parse(self, text: str) -> list[ToolCall]:
+        calls = []
+        for match in self._re.finditer(text):
+            raw = match.group(0)
+            try:
+                payload = json.loads(match.group(1))
+            except json.JSONDecodeError as e:
+                calls.append(ToolCall(None, {}, raw, f"invalid JSON ({e.msg})"))
+                continue
+            if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+                calls.append(ToolCall(None, {}, raw, 'expected {"name": ..., "arguments": {...}}'))
+                continue
+            arguments = payload.get("arguments", {})
+            if isinstance(arguments, str):  # some models send the arguments JSON-encoded
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError:
+                    pass
+            if not isinstance(arguments, dict):
+                calls.append(ToolCall(payload["name"], {}, raw, "arguments must be an object"))
+                continue
+            calls.append(ToolCall(payload["name"], arguments, raw))
+        if not calls and f"<{self.tag}>" in text:
+            calls.append(ToolCall(None, {}, text[text.index(f"<{self.tag}>"):][:200], f"unclosed <{self.tag}>"))
+        return calls
+
+    def format_call(self, name: str, arguments: Mapping[str, Any]) -> str:
+        return f"<{self.tag}>" + json.dumps({"name": name, "arguments": dict(arguments)}) + f"</{self.tag}>"
+
+    def describe(self, tools: Sequence[Tool]) -> str:
+        schemas = "\n".join(json.dumps(t.schema()) for t in tools)
+        return ("You can call these tools:\n<tools>\n" + schemas + "\n</tools>\n"
+                f'To call one, write <{self.tag}>{{"name": NAME, "arguments": {{...}}}}</{self.tag}>; '
+                "the result comes back in a tool message.")
+
+
+class TagToolCallParser:
+    """Compact calls: the text inside `<tag>...</tag>` is the single argument of one tool.
+
+    `TagToolCallParser("calc", "calculator", "expression")` reads `<calc>347*29</calc>` as
+    `calculator(expression="347*29")`.
+    """
+
+    def __init__(self, tag: str = "calc", tool_name: str = "calculator", argument: str = "expression"):
+        self.tag, self.tool_name, self.argument = tag, tool_name, argument
+        self._re = re.compile(rf"<{tag}>([\s\S]*?)</{tag}>")
+
+    def parse(self, text: str) -> list[ToolCall]:
+        calls = [ToolCall(self.tool_name, {self.argument: m.group(1).strip()}, m.group(0))
+                 for m in self._re.finditer(text)]
+        if not calls and f"<{self.tag}>" in text:
+            calls.append(ToolCall(None, {}, text[text.index(f"<{self.tag}>"):][:200], f"unclosed <{self.tag}>"))
+        return calls
+
+    def format_call(self, name: str, arguments: Mapping[str, Any]) -> str:
+        if name != self.tool_name or set(arguments) != {self.argument}:
+            raise ValueError(f"<{self.tag}> calls only {self.tool_name}({self.argument}=...)")
+        return f"<{self.tag}>{arguments[self.argument]}</{self.tag}>"
+
+    def describe(self, tools: Sequence[Tool]) -> str:
+        return f"To use the {self.tool_name}, write <{self.tag}>...</{self.tag}>; the result comes back."
+
+
+def python_tool(timeout_s: float = 5.0, memory_mb: int = 256, max_output_chars: int = 2000) -> Tool:
+    """A `python(code)` tool running model-written code in the process sandbox.
+
+    The code runs in a killed-on-time-out child process (`grpo_jax.envs.sandbox.run_python`),
+    not in a thread: give the `ToolEnv` a `tool_timeout_s` above `timeout_s` (the sandbox
+    answers a time-out itself, with the output so far).
+    """
+    def python(code: str) -> str:
+        """Run Python code (standard library only) and return what it prints."""
+        from grpo_jax.envs.sandbox import run_python  # starts no process until used
+        return run_python(code, timeout_s=timeout_s, memory_mb=memory_mb).as_text(max_chars=max_output_chars)
+    return Tool.from_function(python)

@@ -1,0 +1,301 @@
+"""Environments: protocol, tools that raise / hang / flood, call parsers, multi-turn, groups."""
+
+import asyncio
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from grpo_jax.envs import (EnvGroup, Environment, JSONToolCallParser, MultiTurnEnv, SingleTurnEnv,
+                           TagToolCallParser, Tool, ToolCall, ToolEnv, execute_tool_call, python_tool,
+                           replay_episodes, respond_all, run_episodes)
+from grpo_jax.rubrics import Rubric, answer_parser, correct_answer, tool_used
+from grpo_jax.rubrics.rewards import tool_errors_metric
+
+_RELEASE = threading.Event()  # lets the "hanging" tool threads end when the session ends
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    More text that is not part of the description.
+    """
+    return a + b
+
+
+def explode(reason: str) -> str:
+    """Always raises."""
+    raise RuntimeError(f"exploded: {reason}")
+
+
+def hang(seconds: float = 60.0) -> str:
+    """Never answers in time."""
+    _RELEASE.wait(seconds)
+    return "late"
+
+
+def flood(kind: str = "print") -> str:
+    """Prints or returns about 100 MB."""
+    if kind == "print":
+        print("x" * 100_000_000)
+        return None
+    if kind == "lines":
+        for i in range(200_000):
+            print(i)
+        return None
+    return "y" * 100_000_000
+
+
+def _call(name, **arguments):
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+def _scripted(turns_by_question):
+    """A policy replaying, per question, a list of assistant turns."""
+    def policy(messages):
+        question = next(m["content"] for m in messages if m["role"] == "user")
+        turn = sum(m["role"] == "assistant" for m in messages)
+        return turns_by_question[question][turn]
+    return policy
+
+
+def _tool_env(**kwargs):
+    rubric = Rubric([correct_answer(answer_parser()), tool_used(), tool_errors_metric()], [1.0, 0.1, 0.0],
+                    parser=answer_parser())
+    kwargs.setdefault("tool_timeout_s", 0.5)
+    kwargs.setdefault("max_output_chars", 1000)
+    return ToolEnv([add, explode, hang, flood], rubric=rubric, max_turns=3, **kwargs)
+
+
+def test_tool_schema_from_function():
+    schema = Tool.from_function(add).schema()["function"]
+    assert schema["name"] == "add" and schema["description"] == "Add two integers."
+    assert schema["parameters"] == {"type": "object", "required": ["a", "b"],
+                                    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
+    assert Tool.from_function(hang).parameters["required"] == []
+
+
+def test_call_parsers():
+    json_parser = JSONToolCallParser()
+    calls = json_parser.parse('hi <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+                              '<tool_call>{"name": "add", "arguments": "{\\"a\\": 3, \\"b\\": 4}"}</tool_call>'
+                              "<tool_call>{not json}</tool_call><tool_call>[1]</tool_call>")
+    assert [(c.name, c.arguments, c.error is None) for c in calls] == [
+        ("add", {"a": 1, "b": 2}, True), ("add", {"a": 3, "b": 4}, True), (None, {}, False), (None, {}, False)]
+    assert json_parser.parse("<tool_call>{\"name\": \"add\"")[0].error.startswith("unclosed")
+    assert json_parser.parse("no calls here") == []
+    text = json_parser.format_call("add", {"a": 1, "b": 2})
+    assert json_parser.parse(text)[0].arguments == {"a": 1, "b": 2}
+
+    tag_parser = TagToolCallParser("calc", "calculator", "expression")
+    assert [(c.name, c.arguments) for c in tag_parser.parse("<calc>3*4</calc> and <calc> 1+1 </calc>")] == [
+        ("calculator", {"expression": "3*4"}), ("calculator", {"expression": "1+1"})]
+    assert tag_parser.format_call("calculator", {"expression": "2+2"}) == "<calc>2+2</calc>"
+    assert tag_parser.parse("<calc>3*4")[0].error is not None
+
+
+def _run(call, **kwargs):
+    tools = {t.name: t for t in map(Tool.from_function, (add, explode, hang, flood))}
+    return asyncio.run(execute_tool_call(call, tools, **kwargs))
+
+
+def test_execute_tool_call_turns_every_failure_into_text():
+    ok = _run(ToolCall("add", {"a": 2, "b": 3}, ""))
+    assert ok.ok and ok.content == "5"
+    raised = _run(ToolCall("explode", {"reason": "test"}, ""))
+    assert raised.error_kind == "exception" and "RuntimeError: exploded: test" in raised.content
+    bad_args = _run(ToolCall("add", {"a": 1}, ""))
+    assert bad_args.error_kind == "bad_arguments" and "'b'" in bad_args.content
+    unknown = _run(ToolCall("rm", {}, ""))
+    assert unknown.error_kind == "unknown_tool" and "add" in unknown.content
+    unparsed = _run(ToolCall(None, {}, "", "invalid JSON"))
+    assert unparsed.error_kind == "parse_error"
+
+    start = time.perf_counter()
+    hung = _run(ToolCall("hang", {}, ""), timeout_s=0.3)
+    assert time.perf_counter() - start < 2.0
+    assert hung.error_kind == "timeout" and "timed out after 0.3 s" in hung.content
+
+
+@pytest.mark.parametrize("kind", ["print", "lines", "return"])
+def test_tool_output_is_capped(kind, capsys):
+    result = _run(ToolCall("flood", {"kind": kind}, ""), max_output_chars=500)
+    assert result.ok and result.truncated
+    assert len(result.content) < 600 and "[output truncated:" in result.content
+    if kind != "lines":
+        assert "100000001 characters" in result.content or "100000000 characters" in result.content
+    print("main thread still prints")  # the capture is per thread
+    captured = capsys.readouterr().out
+    assert "main thread still prints" in captured and "xxxx" not in captured
+
+
+def test_tool_env_episodes_survive_bad_tools_and_the_batch_goes_on():
+    env = _tool_env()
+    script = {
+        "good": [_call("add", a=20, b=22), "<answer>42</answer>"],
+        "raises": [_call("explode", reason="x"), "<answer>0</answer>"],
+        "hangs": [_call("hang"), "<answer>0</answer>"],
+        "prints": [_call("flood", kind="print"), "<answer>0</answer>"],
+        "unknown": [_call("nope"), "<answer>0</answer>"],
+        "garbled": ["<tool_call>{oops</tool_call>", "<answer>0</answer>"],
+        "many": [" ".join([_call("add", a=1, b=1)] * 6), "<answer>2</answer>"],
+        "direct": ["<answer>42</answer>"],
+    }
+    rows = [{"question": q, "answer": "42" if q in ("good", "direct") else "2"} for q in script]
+    start = time.perf_counter()
+    episodes = run_episodes(env, rows, _scripted(script))
+    assert time.perf_counter() - start < 3.0  # the hanging tool cost one time-out, in parallel
+    by_q = {e.prompt[-1]["content"]: e for e in episodes}
+    tool_text = {q: [m["content"] for m in e.completion if m["role"] == "tool"] for q, e in by_q.items()}
+    assert tool_text["good"] == ["42"]
+    assert "RuntimeError: exploded: x" in tool_text["raises"][0]
+    assert "timed out" in tool_text["hangs"][0]
+    assert "[output truncated:" in tool_text["prints"][0] and len(tool_text["prints"][0]) < 1100
+    assert "unknown tool 'nope'" in tool_text["unknown"][0]
+    assert "could not parse" in tool_text["garbled"][0]
+    assert tool_text["many"][:4] == ["2"] * 4 and all("at most 4" in t for t in tool_text["many"][4:])
+    assert tool_text["direct"] == [] and by_q["direct"].state["tool_calls"] == 0
+    assert {q: e.state["tool_errors"] for q, e in by_q.items()} == {
+        "good": 0, "raises": 1, "hangs": 1, "prints": 0, "unknown": 1, "garbled": 1, "many": 2, "direct": 0}
+    assert by_q["hangs"].state["tool_timeouts"] == 1
+    assert by_q["raises"].state["tool_log"] == [{"name": "explode", "ok": False, "error_kind": "exception"}]
+    scores = env.score_episodes(episodes)
+    assert not np.isnan(scores.rewards).any()
+    np.testing.assert_allclose(scores.scores["correct_answer"], [1, 0, 0, 0, 0, 0, 1, 1])
+    np.testing.assert_allclose(scores.scores["tool_used"], [1, 0, 0, 1, 0, 0, 0, 0])
+
+
+def test_python_tool_runs_in_the_sandbox():
+    env = ToolEnv([python_tool(timeout_s=1.0)], tool_timeout_s=10.0, max_turns=2)
+    script = {"sum": [_call("python", code="print(sum(range(10)))"), "done"],
+              "loop": [_call("python", code="while True: pass"), "done"],
+              "flood": [_call("python", code="print('x' * 10**8)"), "done"]}
+    episodes = run_episodes(env, [{"question": q, "answer": ""} for q in script], _scripted(script))
+    replies = {e.prompt[-1]["content"]: e.completion[1]["content"] for e in episodes}
+    assert replies["sum"].strip() == "45"
+    assert "timeout" in replies["loop"]
+    assert "output" in replies["flood"] and len(replies["flood"]) < 3000
+
+
+def test_protocol_turns_truncation_and_sync_wrappers():
+    env = _tool_env()
+    prompt, state = env.initial_state({"question": "q", "answer": "1"})
+    assert prompt[0]["role"] == "system" and "add" in prompt[0]["content"] and prompt[-1]["content"] == "q"
+    assert state["prompt_length"] == 2 and state["tool_calls"] == 0
+    messages = prompt + [{"role": "assistant", "content": _call("add", a=1, b=2)}]
+    assert not env.is_completed(messages, state)
+    reply, state = env.env_response_sync(messages, state)  # sync wrapper, also fine in a loop below
+    assert reply == [{"role": "tool", "content": "3"}]
+    messages += reply + [{"role": "assistant", "content": _call("add", a=1, b=2)}]
+    assert not env.is_completed(messages, state)
+    messages += [{"role": "tool", "content": "3"}, {"role": "assistant", "content": _call("add", a=1, b=2)}]
+    assert env.is_completed(messages, state)  # max_turns = 3 assistant turns
+    assert env.is_completed(messages[:3], {**state, "truncated": True})
+
+    async def in_loop():
+        batch = [prompt + [{"role": "assistant", "content": _call("add", a=k, b=k)}] for k in range(5)]
+        states = [env.initial_state({"question": "q", "answer": "1"})[1] for _ in batch]
+        replies = await respond_all(env, batch, states)
+        sync_reply = env.env_response_sync(batch[0], env.initial_state({"question": "q"})[1])
+        return replies, sync_reply
+
+    replies, sync_reply = asyncio.run(in_loop())
+    assert [r[0][0]["content"] for r in replies] == ["0", "2", "4", "6", "8"]
+    assert sync_reply[0] == [{"role": "tool", "content": "0"}]
+
+
+class GuessEnv(MultiTurnEnv):
+    """Guess a number; the env answers 'higher' / 'lower' / 'correct'."""
+    name = "guess"
+    max_turns = 5
+
+    async def env_response(self, messages, state):
+        guess = int(messages[-1]["content"])
+        state["guesses"] = state.get("guesses", 0) + 1
+        target = int(state["answer"])
+        return [{"role": "user", "content": "higher" if guess < target else "lower"}], state
+
+    def is_done(self, messages, state):
+        return messages[-1]["content"].strip() == str(state["answer"])
+
+
+def test_multi_turn_env_with_state_per_episode():
+    def binary_search(messages):
+        low, high = 0, 100
+        for i, m in enumerate(messages):
+            if m["role"] == "user" and m["content"] in ("higher", "lower"):
+                guess = int(messages[i - 1]["content"])
+                low, high = (guess + 1, high) if m["content"] == "higher" else (low, guess - 1)
+        return str((low + high) // 2)
+
+    def reference(target):  # (assistant turns, last guess) of the same search, at most 5 turns
+        low, high = 0, 100
+        for turn in range(1, 6):
+            guess = (low + high) // 2
+            if guess == target or turn == 5:
+                return turn, guess
+            low, high = (guess + 1, high) if guess < target else (low, guess - 1)
+
+    env = GuessEnv(rubric=Rubric([lambda state: float(state.get("guesses", 0))], names=["guesses"]))
+    targets = (50, 25, 93, 7)
+    rows = [{"question": "guess", "answer": str(t)} for t in targets]
+    episodes = run_episodes(env, rows, binary_search)
+    for e, target in zip(episodes, targets):
+        turns, last_guess = reference(target)
+        assert env.num_turns(e.messages, e.state) == turns
+        assert e.completion[-1] == {"role": "assistant", "content": str(last_guess)}
+        assert e.state.get("guesses", 0) == turns - 1  # one env reply between turns, per episode
+        assert e.state["answer"] == str(target)
+    assert reference(7)[1] != 7  # one episode ran out of turns
+    np.testing.assert_allclose(env.score_episodes(episodes).rewards, [reference(t)[0] - 1 for t in targets])
+
+
+def test_single_turn_env_and_env_group_dispatch():
+    rows_a = [{"question": f"a{i}", "answer": "1"} for i in range(4)]
+    rows_b = [{"question": f"b{i}", "answer": "2"} for i in range(4)]
+
+    def exact(text, answer):
+        return float(text == answer)
+
+    def fails(task):
+        raise ValueError("broken scorer")
+
+    env_a = SingleTurnEnv(name="a", rubric=Rubric([exact]), dataset_fn=lambda s, n, seed: rows_a[:n])
+    env_b = GuessEnv(name="b", rubric=Rubric([exact, fails], [1.0, 0.0]),
+                     dataset_fn=lambda s, n, seed: rows_b[:n])
+    with pytest.raises(ValueError):
+        SingleTurnEnv(max_turns=2)
+    group = EnvGroup([env_a, env_b])
+    assert group.max_turns == 5
+    rows = group.dataset("train", 6, seed=3)
+    assert sorted(r["task"] for r in rows) == ["a"] * 3 + ["b"] * 3
+    episodes = run_episodes(group, rows, lambda messages: "2")
+    for e, r in zip(episodes, rows):
+        assert e.state["task"] == r["task"]
+        assert len(e.completion) == 1  # "a" is single turn; "b" answered right at once
+    scores = group.score_episodes(episodes)
+    expected = [1.0 if r["task"] == "b" else 0.0 for r in rows]
+    np.testing.assert_allclose(scores.rewards, expected)
+    assert scores.failures["b/fails"] == 3 and scores.metrics["failures/b/fails"] == 3
+    assert scores.metrics["reward/a"] == 0 and scores.metrics["reward/b"] == 1
+    assert np.isnan(scores.scores["a/exact"][[r["task"] == "b" for r in rows]]).all()
+    assert isinstance(group, Environment)
+
+
+def test_replay_recomputes_env_replies():
+    env = _tool_env()
+    rows = [{"question": "q", "answer": "5"}]
+    scripted = [[{"role": "assistant", "content": _call("add", a=2, b=3)},
+                 {"role": "tool", "content": "WRONG, recomputed"},
+                 {"role": "assistant", "content": "<answer>5</answer>"}]]
+    (episode,) = replay_episodes(env, rows, scripted)
+    assert episode.completion[1] == {"role": "tool", "content": "5"}
+    assert episode.state["tool_calls"] == 1
+
+
+def teardown_module(module):
+    _RELEASE.set()
+    assert sys.stdout is not None
