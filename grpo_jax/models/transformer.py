@@ -1,0 +1,293 @@
+"""The decoder: one Flax NNX module for Llama 3.x, Qwen2/2.5 and Qwen3 (see `config.py`).
+
+Layer parameters are stacked on a leading `layers` axis and the forward pass is a `lax.scan`
+over them, so a 36-layer model compiles as fast as a 2-layer one and each layer can be
+rematerialised in the backward pass. Every parameter carries `logical_axes` metadata that
+`grpo_jax.sharding` maps to mesh axes.
+
+Attention masks are built from two per-token arrays instead of a [B, T, T] input:
+- `segment_ids_BT`: 0 on padding, >0 on real tokens (rows may pack several segments); a query
+  attends to keys of the same segment at the same or an earlier index (causal by *index*, so
+  left padding needs no special handling).
+- `positions_BT`: RoPE positions (0 at each sequence's first real token).
+
+KV-cache mode (`decode`) keeps keys/values for every layer in a preallocated `KVCache` with a
+common write `index`; `kv_valid_BS` marks which cache slots hold real tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from grpo_jax.models.config import ModelConfig, rope_inv_freq
+
+# Fills masked attention scores; finite so that a fully masked row (a padding query) gives a
+# uniform average instead of NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class KVCache(NamedTuple):
+    """Keys/values of all layers: k, v [L, B, S, Hkv, Dh]; kv_valid [B, S]; index: next slot."""
+
+    k: jax.Array
+    v: jax.Array
+    kv_valid: jax.Array
+    index: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+
+def rms_norm(x, weight, eps):
+    """HF-compatible RMSNorm: statistics in float32, result cast back before the scale."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * y.astype(x.dtype)
+
+
+def rope_cos_sin(positions_BT, inv_freq_F, dtype):
+    """cos/sin tables [B, T, Dh] in HF's non-interleaved layout ([f, f] concatenated)."""
+    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq_F
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x_BTHD, cos_BTD, sin_BTD):
+    half = x_BTHD.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BTHD[..., half:], x_BTHD[..., :half]], axis=-1)
+    return x_BTHD * cos_BTD[:, :, None, :] + rotated * sin_BTD[:, :, None, :]
+
+
+def attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS):
+    """Grouped-query softmax attention; scores and softmax in float32, no K/V repetition."""
+    b, t, h, d = q_BTHD.shape
+    kv_heads = k_BSKD.shape[2]
+    q = q_BTHD.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD, preferred_element_type=jnp.float32)
+    scores = scores * (d ** -0.5)
+    scores = jnp.where(mask_BTS[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKD.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD)
+    return out.reshape(b, t, h, d)
+
+
+INIT_STD = 0.02
+
+
+def _param(rngs, shape, axes, dtype, init="normal"):
+    """A parameter with its logical axes and its initialiser's name as metadata."""
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes, init=init)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, stacked on a leading `layers` axis of size L."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        L, D, H, K, Dh, F = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                             cfg.d_ff)
+        dt = cfg.weight_dtype
+        self.attn_norm = _param(rngs, (L, D), ("layers", "norm"), dt, "ones")
+        self.wq = _param(rngs, (L, D, H, Dh), ("layers", "embed", "q_heads", "head_dim"), dt)
+        self.wk = _param(rngs, (L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim"), dt)
+        self.wv = _param(rngs, (L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim"), dt)
+        self.wo = _param(rngs, (L, H, Dh, D), ("layers", "q_heads", "head_dim", "embed"), dt)
+        if cfg.qkv_bias:
+            self.bq = _param(rngs, (L, H, Dh), ("layers", "q_heads", "head_dim"), dt, "zeros")
+            self.bk = _param(rngs, (L, K, Dh), ("layers", "kv_heads", "head_dim"), dt, "zeros")
+            self.bv = _param(rngs, (L, K, Dh), ("layers", "kv_heads", "head_dim"), dt, "zeros")
+        if cfg.qk_norm:
+            self.q_norm = _param(rngs, (L, Dh), ("layers", "norm"), dt, "ones")
+            self.k_norm = _param(rngs, (L, Dh), ("layers", "norm"), dt, "ones")
+        self.mlp_norm = _param(rngs, (L, D), ("layers", "norm"), dt, "ones")
+        self.w_gate = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dt)
+        self.w_up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dt)
+        self.w_down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), dt)
+
+    def stacked(self) -> dict[str, jax.Array]:
+        """The raw stacked arrays, keyed by parameter name (the scan's `xs`)."""
+        return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+
+
+def _layer(cfg: ModelConfig, p, x_BTD, cos, sin, attend):
+    """One pre-norm decoder layer. `attend(q, k, v) -> out` hides the cache / no-cache choice."""
+    dt = cfg.compute_dtype
+    h = rms_norm(x_BTD, p["attn_norm"].astype(dt), cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, p["wq"].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", h, p["wk"].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", h, p["wv"].astype(dt))
+    if cfg.qkv_bias:
+        q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+    if cfg.qk_norm:
+        q = rms_norm(q, p["q_norm"].astype(dt), cfg.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"].astype(dt), cfg.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    attn_out, extra = attend(q, k, v)
+    x_BTD = x_BTD + jnp.einsum("bthk,hkd->btd", attn_out, p["wo"].astype(dt))
+    h = rms_norm(x_BTD, p["mlp_norm"].astype(dt), cfg.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
+    up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
+    x_BTD = x_BTD + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
+    return x_BTD, extra
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `model(tokens_BT)` -> float32 logits [B, T, V]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        dt = cfg.weight_dtype
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dt)
+        self.layers = DecoderLayers(cfg, rngs)
+        self.final_norm = _param(rngs, (cfg.d_model,), ("norm",), dt, "ones")
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dt)
+
+    # -- pieces -------------------------------------------------------------------------------
+    def unembedding(self) -> jax.Array:
+        """The output projection [D, V] (the transposed embedding when tied)."""
+        return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+
+    def logits_from_hidden(self, hidden_BTD) -> jax.Array:
+        w = self.unembedding().astype(self.config.compute_dtype)
+        return jnp.einsum("btd,dv->btv", hidden_BTD, w, preferred_element_type=jnp.float32)
+
+    def _embed(self, tokens_BT):
+        return jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.config.compute_dtype)
+
+    def _scan_layers(self, x_BTD, positions_BT, attend_fn, carry_extra, xs_extra=None):
+        """Runs every layer; `attend_fn(q, k, v, carry_extra, xs_extra, layer) -> (out, carry)`."""
+        cfg = self.config
+        cos, sin = rope_cos_sin(positions_BT, rope_inv_freq(cfg), cfg.compute_dtype)
+
+        def body(carry, xs):
+            x, extra, layer = carry
+            params, layer_xs = xs
+            attend = lambda q, k, v: attend_fn(q, k, v, extra, layer_xs, layer)
+            x, extra = _layer(cfg, params, x, cos, sin, attend)
+            return (x, extra, layer + 1), None
+
+        if cfg.remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        init = (x_BTD, carry_extra, jnp.zeros((), jnp.int32))
+        (x_BTD, carry_extra, _), _ = jax.lax.scan(body, init, (self.layers.stacked(), xs_extra))
+        return rms_norm(x_BTD, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps), carry_extra
+
+    # -- full forward (training, scoring) -------------------------------------------------------
+    def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> jax.Array:
+        """Final-normed hidden states [B, T, D] (feed to `logits_from_hidden` or chunked log-probs)."""
+        b, t = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((b, t), jnp.int32)
+        idx = jnp.arange(t)
+        mask_BTS = ((segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+                    & (idx[None, :, None] >= idx[None, None, :]))
+
+        def attend(q, k, v, extra, layer_xs, layer):
+            return attention(q, k, v, mask_BTS), extra
+
+        hidden, _ = self._scan_layers(self._embed(tokens_BT), positions_BT, attend, ())
+        return hidden
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> jax.Array:
+        return self.logits_from_hidden(self.hidden_states(tokens_BT, positions_BT, segment_ids_BT))
+
+    # -- KV-cache mode (sampling) -----------------------------------------------------------------
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        cfg = self.config
+        dtype = dtype or cfg.compute_dtype
+        shape = (cfg.n_layers, batch_size, max_length, cfg.n_kv_heads, cfg.head_dim)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                       kv_valid=jnp.zeros((batch_size, max_length), bool),
+                       index=jnp.zeros((), jnp.int32))
+
+    def decode(self, tokens_BT, positions_BT, valid_BT, cache: KVCache):
+        """Runs T new tokens against the cache (prefill when T > 1, one decode step when T == 1).
+
+        The new keys/values are written at cache slots [index, index + T) for every row;
+        `valid_BT` marks real tokens (False on left padding). Returns hidden [B, T, D] (final-normed)
+        and the updated cache. Query i attends to valid slots <= index + i.
+        """
+        t = tokens_BT.shape[1]
+        start = cache.index
+        kv_valid = jax.lax.dynamic_update_slice(cache.kv_valid, valid_BT.astype(bool), (0, start))
+        slots = jnp.arange(cache.max_length)
+        q_slots = start + jnp.arange(t)
+        mask_BTS = kv_valid[:, None, :] & (slots[None, None, :] <= q_slots[None, :, None])
+
+        def attend(q, k, v, kv, layer_xs, layer):
+            k_all, v_all = kv
+            zero = jnp.zeros((), jnp.int32)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype),
+                                                 (layer, zero, start, zero, zero))
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype),
+                                                 (layer, zero, start, zero, zero))
+            k_l = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
+            v_l = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
+            out = attention(q, k_l.astype(q.dtype), v_l.astype(q.dtype), mask_BTS)
+            return out, (k_all, v_all)
+
+        hidden, (k_all, v_all) = self._scan_layers(
+            self._embed(tokens_BT), positions_BT, attend, (cache.k, cache.v))
+        return hidden, KVCache(k=k_all, v=v_all, kv_valid=kv_valid, index=start + t)
+
+
+def _host_init(name: str, var: nnx.Variable, seed: int) -> np.ndarray:
+    kind = var.get_metadata().get("init", "normal")
+    dtype = np.dtype(jnp.dtype(var.dtype))
+    if kind == "ones":
+        return np.ones(var.shape, dtype)
+    if kind == "zeros":
+        return np.zeros(var.shape, dtype)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    return (INIT_STD * rng.standard_normal(var.shape, dtype=np.float32)).astype(dtype)
+
+
+def create_model(cfg: ModelConfig, seed: int = 0, *, mesh=None, rules=None) -> Transformer:
+    """A randomly initialised model (N(0, 0.02) matrices, unit norms, zero biases).
+
+    Weights are drawn on the host with numpy, one parameter at a time and seeded by
+    (seed, parameter name), so the same seed gives the same weights on any mesh, and nothing is
+    compiled (a compiled random initialiser costs seconds of XLA time on CPU). With `mesh`, each
+    parameter is placed straight into its logical-axis sharding.
+    """
+    from grpo_jax import sharding as sharding_lib
+
+    graphdef, abs_state = nnx.split(abstract_model(cfg))
+
+    def build(path, var):
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        host = _host_init(name, var, seed)
+        if mesh is None:
+            return var.replace(jnp.asarray(host))
+        sharding = sharding_lib.named_sharding(
+            mesh, sharding_lib.logical_axes_of(var), var.shape, rules or sharding_lib.DEFAULT_RULES)
+        return var.replace(jax.make_array_from_callback(var.shape, sharding, lambda idx: host[idx]))
+
+    state = jax.tree_util.tree_map_with_path(build, abs_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, state)
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model with `jax.ShapeDtypeStruct` leaves: shapes and dtypes, nothing allocated."""
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)))
+
+
+def param_count(model: nnx.Module) -> int:
+    """Number of parameters (works on abstract models from `abstract_model`)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
