@@ -161,7 +161,9 @@ def test_tool_env_episodes_survive_bad_tools_and_the_batch_goes_on():
     assert {q: e.state["tool_errors"] for q, e in by_q.items()} == {
         "good": 0, "raises": 1, "hangs": 1, "prints": 0, "unknown": 1, "garbled": 1, "many": 2, "direct": 0}
     assert by_q["hangs"].state["tool_timeouts"] == 1
-    assert by_q["raises"].state["tool_log"] == [{"name": "explode", "ok": False, "error_kind": "exception"}]
+    assert by_q["raises"].state["tool_log"] == [{"name": "explode", "ok": False, "error_kind": "exception",
+                                                 "truncated": False}]
+    assert by_q["prints"].state["tool_log"][0]["truncated"]
     scores = env.score_episodes(episodes)
     assert not np.isnan(scores.rewards).any()
     np.testing.assert_allclose(scores.scores["correct_answer"], [1, 0, 0, 0, 0, 0, 1, 1])

@@ -47,25 +47,26 @@ def test_weighted_sum_and_metric_only_function():
 def test_arguments_are_passed_by_name():
     seen = {}
 
-    def spy(prompt, completion, answer, state, info, task, text, parser, parsed):
+    def spy(prompt, completion, answer, state, info, task, text, parser, parsed, parsed_answer, think):
         seen.update(prompt=prompt, answer=answer, state=state, info=info, task=task, text=text,
-                    parser=parser, parsed=parsed, completion=completion)
+                    parser=parser, parsed=parsed, completion=completion, parsed_answer=parsed_answer, think=think)
         return 0.0
 
     def takes_all(**kwargs):
         return float(len(kwargs))
 
-    parser = answer_parser()
+    parser = think_answer_parser()
     rubric = Rubric([spy, takes_all], parser=parser)
     prompt = [{"role": "user", "content": "q"}]
     completion = [{"role": "assistant", "content": "<calc>1+1</calc>"}, {"role": "tool", "content": "2"},
-                  {"role": "assistant", "content": "<answer>2</answer>"}]
+                  {"role": "assistant", "content": "<think>easy</think><answer>2</answer>"}]
     result = rubric.score([prompt], [completion], ["2"], [{"turn": 2}], [{"k": 1}], ["calc"])
     assert seen["prompt"] == prompt and seen["completion"] == completion and seen["answer"] == "2"
     assert seen["state"] == {"turn": 2} and seen["info"] == {"k": 1} and seen["task"] == "calc"
-    assert seen["text"] == "<answer>2</answer>" and seen["parser"] is parser
-    assert seen["parsed"] == {"answer": "2"}
-    assert result.scores["takes_all"][0] == 9
+    assert seen["text"] == "<think>easy</think><answer>2</answer>" and seen["parser"] is parser
+    assert seen["parsed"] == {"think": "easy", "answer": "2"}
+    assert seen["parsed_answer"] == "2" and seen["think"] == "easy"
+    assert result.scores["takes_all"][0] == 11
 
 
 def test_unknown_argument_and_duplicate_name_are_configuration_errors():

@@ -10,7 +10,8 @@ did not parse, too many calls in one turn) come back to the model as text and ar
 in the state:
 
     state["tool_calls"]     calls attempted          state["tool_errors"]   calls that failed
-    state["tool_timeouts"]  calls that timed out     state["tool_log"]      [{"name", "ok", "error_kind"}]
+    state["tool_timeouts"]  calls that timed out
+    state["tool_log"]       one {"name", "ok", "error_kind", "truncated"} per call
 """
 
 from __future__ import annotations
@@ -73,5 +74,6 @@ class ToolEnv(MultiTurnEnv):
             state["tool_calls"] += 1
             state["tool_errors"] += not result.ok
             state["tool_timeouts"] += result.error_kind == "timeout"
-            state["tool_log"].append({"name": call.name, "ok": result.ok, "error_kind": result.error_kind})
+            state["tool_log"].append({"name": call.name, "ok": result.ok, "error_kind": result.error_kind,
+                                      "truncated": result.truncated})
         return [{"role": "tool", "content": r.content} for r in results], state

@@ -15,6 +15,8 @@ Text reward functions
     text        content of the last assistant message
     parser      the rubric's parser (or None)
     parsed      `parser.parse(completion)` ({field: str | None}), None without a parser
+    parsed_answer  `parser.parse_answer(completion)` (str | None)
+    <field>     each parser field not named like the above (e.g. `think`): its parsed content
   A function with `**kwargs` receives all of them.  Functions may be sync or `async def`;
   async ones are gathered concurrently (at most `max_concurrency` at once).
 
@@ -49,7 +51,13 @@ from grpo_jax.rubrics.parsers import last_assistant_text
 
 logger = logging.getLogger(__name__)
 
-ARGUMENT_NAMES = ("prompt", "completion", "answer", "state", "info", "task", "text", "parser", "parsed")
+ARGUMENT_NAMES = ("prompt", "completion", "answer", "state", "info", "task", "text", "parser", "parsed",
+                  "parsed_answer")
+
+
+def _field_arguments(parser: Any) -> tuple[str, ...]:
+    """Parser fields offered as arguments of their own (those not shadowing a standard name)."""
+    return tuple(f for f in getattr(parser, "fields", ()) if f not in ARGUMENT_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +71,8 @@ class RewardFunc:
     is_async: bool
 
     @classmethod
-    def wrap(cls, fn: Callable[..., Any], weight: float = 1.0, name: str | None = None) -> "RewardFunc":
+    def wrap(cls, fn: Callable[..., Any], weight: float = 1.0, name: str | None = None,
+             extra_names: Sequence[str] = ()) -> "RewardFunc":
         name = name or getattr(fn, "__name__", None) or type(fn).__name__
         signature = inspect.signature(fn)
         params, takes_all = [], False
@@ -72,11 +81,11 @@ class RewardFunc:
                 takes_all = True
             elif p.kind is inspect.Parameter.VAR_POSITIONAL:
                 continue
-            elif p.name in ARGUMENT_NAMES:
+            elif p.name in ARGUMENT_NAMES or p.name in extra_names:
                 params.append(p.name)
             elif p.default is inspect.Parameter.empty:
                 raise ValueError(f"reward function {name!r} asks for {p.name!r}; "
-                                 f"available arguments: {ARGUMENT_NAMES}")
+                                 f"available arguments: {ARGUMENT_NAMES + tuple(extra_names)}")
         is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             getattr(fn, "__call__", None))
         return cls(fn, name, float(weight), tuple(params), takes_all, is_async)
@@ -168,7 +177,7 @@ class Rubric:
 
     def add(self, fn: Callable[..., Any], weight: float = 1.0, name: str | None = None) -> "Rubric":
         """Add a text reward function; returns self."""
-        func = RewardFunc.wrap(fn, weight, name)
+        func = RewardFunc.wrap(fn, weight, name, _field_arguments(self.parser))
         self._check_new_name(func.name)
         self.funcs.append(func)
         return self
@@ -214,15 +223,19 @@ class Rubric:
         states, tasks = column(states, dict), column(tasks, lambda: None)
         contexts = []
         for i in range(n):
-            parsed = None
+            parsed, parsed_answer = None, None
             if self.parser is not None:
                 try:
                     parsed = self.parser.parse(completions[i])
+                    parsed_answer = self.parser.parse_answer(completions[i])
                 except Exception:  # functions asking for `parsed` then fail and are counted
                     parsed = None
-            contexts.append(dict(prompt=prompts[i], completion=completions[i], answer=answers[i],
-                                 state=states[i], info=infos[i], task=tasks[i], parser=self.parser,
-                                 parsed=parsed, text=last_assistant_text(completions[i])))
+            context = dict(prompt=prompts[i], completion=completions[i], answer=answers[i], state=states[i],
+                           info=infos[i], task=tasks[i], parser=self.parser, parsed=parsed,
+                           parsed_answer=parsed_answer, text=last_assistant_text(completions[i]))
+            for field in _field_arguments(self.parser):
+                context[field] = None if parsed is None else parsed.get(field)
+            contexts.append(context)
         return contexts
 
     @staticmethod
