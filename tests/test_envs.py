@@ -301,3 +301,20 @@ def test_replay_recomputes_env_replies():
 def teardown_module(module):
     _RELEASE.set()
     assert sys.stdout is not None
+
+
+def test_env_group_applies_token_rewards_per_task():
+    from grpo_jax.rubrics.token_rewards import stop_token_reward
+    env_a = SingleTurnEnv(name="a", rubric=Rubric([lambda text: 1.0], names=["one"],
+                                                  token_funcs=[stop_token_reward((7,), weight=0.5)]))
+    env_b = SingleTurnEnv(name="b", rubric=Rubric([lambda text: 2.0], names=["two"]))
+    group = EnvGroup({"a": env_a, "b": env_b})
+    states = [{"task": t} for t in ("a", "b", "a")]
+    tokens = np.array([[1, 7], [1, 7], [7, 1]])
+    mask = np.ones_like(tokens)
+    scores = group.score([[]] * 3, ["x"] * 3, states, tokens_BT=tokens, mask_BT=mask)
+    np.testing.assert_allclose(scores.rewards, [1.5, 2.0, 1.0])
+    assert len(group.rubric.token_funcs) == 1
+    np.testing.assert_array_equal(scores.scores["a/ended_with_stop"], [1.0, np.nan, 0.0])
+    with pytest.raises(NotImplementedError):
+        group.rubric.token_rewards(tokens, mask)

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from grpo_jax.envs.base import Environment, Message, Row, State
-from grpo_jax.rubrics.rubric import RubricScores, _nanmean
+from grpo_jax.rubrics.rubric import RubricScores, nan_mean
 
 
 class GroupRubric:
@@ -28,6 +28,15 @@ class GroupRubric:
     @property
     def names(self) -> list[str]:
         return [f"{task}/{name}" for task, env in self.envs.items() for name in env.rubric.names]
+
+    @property
+    def token_funcs(self) -> list:
+        """Token functions of all tasks' rubrics (each applies only to its own task's episodes)."""
+        return [tf for env in self.envs.values() for tf in getattr(env.rubric, "token_funcs", [])]
+
+    def token_rewards(self, tokens_BT, mask_BT):
+        raise NotImplementedError("token rewards differ per task in a group: pass tokens_BT and mask_BT "
+                                  "to score(), which applies each task's token functions to its episodes")
 
     def score(self, prompts, completions, answers=None, states=None, infos=None, tasks=None, *,
               tokens_BT=None, mask_BT=None) -> RubricScores:
@@ -64,7 +73,7 @@ class GroupRubric:
                 metrics[f"reward/{key}"] = sub.metrics[f"reward/{name}"]
                 metrics[f"failures/{key}"] = sub.metrics[f"failures/{name}"]
             errors.update({f"{task}/{k}": v for k, v in sub.errors.items()})
-        metrics["reward"] = _nanmean(rewards)
+        metrics["reward"] = nan_mean(rewards)
         metrics["reward_nan_fraction"] = float(np.isnan(rewards).mean()) if n else 0.0
         return RubricScores(rewards, scores, failures, errors, metrics)
 

@@ -125,7 +125,8 @@ def _as_score(value: Any) -> float:
     return score
 
 
-def _nanmean(values: np.ndarray) -> float:
+def nan_mean(values: np.ndarray) -> float:
+    """Mean of the non-NaN entries (NaN when there are none), without numpy's empty-slice warning."""
     finite = values[~np.isnan(values)]
     return float(finite.mean()) if finite.size else float("nan")
 
@@ -298,16 +299,20 @@ class Rubric:
                 failures[tf.name] = 0
                 if tf.weight != 0:
                     rewards += tf.weight * token_scores[tf.name]
-        metrics = {"reward": _nanmean(rewards),
+        metrics = {"reward": nan_mean(rewards),
                    "reward_nan_fraction": float(np.isnan(rewards).mean()) if n else 0.0}
         for name, values in scores.items():
-            metrics[f"reward/{name}"] = _nanmean(values)
+            metrics[f"reward/{name}"] = nan_mean(values)
             metrics[f"failures/{name}"] = float(failures[name])
         return RubricScores(rewards, scores, failures, errors, metrics)
 
     def score(self, prompts, completions, answers=None, states=None, infos=None, tasks=None,
               *, tokens_BT=None, mask_BT=None) -> RubricScores:
-        """Score N episodes (lists of length N; see the module docstring). Sync; safe in a loop."""
+        """Score N episodes (lists of length N; see the module docstring). Sync; safe in a loop.
+
+        Token functions are scored (and added to `rewards`) only when `tokens_BT` and
+        `mask_BT` ([N, T]) are given; otherwise the caller adds `token_rewards` itself.
+        """
         contexts = self._contexts(prompts, completions, answers, states, infos, tasks)
         looped = {}
         if any(self._needs_loop(f) for f in self.funcs):
