@@ -128,9 +128,8 @@ class Tokenizer:
                                        tools=tools))
 
     @functools.cached_property
-    def _end_of_turn(self) -> tuple[tuple[int, ...], str, int, str]:
-        """(end-of-turn ids, their text, offset just past them in the dummy
-        render, the dummy render)."""
+    def _end_of_turn(self) -> tuple[tuple[int, ...], str]:
+        """(end-of-turn ids, their text), read off the dummy conversation."""
         rendered = self.render(list(_DUMMY_HEAD), add_generation_prompt=False)
         start = rendered.find(_MARKER)
         if start < 0:
@@ -148,7 +147,7 @@ class Tokenizer:
                 "cannot locate the end of an assistant turn: the chat template writes "
                 f"{after[:40]!r} after an assistant message, which does not start with a stop "
                 f"token (stop tokens: {[self.decode([i]) for i in self.stop_ids]})")
-        return ids, text, start + len(_MARKER) + len(text), rendered
+        return ids, text
 
     @property
     def end_of_turn_ids(self) -> tuple[int, ...]:
@@ -159,7 +158,9 @@ class Tokenizer:
         """Text that follows an assistant turn's end-of-turn token(s) when
         ``new_messages`` come next, up to and including the next generation
         prompt (if ``add_generation_prompt``)."""
-        _, _, cut, base = self._end_of_turn
+        # Rendered afresh each time: a template may print today's date.
+        base = self.render(list(_DUMMY_HEAD), add_generation_prompt=False)
+        cut = base.find(_MARKER) + len(_MARKER) + len(self._end_of_turn[1])
         full = self.render(list(_DUMMY_HEAD) + list(new_messages),
                            add_generation_prompt=add_generation_prompt)
         if full[:cut] != base[:cut]:
@@ -191,7 +192,7 @@ class Tokenizer:
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not turns or turns[0] == 0:
             raise ValueError("the conversation needs an assistant message after a prompt")
-        _, end_text, _, _ = self._end_of_turn
+        end_text = self._end_of_turn[1]
         text = self.render(messages[:turns[0]], add_generation_prompt=True, tools=tools)
         for k, i in enumerate(turns):
             text += (messages[i].get("content") or "") + end_text
@@ -416,7 +417,7 @@ def from_sentencepiece(model_path: str | os.PathLike, chat_template: str | None 
     return SentencePieceTokenizer(model_path, chat_template, extra_stop_tokens)
 
 
-def train_sentencepiece(corpus: Iterable[str], output_dir: str | os.PathLike, *,
+def train_sentencepiece(corpus: Iterable[str], output_dir: str | os.PathLike,
                         vocab_size: int = 512,
                         special_tokens: Sequence[str] = CHAT_SPECIAL_TOKENS,
                         extra_symbols: Sequence[str] = (),

@@ -79,7 +79,7 @@ _READ_CHUNK = 65536
 
 # The child's first code. It runs before user code, with trusted state only.
 _CHILD_BOOTSTRAP = r'''
-import builtins, linecache, posix, resource, sys, traceback, types
+import linecache, posix, resource, sys, traceback, types
 
 FORBIDDEN_EVENTS = frozenset((
     "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty",
