@@ -116,7 +116,8 @@ def test_calculator_gold_episodes_score_full(tool_format):
 
 def test_calculator_rewards_for_other_behaviours():
     env = CalculatorEnv()
-    row = {"question": "What is 12 * 34?", "answer": "408", "info": {"expression": "12 * 34"}, "task": "calculator"}
+    row = {"question": "What is 12 * 34?", "answer": "408", "info": {"expression": "12 * 34"},
+           "task": "calculator"}
     policies = {
         "no_tool_right": lambda m: "<answer>408</answer>",
         "tool_error": lambda m: "<calc>12/0</calc>" if m[-1]["role"] == "user" else "<answer>408</answer>",

@@ -5,15 +5,16 @@ Tasks: `arithmetic.ArithmeticEnv`, `countdown.CountdownEnv`, `calculator.Calcula
 tensorflow_datasets).  `sandbox.run_python` runs model-written code in a separate process.
 """
 
-from grpo_jax.envs.base import (Environment, Episode, MultiTurnEnv, SingleTurnEnv, replay_episodes, respond_all,
-                                run_episode, run_episodes)
+from grpo_jax.envs.base import (Environment, Episode, MultiTurnEnv, SingleTurnEnv, replay_episodes,
+                                respond_all, run_episode, run_episodes)
 from grpo_jax.envs.env_group import EnvGroup, GroupRubric
 from grpo_jax.envs.tool_env import ToolEnv
-from grpo_jax.envs.tools import (JSONToolCallParser, TagToolCallParser, Tool, ToolCall, ToolResult, execute_tool_call,
-                                 python_tool)
+from grpo_jax.envs.tools import (JSONToolCallParser, TagToolCallParser, Tool, ToolCall, ToolResult,
+                                 execute_tool_call, python_tool)
 
 __all__ = [
     "Environment", "SingleTurnEnv", "MultiTurnEnv", "ToolEnv", "EnvGroup", "GroupRubric", "Episode",
     "run_episode", "run_episodes", "replay_episodes", "respond_all",
-    "Tool", "ToolCall", "ToolResult", "JSONToolCallParser", "TagToolCallParser", "execute_tool_call", "python_tool",
+    "Tool", "ToolCall", "ToolResult", "JSONToolCallParser", "TagToolCallParser", "execute_tool_call",
+    "python_tool",
 ]

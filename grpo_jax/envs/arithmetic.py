@@ -3,7 +3,8 @@
 `ArithmeticSpec` sets the difficulty: operand count, digits per operand, operators.  With
 several operands the expression is a random binary tree whose composite children are
 parenthesised ("(347 + 58) * 12").  Division only appears where it is exact (a plain
-number next to "/" is redrawn to make it so), so every answer is an integer.  The same generator feeds the calculator-tool task.
+number next to "/" is redrawn to make it so), so every answer is an integer.  The same
+generator feeds the calculator-tool task.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from grpo_jax.envs.base import Row, SingleTurnEnv
-from grpo_jax.envs.procedural import generate_rows
+from grpo_jax.envs.procedural import DEFAULT_ROWS, generate_rows
 from grpo_jax.envs.safe_math import evaluate
 from grpo_jax.rubrics.numbers import format_number
 from grpo_jax.rubrics.parsers import XMLParser, answer_parser
@@ -105,8 +106,9 @@ class ArithmeticEnv(SingleTurnEnv):
         super().__init__(parser=parser, system_prompt=system_prompt, **kwargs)
 
     def dataset(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-        rows = generate_rows(lambda rng: make_problem(rng, self.spec), split, 1000 if n is None else n, seed,
-                             test_fraction=self.test_fraction)
+        """`n` (default `DEFAULT_ROWS`) distinct generated rows of "train" or "test", fixed by `seed`."""
+        rows = generate_rows(lambda rng: make_problem(rng, self.spec), split,
+                             DEFAULT_ROWS if n is None else n, seed, test_fraction=self.test_fraction)
         return [self._with_task(r) for r in rows]
 
     def gold_completion(self, row: Row) -> list[dict[str, str]]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from grpo_jax.envs.arithmetic import ArithmeticSpec, make_problem, spec_for
 from grpo_jax.envs.base import Row
-from grpo_jax.envs.procedural import generate_rows
+from grpo_jax.envs.procedural import DEFAULT_ROWS, generate_rows
 from grpo_jax.envs.safe_math import evaluate
 from grpo_jax.envs.tool_env import ToolEnv
 from grpo_jax.envs.tools import JSONToolCallParser, TagToolCallParser
@@ -75,14 +75,16 @@ class CalculatorEnv(ToolEnv):
         super().__init__([calculator], call_parser=call_parser, max_turns=max_turns, parser=parser, **kwargs)
 
     def dataset(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-        rows = generate_rows(lambda rng: make_problem(rng, self.spec), split, 1000 if n is None else n, seed,
-                             test_fraction=self.test_fraction)
+        """`n` (default `DEFAULT_ROWS`) distinct generated rows of "train" or "test", fixed by `seed`."""
+        rows = generate_rows(lambda rng: make_problem(rng, self.spec), split,
+                             DEFAULT_ROWS if n is None else n, seed, test_fraction=self.test_fraction)
         return [self._with_task(r) for r in rows]
 
     def gold_completion(self, row: Row) -> list[dict[str, str]]:
         """Call the calculator on the question's expression, then answer with its result."""
         expression = row["info"]["expression"].replace(" ", "")
         result = calculator(expression)
-        return [{"role": "assistant", "content": self.call_parser.format_call("calculator", {"expression": expression})},
+        call = self.call_parser.format_call("calculator", {"expression": expression})
+        return [{"role": "assistant", "content": call},
                 {"role": "tool", "content": result},
                 {"role": "assistant", "content": self.parser.format(answer=result)}]

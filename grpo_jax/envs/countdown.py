@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from grpo_jax.envs.base import Row, SingleTurnEnv
-from grpo_jax.envs.procedural import generate_rows
+from grpo_jax.envs.procedural import DEFAULT_ROWS, generate_rows
 from grpo_jax.envs.safe_math import ExpressionError, parse_and_evaluate
 from grpo_jax.rubrics.parsers import XMLParser, think_answer_parser
 from grpo_jax.rubrics.rewards import format_reward
@@ -89,8 +89,9 @@ class CountdownEnv(SingleTurnEnv):
         super().__init__(parser=parser, **kwargs)
 
     def dataset(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+        """`n` (default `DEFAULT_ROWS`) distinct generated rows of "train" or "test", fixed by `seed`."""
         rows = generate_rows(lambda rng: make_problem(rng, self.num_numbers, self.max_number, self.max_target),
-                             split, 1000 if n is None else n, seed, test_fraction=self.test_fraction)
+                             split, DEFAULT_ROWS if n is None else n, seed, test_fraction=self.test_fraction)
         return [self._with_task(r) for r in rows]
 
     def gold_completion(self, row: Row) -> list[dict[str, str]]:

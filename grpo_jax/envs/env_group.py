@@ -43,7 +43,10 @@ class GroupRubric:
         n = len(completions)
         if tasks is None:
             raise ValueError("a group rubric needs the task of each episode")
-        column = lambda values, default: [default() for _ in range(n)] if values is None else list(values)  # noqa: E731
+
+        def column(values, default):
+            return [default() for _ in range(n)] if values is None else list(values)
+
         prompts, answers = column(prompts, list), column(answers, lambda: None)
         states, infos = column(states, dict), column(infos, dict)
         unknown = set(tasks) - set(self.envs)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 SPLITS = ("train", "test")
+DEFAULT_ROWS = 1000  # rows of a procedural split when no size is asked for
 
 
 def split_of(question: str, test_fraction: float = 0.1) -> str:

@@ -20,7 +20,8 @@ MAX_ABS = 10 ** 30
 MAX_EXPONENT = 64
 ALL_OPS = ("+", "-", "*", "/", "//", "%", "**")
 
-_BINARY = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}
+_BINARY = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%",
+           ast.Pow: "**"}
 
 
 class ExpressionError(ValueError):
