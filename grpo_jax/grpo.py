@@ -1,0 +1,424 @@
+"""GRPO math: the clipped policy-gradient loss family and its exact normalisation.
+
+Pure functions of arrays (jax.numpy only, no model code); all of them jit. Shapes:
+``B`` rows (completions), ``T`` token positions. A row's *tokens* are the positions
+where ``mask_BT`` is non-zero: the model's own completion tokens, never prompt,
+padding or environment tokens. ``n_i`` is the number of tokens of row ``i``.
+
+Static vs traced arguments: ``loss_type``, ``importance_sampling_level``,
+``max_completion_length``, ``cispo_clip_low`` and whether ``ref_logps``,
+``delta``, ``tis_cap`` are given choose the computation and must be Python
+values under ``jax.jit``. ``epsilon``, ``epsilon_high``, ``delta``, ``beta`` and
+``tis_cap`` may be traced arrays (e.g. vmapped over in a hyper-parameter sweep);
+their range checks then cannot run, and a traced ``beta`` always adds the KL term.
+
+Normalisation as (sum, count)
+-----------------------------
+Every loss type is ``loss = loss_sum / max(normalizer, 1)`` where
+
+* ``loss_sum = sum_i c_i sum_t m_it l_it`` is a sum over rows, with a per-row
+  weight ``c_i`` that depends on that row alone (``1/n_i`` for grpo and gspo,
+  ``1`` otherwise), and
+* ``normalizer`` (``loss_normalizer``) is a count that adds up over rows: the
+  number of non-empty rows (grpo, gspo), of tokens (bnpo, dapo, cispo), or
+  ``rows * max_completion_length`` (dr_grpo).
+
+Both are additive over any split of the batch into row micro-batches or data
+shards, so ``sum_k policy_loss_sum(micro_k) / loss_normalizer(full_mask)``
+equals ``policy_loss(full)`` (and so do its gradients): gradient accumulation
+and sharding reproduce the full-batch objective exactly. For grpo this is the
+full-batch "mean over each completion's tokens, then mean over completions",
+with completions that have no tokens left out of the count. Metrics follow the
+same pattern: ``policy_loss_sum`` returns sums (and a min and a max), combined
+with ``combine_metric_sums`` (or ``psum``/``pmin``/``pmax`` per
+``metric_reduction``) and turned into averages by ``finalize_metrics``.
+
+Group-relative advantages live in ``grpo_jax.advantages`` and are re-exported
+here: ``group_advantages``, ``ADVANTAGE_SCALES``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from grpo_jax.advantages import ADVANTAGE_SCALES, group_advantages  # noqa: F401 (re-export)
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+# Loss types whose rows are averaged over their own tokens first (per-row weight 1/n_i).
+_PER_SEQUENCE_MEAN = ("grpo", "gspo")
+# Loss types normalised by the number of tokens in the batch.
+_TOKEN_MEAN = ("bnpo", "dapo", "cispo")
+
+# How each metric sum combines across micro-batches and devices; unlisted keys add.
+_MIN_MAX_METRICS = {"ratio/min": "min", "ratio/max": "max"}
+_COUNT_METRICS = ("num_tokens", "num_sequences")
+
+
+def k3_kl(logps, ref_logps):
+    """Per-token k3 estimator of KL(pi_theta || pi_ref).
+
+    From Schulman (2020), "Approximating KL divergence".
+
+    With ``d = log pi_ref(y_t) - log pi_theta(y_t)`` and tokens sampled from pi_theta:
+
+        k3 = exp(d) - d - 1   (>= 0, unbiased for KL, and 0 exactly when ref == logps)
+
+    Elementwise on arrays of any shape; the gradient flows through ``logps``.
+    """
+    d = ref_logps - logps
+    return jnp.exp(d) - d - 1.0
+
+
+def loss_normalizer(mask, loss_type, max_completion_length=None):
+    """The denominator of the loss, computed from a ``[B, T]`` mask alone.
+
+    * grpo, gspo: number of rows with at least one token (the ``1/n_i`` per-row
+      weighting is in the numerator, ``policy_loss_sum``);
+    * bnpo, dapo, cispo: number of tokens, ``sum_it m_it``;
+    * dr_grpo: ``B * max_completion_length`` (a constant per row).
+
+    The value is a float32 count, additive over any split of the rows, so the
+    normaliser of a full batch is the sum of those of its micro-batches or
+    shards. Divide with ``finalize_loss`` (which guards against a zero count).
+    """
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    if jnp.ndim(mask) != 2:
+        raise ValueError(f"mask must be [B, T], got shape {jnp.shape(mask)}")
+    present_BT = jnp.asarray(mask) != 0
+    if loss_type in _PER_SEQUENCE_MEAN:
+        count = jnp.sum(jnp.any(present_BT, axis=-1))
+    elif loss_type in _TOKEN_MEAN:
+        count = jnp.sum(present_BT)
+    else:  # dr_grpo
+        _check_max_completion_length(max_completion_length)
+        count = jnp.shape(mask)[0] * max_completion_length
+    return jnp.asarray(count, jnp.float32)
+
+
+def finalize_loss(loss_sum, normalizer):
+    """``loss_sum / max(normalizer, 1)``: a batch with no tokens has loss 0, not NaN."""
+    return loss_sum / jnp.maximum(normalizer, 1.0)
+
+
+def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type="grpo",
+                epsilon=0.2, epsilon_high=None, delta=None, beta=0.0,
+                max_completion_length=None, importance_sampling_level="token",
+                sampler_logps=None, tis_cap=None, cispo_clip_low=False):
+    """The GRPO-family policy loss of one batch, and its metrics.
+
+    Args:
+      logps: ``[B, T]`` log pi_theta of the sampled tokens (the differentiated input).
+      old_logps: ``[B, T]`` log pi_old of the same tokens (the policy that sampled
+        them, as recomputed by the trainer); treated as constant.
+      advantages: ``[B]`` one advantage per completion (``group_advantages``).
+      mask: ``[B, T]`` float or bool; non-zero exactly on the model's own
+        completion tokens. Masked positions may hold anything (even NaN or
+        -inf): they are replaced before any arithmetic and get zero gradient.
+      ref_logps: ``[B, T]`` log pi_ref, for the KL penalty and the ``kl`` metric.
+      loss_type: one of ``LOSS_TYPES``, see below.
+      epsilon, epsilon_high: the clip range ``[1 - epsilon, 1 + epsilon_high]``;
+        ``epsilon_high=None`` means ``epsilon`` (DAPO's clip-higher sets it above
+        ``epsilon``, e.g. 0.28). For cispo ``epsilon_high`` is required.
+      delta: INTELLECT-2 two-sided clipping (Prime Intellect 2025): the ratio in
+        the unclipped term is capped, ``min(r, delta)``, so a token with a
+        negative advantage and a huge ratio cannot produce an unbounded update.
+        Needs ``delta > 1 + epsilon_high``; not used by cispo (its weight is
+        already capped).
+      beta: weight of the per-token k3 KL penalty (``k3_kl``); needs ``ref_logps``
+        when positive.
+      max_completion_length: the constant ``L`` of dr_grpo (required there).
+      importance_sampling_level: "token" (PPO/GRPO ratio per token) or
+        "sequence" (GSPO's length-normalised sequence ratio, for any loss type).
+        loss_type="gspo" always uses "sequence".
+      sampler_logps: ``[B, T]`` log-probs reported by the sampler (inference
+        engine) for the same tokens.
+      tis_cap: with ``sampler_logps``, apply truncated importance sampling
+        (Yao et al. 2025, "Your efficient RL framework secretly brings you
+        off-policy RL training"): the policy-gradient term of each token is
+        multiplied by ``w_t = sg(min(exp(old_logps - sampler_logps), tis_cap))``,
+        correcting for the sampler/trainer mismatch. ``sampler_logps`` without
+        ``tis_cap`` changes nothing (TIS off); ``tis_cap`` without it is an error.
+      cispo_clip_low: cispo only; also clip its weight below at ``1 - epsilon``
+        (MiniMax-M1 allows this but trained without a lower bound).
+
+    Objective. With ``r_it`` the ratio, ``A_i`` the advantage, ``m_it`` the mask
+    and ``w_it`` the TIS weight (1 without TIS), each token's loss is
+
+        clipped surrogates (grpo, bnpo, dr_grpo, dapo, gspo; PPO, Schulman 2017):
+          l_it = -w_it min(min(r_it, delta) A_i, clip(r_it, 1-eps, 1+eps_high) A_i)
+                 + beta k3_it            (min(r, delta) is just r without delta)
+        cispo (MiniMax-M1, 2025):
+          l_it = -w_it sg(min(r_it, 1+eps_high)) A_i log pi_theta(y_it) + beta k3_it
+          (the weight also clipped below at 1-eps with cispo_clip_low); its
+          gradient is the REINFORCE gradient with a truncated, stop-gradient IS
+          weight, so clipped tokens still contribute gradient.
+
+    and the loss types aggregate it as
+
+        grpo    (DeepSeekMath, Shao et al. 2024):  (1/|{i: n_i>0}|) sum_i (1/n_i) sum_t m_it l_it
+        gspo    (Zheng et al. 2025, GSPO):         same aggregation, sequence-level ratio
+        bnpo, dapo (Yu et al. 2025, DAPO), cispo:  sum_it m_it l_it / sum_it m_it
+        dr_grpo (Liu et al. 2025, Dr. GRPO):       sum_it m_it l_it / (B * max_completion_length)
+
+    bnpo and dapo are the same objective: "dapo" names the token-level sum
+    meant to be used with clip-higher (``epsilon_high > epsilon``). The KL term
+    is aggregated with the same normalisation as the loss it is added to.
+
+    Ratios. "token": ``r_it = exp(logp_it - old_logp_it)``. "sequence" (GSPO):
+    ``s_i = exp((1/n_i) sum_t m_it (logp_it - old_logp_it))`` and the GSPO-token
+    form ``r_it = sg(s_i) exp(logp_it - sg(logp_it))``: its value is ``s_i`` on
+    every token and its gradient is ``s_i grad logp_it``. Because the per-token
+    weights of all aggregations above are constant within a row, this gives
+    exactly GSPO's sequence objective ``min(s_i A_i, clip(s_i) A_i)`` and its
+    gradient; only with TIS (token-varying weights) do the two differ, and the
+    token form is the one implemented.
+
+    Returns:
+      ``(loss, metrics)``: a scalar and a dict of scalars, all masked-token
+      averages unless noted: ``clip_ratio/low`` (r < 1-eps with A < 0: the
+      lower clip is active), ``clip_ratio/high`` (r > 1+eps_high with A > 0;
+      for cispo: the weight is truncated, any advantage), ``clip_ratio/region``
+      (either), ``ratio/mean``, ``ratio/min``, ``ratio/max`` (min and max over
+      tokens), ``num_tokens`` and ``num_sequences`` (non-empty rows; counts);
+      with ``ref_logps``: ``kl`` (mean k3, reported even when beta is 0); with
+      ``delta``: ``clip_ratio/delta`` (r > delta with A < 0); with TIS:
+      ``tis/weight_mean`` and ``tis/frac_capped``. With no tokens every
+      average, min and max is 0.
+    """
+    loss_sum, metric_sums = policy_loss_sum(
+        logps, old_logps, advantages, mask, ref_logps=ref_logps, loss_type=loss_type,
+        epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, beta=beta,
+        max_completion_length=max_completion_length,
+        importance_sampling_level=importance_sampling_level,
+        sampler_logps=sampler_logps, tis_cap=tis_cap, cispo_clip_low=cispo_clip_low)
+    normalizer = loss_normalizer(mask, loss_type, max_completion_length)
+    return finalize_loss(loss_sum, normalizer), finalize_metrics(metric_sums)
+
+
+def policy_loss_sum(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type="grpo",
+                    epsilon=0.2, epsilon_high=None, delta=None, beta=0.0,
+                    max_completion_length=None, importance_sampling_level="token",
+                    sampler_logps=None, tis_cap=None, cispo_clip_low=False):
+    """The numerator of ``policy_loss`` and the metric sums, for accumulation.
+
+    Same arguments and objective as ``policy_loss``. Returns
+    ``(loss_sum, metric_sums)`` with ``loss_sum = sum_i c_i sum_t m_it l_it``
+    (``c_i = 1/max(n_i, 1)`` for grpo and gspo, else 1) and ``metric_sums`` the
+    un-normalised metrics: sums over tokens for the averages, the min and max
+    ratio, and the counts ``num_tokens`` / ``num_sequences``. For any split of
+    a batch into row micro-batches ``k``:
+
+        sum_k loss_sum_k / loss_normalizer(full_mask) == policy_loss(full)[0]
+
+    and the same holds for gradients; ``finalize_metrics`` of the
+    ``combine_metric_sums`` of the parts equals ``policy_loss(full)[1]``.
+    """
+    _check_shapes(logps, old_logps, advantages, mask, ref_logps, sampler_logps)
+    settings = _resolve_settings(
+        loss_type, importance_sampling_level, epsilon, epsilon_high, delta, beta,
+        max_completion_length, ref_logps is not None, sampler_logps is not None, tis_cap)
+    inputs = [logps, old_logps] + [x for x in (ref_logps, sampler_logps) if x is not None]
+    dtype = jnp.result_type(*[jnp.asarray(x).dtype for x in inputs], jnp.float32)
+
+    present_BT = jnp.asarray(mask) != 0
+    present_f_BT = present_BT.astype(dtype)
+
+    def masked(x_BT):
+        # Replace masked positions *before* arithmetic so that NaN / -inf padding can
+        # neither leak into the loss nor into the gradient (where's VJP zeroes them).
+        return jnp.where(present_BT, jnp.asarray(x_BT).astype(dtype), 0.0)
+
+    logps_BT, old_logps_BT = masked(logps), masked(old_logps)
+    advantages_B1 = jnp.asarray(advantages).astype(dtype)[:, None]
+    num_tokens_B = present_f_BT.sum(axis=-1)
+    sg = jax.lax.stop_gradient
+
+    log_ratio_BT = logps_BT - old_logps_BT
+    if settings["sequence_level"]:
+        seq_log_ratio_B = log_ratio_BT.sum(axis=-1) / jnp.maximum(num_tokens_B, 1.0)
+        ratio_BT = jnp.exp(sg(seq_log_ratio_B))[:, None] * jnp.exp(logps_BT - sg(logps_BT))
+    else:
+        ratio_BT = jnp.exp(log_ratio_BT)
+
+    eps_low, eps_high = epsilon, settings["epsilon_high"]
+    if settings["use_tis"]:
+        sampler_logps_BT = masked(sampler_logps)
+        raw_tis_BT = jnp.exp(old_logps_BT - sampler_logps_BT)
+        tis_weight_BT = sg(jnp.minimum(raw_tis_BT, tis_cap))
+    else:
+        tis_weight_BT = 1.0
+
+    if loss_type == "cispo":
+        lower = 1.0 - eps_low if cispo_clip_low else -jnp.inf
+        is_weight_BT = sg(jnp.clip(ratio_BT, lower, 1.0 + eps_high))
+        pg_loss_BT = -tis_weight_BT * is_weight_BT * advantages_B1 * logps_BT
+        clip_high_BT = ratio_BT > 1.0 + eps_high
+        clip_low_BT = (ratio_BT < 1.0 - eps_low) if cispo_clip_low else jnp.zeros_like(present_BT)
+    else:
+        unclipped_ratio_BT = ratio_BT if delta is None else jnp.minimum(ratio_BT, delta)
+        clipped_ratio_BT = jnp.clip(ratio_BT, 1.0 - eps_low, 1.0 + eps_high)
+        surrogate_BT = jnp.minimum(unclipped_ratio_BT * advantages_B1,
+                                   clipped_ratio_BT * advantages_B1)
+        pg_loss_BT = -tis_weight_BT * surrogate_BT
+        clip_low_BT = (ratio_BT < 1.0 - eps_low) & (advantages_B1 < 0)
+        clip_high_BT = (ratio_BT > 1.0 + eps_high) & (advantages_B1 > 0)
+
+    token_loss_BT = pg_loss_BT
+    if ref_logps is not None:
+        kl_BT = k3_kl(logps_BT, masked(ref_logps))
+        if settings["use_kl"]:
+            token_loss_BT = token_loss_BT + beta * kl_BT
+
+    if loss_type in _PER_SEQUENCE_MEAN:
+        row_weight_B1 = (1.0 / jnp.maximum(num_tokens_B, 1.0))[:, None]
+    else:
+        row_weight_B1 = 1.0
+    loss_sum = jnp.sum(jnp.where(present_BT, row_weight_B1 * token_loss_BT, 0.0))
+
+    def token_sum(x_BT):
+        return jnp.sum(jnp.where(present_BT, x_BT, 0.0).astype(dtype))
+
+    ratio_value_BT = sg(ratio_BT)
+    metric_sums = {
+        "clip_ratio/low": token_sum(clip_low_BT),
+        "clip_ratio/high": token_sum(clip_high_BT),
+        "clip_ratio/region": token_sum(clip_low_BT | clip_high_BT),
+        "ratio/mean": token_sum(ratio_value_BT),
+        "ratio/min": jnp.min(jnp.where(present_BT, ratio_value_BT, jnp.inf)),
+        "ratio/max": jnp.max(jnp.where(present_BT, ratio_value_BT, -jnp.inf)),
+        "num_tokens": jnp.sum(present_BT, dtype=jnp.int32),
+        "num_sequences": jnp.sum(num_tokens_B > 0, dtype=jnp.int32),
+    }
+    if ref_logps is not None:
+        metric_sums["kl"] = token_sum(sg(kl_BT))
+    if delta is not None:
+        metric_sums["clip_ratio/delta"] = token_sum((ratio_value_BT > delta) & (advantages_B1 < 0))
+    if settings["use_tis"]:
+        metric_sums["tis/weight_mean"] = token_sum(tis_weight_BT)
+        metric_sums["tis/frac_capped"] = token_sum(raw_tis_BT > tis_cap)
+    return loss_sum, metric_sums
+
+
+def metric_reduction(name):
+    """How metric sum ``name`` combines across parts: "sum", "min" or "max".
+
+    Use it to reduce ``policy_loss_sum``'s metrics across devices (``psum``,
+    ``pmin``, ``pmax``) inside ``shard_map``.
+    """
+    return _MIN_MAX_METRICS.get(name, "sum")
+
+
+def combine_metric_sums(a, b):
+    """Combine two ``policy_loss_sum`` metric dicts (of disjoint row sets)."""
+    if set(a) != set(b):
+        raise ValueError(f"metric sums have different keys: {sorted(a)} vs {sorted(b)}")
+    combine = {"sum": jnp.add, "min": jnp.minimum, "max": jnp.maximum}
+    return {k: combine[metric_reduction(k)](a[k], b[k]) for k in a}
+
+
+def finalize_metrics(metric_sums):
+    """Turn accumulated metric sums into the metrics of ``policy_loss``.
+
+    Token sums are divided by ``num_tokens``; min/max pass through; counts stay
+    counts. With no tokens, every average, min and max is 0.
+    """
+    num_tokens = metric_sums["num_tokens"]
+    has_tokens = num_tokens > 0
+    metrics = {}
+    for name, value in metric_sums.items():
+        if name in _COUNT_METRICS:
+            metrics[name] = value
+        elif metric_reduction(name) == "sum":
+            metrics[name] = value / jnp.maximum(num_tokens, 1).astype(value.dtype)
+        else:
+            metrics[name] = jnp.where(has_tokens, value, jnp.zeros_like(value))
+    return metrics
+
+
+# ----------------------------------------------------------------------------
+# Validation: all at trace time, from static shapes and Python hyper-parameters.
+# ----------------------------------------------------------------------------
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _check_max_completion_length(max_completion_length):
+    if max_completion_length is None:
+        raise ValueError("loss_type='dr_grpo' normalises by B * max_completion_length: "
+                         "pass max_completion_length (the sampler's completion budget)")
+    if not isinstance(max_completion_length, int) or max_completion_length <= 0:
+        raise ValueError("max_completion_length must be a positive int, got "
+                         f"{max_completion_length!r}")
+
+
+def _check_shapes(logps, old_logps, advantages, mask, ref_logps, sampler_logps):
+    shape = jnp.shape(logps)
+    if len(shape) != 2:
+        raise ValueError(f"logps must be [B, T], got shape {shape}")
+    named = {"old_logps": old_logps, "mask": mask, "ref_logps": ref_logps,
+             "sampler_logps": sampler_logps}
+    for name, x in named.items():
+        if x is not None and jnp.shape(x) != shape:
+            raise ValueError(f"{name} must have the shape of logps {shape}, got {jnp.shape(x)}")
+    if jnp.shape(advantages) != shape[:1]:
+        raise ValueError(f"advantages must be [B] = {shape[:1]} (one per row of logps), "
+                         f"got shape {jnp.shape(advantages)}")
+
+
+def _static_float(x: Any):
+    """``float(x)`` for a concrete number, None for a traced value."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return float(x)
+
+
+def _resolve_settings(loss_type, importance_sampling_level, epsilon, epsilon_high, delta, beta,
+                      max_completion_length, has_ref, has_sampler, tis_cap):
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    _check_choice("importance_sampling_level", importance_sampling_level,
+                  IMPORTANCE_SAMPLING_LEVELS)
+    if loss_type == "dr_grpo":
+        _check_max_completion_length(max_completion_length)
+    if epsilon_high is None:
+        if loss_type == "cispo":
+            raise ValueError("loss_type='cispo' needs epsilon_high: its IS weight is truncated "
+                             "at 1 + epsilon_high (MiniMax-M1 tunes only this upper bound)")
+        epsilon_high = epsilon
+    eps, eps_high = _static_float(epsilon), _static_float(epsilon_high)
+    for name, value in (("epsilon", eps), ("epsilon_high", eps_high)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if delta is not None:
+        if loss_type == "cispo":
+            raise ValueError("delta (two-sided clipping) applies to the clipped-surrogate losses; "
+                             "cispo already caps its weight at 1 + epsilon_high")
+        d = _static_float(delta)
+        if d is not None and eps_high is not None and d <= 1.0 + eps_high:
+            raise ValueError(f"delta must exceed 1 + epsilon_high = {1.0 + eps_high}, got {d}")
+    b = _static_float(beta)
+    if b is not None and b < 0:
+        raise ValueError(f"beta must be >= 0, got {b}")
+    use_kl = b is None or b > 0
+    if use_kl and not has_ref:
+        raise ValueError("beta > 0 (or a traced beta) adds a KL penalty to the reference "
+                         "policy: pass ref_logps")
+    if tis_cap is not None:
+        if not has_sampler:
+            raise ValueError("tis_cap given without sampler_logps: truncated importance "
+                             "sampling needs the sampler's log-probs")
+        cap = _static_float(tis_cap)
+        if cap is not None and cap <= 0:
+            raise ValueError(f"tis_cap must be > 0, got {cap}")
+    return {
+        "sequence_level": loss_type == "gspo" or importance_sampling_level == "sequence",
+        "epsilon_high": epsilon_high,
+        "use_kl": use_kl,
+        "use_tis": tis_cap is not None,
+    }
