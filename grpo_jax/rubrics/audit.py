@@ -141,7 +141,7 @@ def audit_rubric(rubric: Any, rows: Sequence[Mapping[str, Any]], *, threshold: f
             batch["answers"].append(row["answer"])
             batch["states"].append(copy.deepcopy(state))
             batch["infos"].append(row.get("info", {}))
-            batch["tasks"].append(row.get("task"))
+            batch["tasks"].append(state.get("task", row.get("task")))
     result = rubric.score(batch["prompts"], batch["completions"], batch["answers"], batch["states"],
                           batch["infos"], batch["tasks"])
     rewards = np.nan_to_num(result.rewards, nan=0.0)
