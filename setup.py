@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "tensorboardX>=2.6",
     "sympy>=1.12",
+    "jinja2>=3.1.6",  # chat templates for sentencepiece tokenizers
 ]
 
 # PyTorch is pinned: an unpinned `torch` pulls a multi-GB CUDA build.

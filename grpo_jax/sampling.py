@@ -1,0 +1,281 @@
+"""Pure-functional sampling: prefill + a compiled decode loop over a donated KV cache.
+
+`generate(model, prompts, key, config)` takes prompts as token-id lists of any lengths and
+returns `Samples` (tokens, log-probs, lengths, why each row stopped). Under the hood:
+
+1. Validation on the host (empty prompt, id out of the vocabulary, prompt + budget over the
+   context) raises `SamplingError` before anything is compiled.
+2. Prompts are left-padded to a length bucket and the batch to a batch bucket, so a training
+   run compiles once per bucket instead of once per step.
+3. `prefill` (one program) runs the prompts through the model once and writes the cache. With
+   `n > 1` samples per prompt the prompt's cache is then repeated for its group, so a GRPO group
+   of 8-64 completions pays for one prefill.
+4. `decode` (a second program) is a `lax.while_loop` that samples one token per row per step
+   and leaves as soon as every row has stopped; the cache is donated, so XLA updates it in place.
+
+Log-prob convention: `logprobs[i, t] = log softmax(z / tau)[token]` over the *full* vocabulary,
+where z are the model's float32 logits and tau the temperature (tau = 1 for greedy). Top-k, top-p
+and min-p only choose which tokens may be drawn; they do not renormalise the reported log-probs.
+The train step scores completions with the same `grpo_jax.models.logprobs.token_logprobs` at
+the same temperature, so new/old ratios are exactly 1 on-policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+STOP_LENGTH, STOP_TOKEN = 0, 1  # values of Samples.stop_reason
+
+
+class SamplingError(ValueError):
+    """Bad sampling input (prompt, config), raised before anything is compiled."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0          # 0 = greedy
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0                # 1 = off
+    min_p: float = 0.0                # 0 = off
+    n: int = 1                        # samples per prompt (a GRPO group), rows prompt-major
+    stop_token_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    max_length: int | None = None     # context limit; default: the model's max_position_embeddings
+    prompt_bucket: int = 32           # prompt lengths are rounded up to a multiple of this
+    batch_bucket: int = 8             # prompt counts are rounded up to a multiple of this
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.n >= 1, "n must be >= 1"),
+            (self.prompt_bucket >= 1 and self.batch_bucket >= 1, "buckets must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SamplingError(f"sampling config: {message} (got {self})")
+
+    @classmethod
+    def from_any(cls, config: "SamplingConfig | Mapping[str, Any] | Any") -> "SamplingConfig":
+        """Accepts a SamplingConfig, a dict or a ConfigDict with (a subset of) these fields."""
+        if isinstance(config, cls):
+            return config
+        if hasattr(config, "to_dict"):
+            config = config.to_dict()
+        if not isinstance(config, Mapping):
+            raise SamplingError(f"sampling config must be a SamplingConfig or a mapping, got {type(config)}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise SamplingError(f"sampling config: unknown fields {unknown}; known: {sorted(names)}")
+        return cls(**dict(config))
+
+
+class Samples(NamedTuple):
+    """Host (numpy) results; N = len(prompts) * n rows, prompt-major (prompt i's samples are
+    rows i*n .. i*n + n - 1, the layout `group_advantages` expects)."""
+
+    tokens: np.ndarray         # [N, max_new_tokens] int32, pad_id after `lengths`
+    logprobs: np.ndarray       # [N, max_new_tokens] float32, 0 after `lengths`
+    lengths: np.ndarray        # [N] generated tokens, the stop token included
+    stop_reason: np.ndarray    # [N] STOP_TOKEN or STOP_LENGTH
+    prompt_index: np.ndarray   # [N] which prompt each row continues
+
+    def completion(self, i: int) -> list[int]:
+        return self.tokens[i, : self.lengths[i]].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Token selection (pure).
+# ---------------------------------------------------------------------------------------------
+def filter_logits(z_NV, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
+    """Logits with every token outside the top-k / top-p (nucleus) / min-p set set to -inf.
+
+    top-p keeps the smallest prefix of the descending-probability order whose mass reaches p
+    (the most likely token is always kept); min-p keeps tokens with p >= min_p * p_max.
+    """
+    neg = jnp.finfo(z_NV.dtype).min
+    if top_k and top_k < z_NV.shape[-1]:
+        kth = jax.lax.top_k(z_NV, top_k)[0][:, -1:]
+        z_NV = jnp.where(z_NV >= kth, z_NV, neg)
+    if min_p > 0:
+        probs = jax.nn.softmax(z_NV, axis=-1)
+        z_NV = jnp.where(probs >= min_p * probs.max(-1, keepdims=True), z_NV, neg)
+    if top_p < 1:
+        order = jnp.argsort(-z_NV, axis=-1)
+        sorted_probs = jnp.take_along_axis(jax.nn.softmax(z_NV, axis=-1), order, -1)
+        mass_before = jnp.cumsum(sorted_probs, -1) - sorted_probs
+        keep_sorted = mass_before < top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(z_NV.shape[0])[:, None], order].set(keep_sorted)
+        z_NV = jnp.where(keep, z_NV, neg)
+    return z_NV
+
+
+def select_tokens(logits_NV, key, cfg: SamplingConfig):
+    """Draws one token per row; returns (tokens [N] int32, log-probs [N] float32, see module doc)."""
+    logits_NV = logits_NV.astype(jnp.float32)
+    if cfg.temperature == 0:
+        tokens = jnp.argmax(logits_NV, axis=-1)
+        scaled = logits_NV
+    else:
+        scaled = logits_NV / cfg.temperature
+        filtered = filter_logits(scaled, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p)
+        tokens = jax.random.categorical(key, filtered, axis=-1)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, -1), tokens[:, None], -1)[:, 0]
+    return tokens.astype(jnp.int32), logprobs
+
+
+# ---------------------------------------------------------------------------------------------
+# The two compiled programs.
+# ---------------------------------------------------------------------------------------------
+_TRACES = {"prefill": 0, "decode": 0}
+
+
+def trace_count() -> dict[str, int]:
+    """How many times each program was traced (= compiled): tests use it to catch recompiles."""
+    return dict(_TRACES)
+
+
+class _LoopState(NamedTuple):
+    cache: Any
+    last_token: jax.Array   # [N]
+    position: jax.Array     # [N] RoPE position of last_token
+    done: jax.Array         # [N] bool
+    tokens: jax.Array       # [N, M]
+    logprobs: jax.Array     # [N, M]
+    step: jax.Array         # scalar: tokens generated so far (column to write next)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "cache_length"))
+def _prefill(graphdef, state, tokens_BP, valid_BP, key, *, cfg: SamplingConfig, cache_length: int):
+    _TRACES["prefill"] += 1
+    model = nnx.merge(graphdef, state)
+    b, p = tokens_BP.shape
+    positions = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0).astype(jnp.int32)
+    cache = model.init_cache(b, cache_length)
+    hidden, cache = model.decode(tokens_BP, positions, valid_BP, cache)
+    logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]           # [B, V]
+    if cfg.n > 1:  # share the prompt's prefill with its whole group
+        repeat = lambda x: jnp.repeat(x, cfg.n, axis=0)
+        cache = cache._replace(k=jnp.repeat(cache.k, cfg.n, axis=1), v=jnp.repeat(cache.v, cfg.n, axis=1),
+                               kv_valid=repeat(cache.kv_valid))
+        logits, positions = repeat(logits), repeat(positions)
+    first, first_lp = select_tokens(logits, jax.random.fold_in(key, 0), cfg)
+    n_rows = first.shape[0]
+    stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
+    tokens = jnp.full((n_rows, cfg.max_new_tokens), cfg.pad_id, jnp.int32).at[:, 0].set(first)
+    logprobs = jnp.zeros((n_rows, cfg.max_new_tokens), jnp.float32).at[:, 0].set(first_lp)
+    return _LoopState(cache=cache, last_token=first, position=positions[:, -1] + 1,
+                      done=jnp.isin(first, stop_ids), tokens=tokens, logprobs=logprobs,
+                      step=jnp.ones((), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("loop",))
+def _decode(graphdef, state, loop: _LoopState, key, *, cfg: SamplingConfig):
+    _TRACES["decode"] += 1
+    model = nnx.merge(graphdef, state)
+    stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
+
+    def cond(s: _LoopState):
+        return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: _LoopState):
+        valid = ~s.done[:, None]
+        hidden, cache = model.decode(s.last_token[:, None], s.position[:, None], valid, s.cache)
+        logits = model.logits_from_hidden(hidden)[:, 0]
+        token, logprob = select_tokens(logits, jax.random.fold_in(key, s.step), cfg)
+        token = jnp.where(s.done, cfg.pad_id, token)
+        logprob = jnp.where(s.done, 0.0, logprob)
+        return _LoopState(
+            cache=cache, last_token=token, position=s.position + 1,
+            done=s.done | jnp.isin(token, stop_ids),
+            tokens=jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step)),
+            logprobs=jax.lax.dynamic_update_slice(s.logprobs, logprob[:, None], (0, s.step)),
+            step=s.step + 1)
+
+    return jax.lax.while_loop(cond, body, loop)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side.
+# ---------------------------------------------------------------------------------------------
+def _round_up(x: int, multiple: int) -> int:
+    return int(math.ceil(x / multiple) * multiple)
+
+
+def _validate(prompts, cfg: SamplingConfig, vocab_size: int, context: int):
+    if len(prompts) == 0:
+        raise SamplingError("no prompts given")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise SamplingError(f"prompt {i} is empty (it needs at least one token, e.g. BOS)")
+        ids = np.asarray(prompt)
+        if ids.dtype.kind not in "iu":
+            raise SamplingError(f"prompt {i} holds non-integer values ({ids.dtype})")
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            bad = int(ids[(ids < 0) | (ids >= vocab_size)][0])
+            raise SamplingError(f"prompt {i} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+        if len(prompt) + cfg.max_new_tokens > context:
+            raise SamplingError(
+                f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={cfg.max_new_tokens} it "
+                f"needs {len(prompt) + cfg.max_new_tokens} positions, more than the context of {context}")
+    for t in cfg.stop_token_ids:
+        if not 0 <= t < vocab_size:
+            raise SamplingError(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], cfg: SamplingConfig):
+    """Left-pads to [B, P] with B, P rounded up to the buckets; returns tokens, valid, count."""
+    count = len(prompts)
+    b = _round_up(count, cfg.batch_bucket)
+    p = _round_up(max(len(x) for x in prompts), cfg.prompt_bucket)
+    tokens = np.full((b, p), cfg.pad_id, np.int32)
+    valid = np.zeros((b, p), bool)
+    for i, prompt in enumerate(prompts):
+        tokens[i, p - len(prompt):] = prompt
+        valid[i, p - len(prompt):] = True
+    valid[count:, -1] = True  # filler rows: one valid token so their rows are well defined
+    return tokens, valid, count
+
+
+def generate(model, prompts: Sequence[Sequence[int]], key, config) -> Samples:
+    """Samples `config.n` completions per prompt (see the module docstring for the conventions).
+
+    Args:
+      model: a `grpo_jax.models.Transformer` (its parameters may be sharded on a mesh).
+      prompts: token-id lists of any lengths.
+      key: a `jax.random` key; the same key, prompts and config give the same samples.
+      config: a `SamplingConfig`, or a dict / ConfigDict of its fields.
+    """
+    cfg = SamplingConfig.from_any(config)
+    mcfg = model.config
+    context = cfg.max_length or mcfg.max_position_embeddings
+    prompts = [list(map(int, p)) if not isinstance(p, np.ndarray) else p.tolist() for p in prompts]
+    _validate(prompts, cfg, mcfg.vocab_size, context)
+    tokens, valid, count = pad_prompts(prompts, cfg)
+    cache_length = tokens.shape[1] + cfg.max_new_tokens
+    graphdef, state = nnx.split(model)
+    loop = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), key, cfg=cfg,
+                    cache_length=cache_length)
+    loop = _decode(graphdef, state, loop, key, cfg=cfg)
+    rows = count * cfg.n
+    out_tokens, out_logprobs, done = jax.device_get((loop.tokens, loop.logprobs, loop.done))
+    out_tokens, out_logprobs, done = out_tokens[:rows], out_logprobs[:rows], done[:rows]
+    stopped = np.isin(out_tokens, np.asarray(cfg.stop_token_ids or (-1,)))
+    first_stop = np.where(stopped.any(1), stopped.argmax(1) + 1, cfg.max_new_tokens)
+    return Samples(tokens=out_tokens, logprobs=out_logprobs, lengths=first_stop.astype(np.int32),
+                   stop_reason=np.where(done, STOP_TOKEN, STOP_LENGTH).astype(np.int32),
+                   prompt_index=np.repeat(np.arange(count), cfg.n))

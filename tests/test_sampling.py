@@ -1,0 +1,206 @@
+"""The sampler against transformers' generate and against a teacher-forced forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hf_fixtures import make_hf_model, save_hf_model
+
+from grpo_jax import sampling, sharding
+from grpo_jax.models import load_hf
+from grpo_jax.models.logprobs import sequence_logprobs
+
+PROMPT_LENGTHS = (5, 17, 9, 1)
+
+
+_CACHE = {}
+
+
+def _make_pair(family, tmp_path_factory):
+    if family not in _CACHE:
+        hf = make_hf_model(family, seed=11, tie=family == "qwen2")
+        path = save_hf_model(hf, str(tmp_path_factory.mktemp(family)))
+        _CACHE[family] = (hf, load_hf(path))
+    return _CACHE[family]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def both(request, tmp_path_factory):
+    """Both families: for the comparisons against transformers."""
+    return _make_pair(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """One family: for the properties of the sampler itself (they do not depend on the family)."""
+    return _make_pair("llama", tmp_path_factory)
+
+
+def _prompts(seed=0, lengths=PROMPT_LENGTHS):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 97, size=n).tolist() for n in lengths]
+
+
+def _hf_greedy(hf, prompts, max_new, eos):
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                      eos_token_id=eos, pad_token_id=0)
+    return out[:, width:].numpy()
+
+
+GREEDY = sampling.SamplingConfig(max_new_tokens=10, temperature=0.0, prompt_bucket=8, batch_bucket=4)
+
+
+def test_greedy_matches_transformers_generate(both):
+    hf, model = both
+    prompts = _prompts()
+    ref = _hf_greedy(hf, prompts, 10, eos=96)
+    ours = sampling.generate(model, prompts, jax.random.key(0), GREEDY.__class__(
+        **{**GREEDY.__dict__, "stop_token_ids": (96,)}))
+    np.testing.assert_array_equal(ours.tokens, ref)  # both pad with 0 after a stop
+    # Now stop on a token that row 0 emits mid-way: both must end that row there.
+    stop = int(ref[0][4])
+    ref = _hf_greedy(hf, prompts, 10, eos=stop)
+    ours = sampling.generate(model, prompts, jax.random.key(0), GREEDY.__class__(
+        **{**GREEDY.__dict__, "stop_token_ids": (stop,)}))
+    for i in range(len(prompts)):
+        n = ours.lengths[i]
+        np.testing.assert_array_equal(ours.tokens[i, :n], ref[i, :n])
+        if ours.stop_reason[i] == sampling.STOP_TOKEN:
+            assert ours.tokens[i, n - 1] == stop and stop not in ours.tokens[i, : n - 1]
+            assert (ours.tokens[i, n:] == 0).all() and (ours.logprobs[i, n:] == 0).all()
+        else:
+            assert n == 10 and stop not in ours.tokens[i]
+    assert ours.stop_reason[0] == sampling.STOP_TOKEN and ours.lengths[0] <= 5
+
+
+def _teacher_forced(model, prompts, samples, temperature):
+    """Log-probs and logits of each sampled token under a plain forward over prompt + completion."""
+    rows = []
+    for i in range(len(samples.tokens)):
+        p = prompts[samples.prompt_index[i]]
+        rows.append(p + samples.completion(i))
+    width = max(map(len, rows))
+    tokens = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = r
+    lp = np.asarray(jax.jit(sequence_logprobs, static_argnames="temperature")(
+        model, jnp.asarray(tokens), temperature=temperature))
+    logits = np.asarray(jax.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)))
+    out_lp, out_logits = [], []
+    for i, r in enumerate(rows):
+        start = len(prompts[samples.prompt_index[i]])
+        out_lp.append(lp[i, start - 1: len(r) - 1])
+        out_logits.append(logits[i, start - 1: len(r) - 1])
+    return out_lp, out_logits
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_equal_teacher_forced_forward(both, temperature):
+    _, model = both
+    prompts = _prompts(1)
+    cfg = sampling.SamplingConfig(max_new_tokens=12, temperature=temperature, n=3, stop_token_ids=(5, 6),
+                                  prompt_bucket=8, batch_bucket=4)
+    s = sampling.generate(model, prompts, jax.random.key(3), cfg)
+    assert s.tokens.shape == (len(prompts) * 3, 12)
+    np.testing.assert_array_equal(s.prompt_index, np.repeat(np.arange(len(prompts)), 3))
+    ref, _ = _teacher_forced(model, prompts, s, temperature)
+    for i in range(len(ref)):
+        np.testing.assert_allclose(s.logprobs[i, : s.lengths[i]], ref[i], atol=1e-5)
+    # Samples of one group differ (the group shares its prefill, not its randomness).
+    assert len({tuple(s.completion(i)) for i in range(3)}) > 1
+
+
+def test_same_key_same_samples_and_padding_invariance(pair):
+    _, model = pair
+    prompts = _prompts(2)
+    cfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, prompt_bucket=8, batch_bucket=4)
+    a = sampling.generate(model, prompts, jax.random.key(7), cfg)
+    b = sampling.generate(model, prompts, jax.random.key(7), cfg)
+    c = sampling.generate(model, prompts, jax.random.key(8), cfg)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (a.tokens != c.tokens).any()
+    # A prompt's greedy output does not depend on its padding or its place in the batch.
+    alone = sampling.generate(model, [prompts[2]], jax.random.key(0), GREEDY)
+    wide = sampling.generate(model, [prompts[2]], jax.random.key(0),
+                             sampling.SamplingConfig(**{**GREEDY.__dict__, "prompt_bucket": 32}))
+    mixed = sampling.generate(model, [prompts[0], prompts[1], prompts[2]], jax.random.key(0), GREEDY)
+    np.testing.assert_array_equal(alone.tokens[0], wide.tokens[0])
+    np.testing.assert_array_equal(alone.tokens[0], mixed.tokens[2])
+
+
+@pytest.mark.parametrize("kw", [{"top_k": 3}, {"top_p": 0.3}, {"min_p": 0.3}, {"top_k": 5, "top_p": 0.5}])
+def test_filters_never_emit_outside_their_set(pair, kw):
+    _, model = pair
+    prompts = _prompts(3, lengths=(4, 6))
+    cfg = sampling.SamplingConfig(max_new_tokens=10, temperature=1.3, n=4, prompt_bucket=8, batch_bucket=2,
+                                  **kw)
+    s = sampling.generate(model, prompts, jax.random.key(1), cfg)
+    _, logits = _teacher_forced(model, prompts, s, 1.3)
+    for i in range(len(logits)):
+        z = logits[i] / 1.3
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        for t, token in enumerate(s.tokens[i, : s.lengths[i]]):
+            allowed = np.ones_like(p[t], bool)
+            if "top_k" in kw:
+                allowed &= z[t] >= np.sort(z[t])[-kw["top_k"]]
+            if "min_p" in kw:
+                allowed &= p[t] >= kw["min_p"] * p[t].max()
+            if "top_p" in kw:
+                order = np.argsort(-np.where(allowed, z[t], -np.inf))
+                q = np.where(allowed, p[t], 0) / np.where(allowed, p[t], 0).sum()
+                before = np.cumsum(q[order]) - q[order]
+                nucleus = order[before < kw["top_p"] - 1e-6]
+                allowed &= np.isin(np.arange(len(z[t])), order[: len(nucleus) + 1])
+            assert allowed[token], (kw, i, t)
+
+
+def test_filter_logits_sets():
+    z = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keep = lambda **kw: np.isfinite(np.asarray(sampling.filter_logits(z, **kw))) & (
+        np.asarray(sampling.filter_logits(z, **kw)) > -1e30)
+    np.testing.assert_array_equal(keep(top_k=2), [[1, 1, 0, 0]])
+    np.testing.assert_array_equal(keep(top_p=0.5), [[1, 0, 0, 0]])
+    np.testing.assert_array_equal(keep(top_p=0.6), [[1, 1, 0, 0]])
+    np.testing.assert_array_equal(keep(top_p=0.9), [[1, 1, 1, 0]])
+    np.testing.assert_array_equal(keep(min_p=0.5), [[1, 1, 0, 0]])
+
+
+def test_same_bucket_does_not_recompile_and_bad_input_fails_early(pair):
+    _, model = pair
+    cfg = sampling.SamplingConfig(max_new_tokens=6, temperature=1.0, prompt_bucket=16, batch_bucket=4,
+                                  stop_token_ids=(2,))
+    sampling.generate(model, _prompts(4, lengths=(3, 10)), jax.random.key(0), cfg)
+    before = sampling.trace_count()
+    sampling.generate(model, _prompts(5, lengths=(12, 2, 7)), jax.random.key(1), cfg)
+    sampling.generate(model, _prompts(6, lengths=(16,)), jax.random.key(2), cfg)
+    assert sampling.trace_count() == before
+    for prompts, match in [([[3] * 251], "context of 256"), ([[]], "empty"), ([[3, 97]], "97, outside"),
+                           ([[3, -1]], "-1, outside"), ([], "no prompts")]:
+        with pytest.raises(sampling.SamplingError, match=match):
+            sampling.generate(model, prompts, jax.random.key(0), cfg)
+    with pytest.raises(sampling.SamplingError, match="unknown fields"):
+        sampling.generate(model, [[3]], jax.random.key(0), {"max_new_token": 3})
+    with pytest.raises(sampling.SamplingError, match="top_p"):
+        sampling.SamplingConfig(top_p=0.0)
+    assert sampling.trace_count() == before
+
+
+def test_generate_on_a_mesh_matches_one_device(pair, tmp_path):
+    hf, model = pair
+    path = save_hf_model(hf, str(tmp_path / "m"))
+    mesh = sharding.make_mesh(data=2, fsdp=2, tp=2)
+    sharded = load_hf(path, mesh=mesh)
+    prompts = _prompts(7, lengths=(3, 8, 5, 11, 2, 6, 9, 4))
+    cfg = sampling.SamplingConfig(max_new_tokens=8, temperature=0.0, n=2, prompt_bucket=8, batch_bucket=8)
+    ref = sampling.generate(model, prompts, jax.random.key(0), cfg)
+    got = sampling.generate(sharded, prompts, jax.random.key(0), cfg)
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
