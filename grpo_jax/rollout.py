@@ -1,0 +1,374 @@
+"""The multi-step rollout: many episodes at once, tokens in / tokens out.
+
+`rollout(env, rows, tokenizer, sample_fn, key, config)` plays `config.group_size` episodes per
+row and returns a `Rollout` (see `grpo_jax.trajectories`). One turn of the loop is
+
+    1. ONE batched sampler call for every live episode. Turn 0 samples each row's prompt with
+       n = group_size (the group shares its prefill); later turns sample each live episode's
+       whole token history with n = 1.
+    2. The sampled ids are appended to the episode as they are (loss mask 1, the sampler's
+       log-probs). A turn cut by `max_new_tokens` (no stop token) gets the template's
+       end-of-turn ids appended with mask 0 and ends the episode, `state["truncated"] = True`
+       (the env protocol in `grpo_jax.envs.base`).
+    3. Episodes the env considers complete (or that reached the turn limit) end; for the others
+       the env replies, all episodes concurrently (`env_response` coroutines gathered on one
+       event loop; `ToolEnv` runs each tool call in its own thread).
+    4. The reply messages are tokenized as a chat-template suffix
+       (`tokenizer.encode_turn_suffix`: the text after the end-of-turn token up to the next
+       generation prompt) and appended with mask 0. The history is never re-tokenized.
+
+The assistant message handed to the env (and kept for the rubric) is
+`tokenizer.decode(sampled_ids)` without the trailing stop token, special tokens kept as text
+(`skip_special_tokens=False`): the env sees exactly what the model wrote, and re-rendering the
+conversation gives back the sampled ids wherever the template is prefix-preserving and the ids
+are the tokenizer's own encoding of their text. A turn that ends with another stop token (e.g.
+eos where the template writes `<|im_end|>`) keeps that token in the history: the tokens stay
+the model's own, and only such a turn differs from a one-go rendering. A template that rewrites
+earlier turns (e.g. drops old `<think>` blocks) is refused at the start (`check_template`), with
+the reason.
+
+Episode layout (one row of the arrays), two turns with one tool reply:
+
+    tokens     [prompt + gen. prompt][turn 1 + stop][tool suffix + gen. prompt][turn 2 + stop][pad]
+    loss mask   0 0 ... 0             1 1 ... 1      0 0 ... 0                  1 1 ... 1      0 ...
+
+How an episode ends (`Rollout.finish_reasons`):
+    "completed"        the env ended it (a final answer; a single-turn env after its turn).
+    "max_turns"        the turn limit (min of `config.max_turns` and `env.max_turns`) was reached
+                       while the env would have continued (e.g. the last turn called a tool).
+    "length"           the last turn hit `max_new_tokens` without a stop token.
+    "sequence_budget"  the next turn would not fit: its prompt (the history plus the env's reply)
+                       + `max_new_tokens` + the end-of-turn ids exceeds `max_seq_len`; the reply
+                       that did not fit is dropped from both the tokens and the messages, so
+                       the trajectory always fits the context. A row whose prompt alone leaves
+                       no room for a turn ends so at once, never sampled.
+    "env_error"        `env_response` (or tokenizing its reply, or `is_completed`) raised; the
+                       error is logged, counted and kept in `state["env_error"]`; the other
+                       episodes carry on.
+"length", "sequence_budget" and "max_turns" are truncations (`Rollout.truncated`);
+`state["truncated"]` is set for the two token limits (what the env protocol asks for).
+`mask_truncated=True` zeroes the loss mask of truncated episodes (DAPO's overlong filtering,
+Yu et al. 2025, sec. 3.4); `mask_env_errors=True` does the same for env failures, which are not
+the model's doing. `Rollout.completion_mask` keeps every model token either way (for token
+rewards and length metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+
+from grpo_jax.envs.base import Environment, Message, Row, SingleTurnEnv, State
+from grpo_jax.rubrics.concurrency import run_sync
+from grpo_jax.sampling import STOP_TOKEN, Samples, SamplingConfig, generate
+from grpo_jax.tokenizer import TemplateError, Tokenizer
+from grpo_jax.trajectories import (FINISH_REASONS, TRUNCATION_REASONS, Rollout, Trajectories,
+                                   pack_episodes)
+
+__all__ = ["FINISH_REASONS", "TRUNCATION_REASONS", "Rollout", "RolloutConfig", "SampleFn",
+           "Trajectories", "check_template", "model_sampler", "rollout"]
+
+logger = logging.getLogger(__name__)
+
+# sample_fn(prompts, key, n) -> Samples: n completions per prompt, rows prompt-major.
+SampleFn = Callable[[list[list[int]], Any, int], Samples]
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    group_size: int = 1                # episodes per row (a GRPO group), episodes group-major
+    max_turns: int | None = None       # assistant turns; None: env.max_turns (this only lowers it)
+    max_new_tokens: int = 256          # sampled tokens per turn (the sampler's max_new_tokens)
+    max_seq_len: int = 1024            # sequence budget: an episode's whole token sequence
+    mask_truncated: bool = False       # zero the loss mask of truncated episodes (DAPO)
+    mask_env_errors: bool = True       # zero the loss mask of episodes whose env failed
+    pad_id: int | None = None          # padding id of the arrays; None: tokenizer.pad_id
+    length_multiple: int = 32          # T is rounded up to this (fewer train-step compiles)
+    check_template: bool = True        # refuse a non-prefix-preserving chat template at start
+
+    def __post_init__(self):
+        checks = [
+            (self.group_size >= 1, "group_size must be >= 1"),
+            (self.max_turns is None or self.max_turns >= 1, "max_turns must be None or >= 1"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.max_seq_len > self.max_new_tokens, "max_seq_len must exceed max_new_tokens"),
+            (self.length_multiple >= 1, "length_multiple must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"rollout config: {message} (got {self})")
+
+    @classmethod
+    def from_any(cls, config: "RolloutConfig | Mapping[str, Any] | Any") -> "RolloutConfig":
+        """Accepts a RolloutConfig, a dict or a ConfigDict with (a subset of) these fields."""
+        if isinstance(config, cls):
+            return config
+        if hasattr(config, "to_dict"):
+            config = config.to_dict()
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise ValueError(f"rollout config: unknown fields {unknown}; known: {sorted(names)}")
+        return cls(**dict(config))
+
+
+def model_sampler(model, sampling_config: SamplingConfig | Mapping[str, Any]) -> SampleFn:
+    """A `SampleFn` over `grpo_jax.sampling.generate` with `sampling_config` (its `n` is set per
+    call). The returned function carries `max_new_tokens` and `stop_token_ids`, which `rollout`
+    checks against its config and the chat template's end-of-turn token."""
+    cfg = SamplingConfig.from_any(sampling_config)
+
+    def sample(prompts: list[list[int]], key, n: int) -> Samples:
+        return generate(model, prompts, key, dataclasses.replace(cfg, n=n))
+
+    sample.max_new_tokens = cfg.max_new_tokens
+    sample.stop_token_ids = cfg.stop_token_ids
+    return sample
+
+
+# -- the chat template check -------------------------------------------------------------------
+# A conversation with the turns a tool / multi-turn rollout produces, reasoning included:
+# templates that drop earlier <think> blocks (Qwen3's) or regroup turns are caught on it.
+PROBE_COMPLETION: tuple[Message, ...] = (
+    {"role": "assistant", "content": "<think>I should use the tool.</think><calc>17*23</calc>"},
+    {"role": "tool", "content": "391"},
+    {"role": "assistant", "content": "<think>The tool says 391.</think>The result is 391."},
+    {"role": "user", "content": "And 12 + 30?"},
+    {"role": "assistant", "content": "<think>Easy.</think>42"},
+)
+
+
+def check_template(tokenizer: Tokenizer, env: Environment | None = None, row: Row | None = None, *,
+                   tools: Sequence[Mapping[str, Any]] | None = None) -> None:
+    """Raises `TemplateError` (saying why) unless the chat template is prefix-preserving on the
+    env's gold demonstration for `row` (when it has one) and on `PROBE_COMPLETION` after the
+    row's prompt: rendering turn by turn must equal rendering in one go, or the token history a
+    rollout builds would not be the conversation the model is trained and evaluated on."""
+    if env is not None and row is not None:
+        prompt, _ = env.initial_state(row)
+    else:
+        prompt = [{"role": "user", "content": "What is 17 * 23?"}]
+    conversations = {"the probe conversation": list(prompt) + [dict(m) for m in PROBE_COMPLETION]}
+    if env is not None and row is not None:
+        try:
+            gold = env.gold_completion(row)
+        except Exception:  # a demonstration is optional: the probe still runs
+            gold = []
+        if any(m["role"] == "assistant" for m in gold):
+            conversations = {"the env's gold demonstration": list(prompt) + list(gold), **conversations}
+    for name, conversation in conversations.items():
+        try:
+            tokenizer.check_prefix_preserving(conversation, tools=tools)
+        except TemplateError as error:
+            raise TemplateError(
+                f"refusing this chat template for multi-turn rollouts (checked on {name}): "
+                f"{error}") from error
+
+
+# -- the loop ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Episode:
+    row_index: int
+    prompt: list[Message]
+    state: State
+    tokens: list[int]
+    mask: list[int]         # 1 on the model's own tokens
+    logprobs: list[float]   # the sampler's log-prob of each token, 0 elsewhere
+    messages: list[Message]
+    num_turns: int = 0
+    finish_reason: str | None = None
+
+    def extend(self, ids: Sequence[int], mask: int, logprobs: Sequence[float] | None = None):
+        self.tokens.extend(int(i) for i in ids)
+        self.mask.extend([mask] * len(ids))
+        self.logprobs.extend([0.0] * len(ids) if logprobs is None else [float(x) for x in logprobs])
+
+    def finish(self, reason: str):
+        self.finish_reason = reason
+        self.state["finish_reason"] = reason
+        if reason in ("length", "sequence_budget"):
+            self.state["truncated"] = True
+
+
+def _check_sampler(sample_fn: SampleFn, config: RolloutConfig, end_of_turn: Sequence[int]):
+    max_new = getattr(sample_fn, "max_new_tokens", None)
+    if max_new is not None and max_new != config.max_new_tokens:
+        raise ValueError(f"the sampler draws up to {max_new} tokens a turn but the rollout config "
+                         f"budgets max_new_tokens={config.max_new_tokens}; make them equal")
+    stops = getattr(sample_fn, "stop_token_ids", None)
+    if stops is not None and end_of_turn[0] not in stops:
+        raise ValueError(f"the sampler's stop_token_ids {tuple(stops)} lack the chat template's "
+                         f"end-of-turn id {end_of_turn[0]}: every turn would run to max_new_tokens")
+
+
+def _add_turn(episode: _Episode, samples: Samples, row: int, tokenizer: Tokenizer,
+              end_of_turn: Sequence[int], max_new_tokens: int):
+    """Appends one sampled turn (and, when it was cut, the end-of-turn ids) to `episode`."""
+    n = int(samples.lengths[row])
+    if not 1 <= n <= max_new_tokens:
+        raise ValueError(f"the sampler returned {n} tokens for a turn; expected 1..{max_new_tokens}")
+    ids = [int(t) for t in samples.tokens[row, :n]]
+    stopped = int(samples.stop_reason[row]) == STOP_TOKEN
+    episode.extend(ids, 1, samples.logprobs[row, :n])
+    content = tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=False)
+    if not stopped:  # close the turn as the template would, so the history stays well formed
+        episode.extend(end_of_turn, 0)
+        episode.state["truncated"] = True
+    episode.messages.append({"role": "assistant", "content": content})
+    episode.num_turns += 1
+    episode.state["completion_tokens"] = episode.state.get("completion_tokens", 0) + n
+    return stopped
+
+
+def _ended_by_env(env: Environment, episode: _Episode) -> bool:
+    """Whether the env itself ends the episode here (as opposed to the turn limit)."""
+    task_env = env
+    if hasattr(env, "env_for") and "task" in episode.state:  # EnvGroup: ask the task's env
+        task_env = env.env_for(episode.state["task"])
+    return isinstance(task_env, SingleTurnEnv) or bool(task_env.is_done(episode.messages, episode.state))
+
+
+def _reason_after_turn(env: Environment, episode: _Episode, stopped: bool, max_turns: int) -> str | None:
+    """Why the episode ends after its latest turn, or None when the env should reply."""
+    if not stopped:
+        return "length"
+    at_limit = episode.num_turns >= max_turns
+    if not (at_limit or env.is_completed(episode.messages, episode.state)):
+        return None
+    if _ended_by_env(env, episode) or not at_limit:
+        return "completed"
+    return "max_turns"
+
+
+async def _respond_all(env: Environment, episodes: Sequence[_Episode]) -> list[Any]:
+    """Each episode's (reply, state), or the exception its `env_response` raised."""
+    async def respond(episode: _Episode):
+        try:
+            return await env.env_response(list(episode.messages), episode.state)
+        except Exception as error:  # one episode's failure must not stop the batch
+            return error
+    return list(await asyncio.gather(*(respond(e) for e in episodes)))
+
+
+def _fail(episode: _Episode, index: int, error: BaseException, where: str):
+    episode.state["env_error"] = f"{where}: {type(error).__name__}: {error}"
+    episode.finish("env_error")
+    logger.warning("rollout: episode %d (row %d) ended by an error in %s: %r",
+                   index, episode.row_index, where, error)
+
+
+def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sample_fn: SampleFn, key,
+            config: RolloutConfig | Mapping[str, Any]) -> Rollout:
+    """Plays `config.group_size` episodes of `env` for each of `rows` (see the module docstring).
+
+    Args:
+      env: an `Environment` (its `initial_state`, `is_completed`, `env_response` drive the turns).
+      rows: dataset rows; row i's episodes are `i * group_size ... (i + 1) * group_size - 1`.
+      tokenizer: a `grpo_jax.tokenizer.Tokenizer` with a chat template.
+      sample_fn: `(prompts, key, n) -> Samples`, e.g. `model_sampler(model, sampling_config)`.
+      key: a `jax.random` key; turn k samples with `fold_in(key, k)`.
+      config: a `RolloutConfig` (or a mapping of its fields).
+
+    Returns:
+      A `Rollout`: padded token arrays, masks, log-probs, the episodes' messages, states, finish
+      reasons and the rollout metrics.
+    """
+    config = RolloutConfig.from_any(config)
+    rows = list(rows)
+    if not rows:
+        raise ValueError("rollout needs at least one row")
+    if config.check_template:
+        check_template(tokenizer, env, rows[0])
+    end_of_turn = tuple(tokenizer.end_of_turn_ids)
+    _check_sampler(sample_fn, config, end_of_turn)
+    max_turns = min(env.max_turns, config.max_turns or env.max_turns)
+    group = config.group_size
+    # A turn needs room for its prompt, max_new_tokens and (if cut) the end-of-turn ids.
+    room_for_turn = config.max_new_tokens + len(end_of_turn)
+    fits = lambda length: length + room_for_turn <= config.max_seq_len  # noqa: E731
+
+    start = time.perf_counter()
+    episodes: list[_Episode] = []
+    prompt_ids: list[list[int]] = []
+    for i, row in enumerate(rows):
+        for j in range(group):
+            prompt, state = env.initial_state(row)
+            if j == 0:
+                prompt_ids.append(tokenizer.encode_chat(prompt, add_generation_prompt=True))
+            state["completion_tokens"] = 0
+            episodes.append(_Episode(i, list(prompt), state, list(prompt_ids[i]), [0] * len(prompt_ids[i]),
+                                     [0.0] * len(prompt_ids[i]), list(prompt)))
+    first_rows = [i for i in range(len(rows)) if fits(len(prompt_ids[i]))]
+    for i in sorted(set(range(len(rows))) - set(first_rows)):
+        for e in episodes[i * group:(i + 1) * group]:
+            e.finish("sequence_budget")
+    index_of = {id(e): k for k, e in enumerate(episodes)}
+
+    sampler_s = env_s = 0.0
+    sampler_calls = 0
+    turn = 0
+    live = [e for i in first_rows for e in episodes[i * group:(i + 1) * group]]
+    while live:
+        if turn == 0:
+            prompts, n = [prompt_ids[i] for i in first_rows], group
+        else:
+            prompts, n = [e.tokens for e in live], 1
+        t0 = time.perf_counter()
+        samples = sample_fn([list(p) for p in prompts], jax.random.fold_in(key, turn), n)
+        sampler_s += time.perf_counter() - t0
+        sampler_calls += 1
+        if len(samples.lengths) != len(live):
+            raise ValueError(f"the sampler returned {len(samples.lengths)} rows for {len(prompts)} "
+                             f"prompts x n={n}")
+        waiting = []
+        for row, e in enumerate(live):
+            stopped = _add_turn(e, samples, row, tokenizer, end_of_turn, config.max_new_tokens)
+            try:
+                reason = _reason_after_turn(env, e, stopped, max_turns)
+            except Exception as error:
+                _fail(e, index_of[id(e)], error, "is_completed")
+                continue
+            if reason is None and not fits(len(e.tokens) + 1):  # no room even for a 1-token reply
+                reason = "sequence_budget"
+            if reason is None:
+                waiting.append(e)
+            else:
+                e.finish(reason)
+
+        t0 = time.perf_counter()
+        replies = run_sync(lambda: _respond_all(env, waiting)) if waiting else []
+        env_s += time.perf_counter() - t0
+        live = []
+        for e, result in zip(waiting, replies):
+            if isinstance(result, BaseException):
+                _fail(e, index_of[id(e)], result, "env_response")
+                continue
+            try:
+                reply, e.state = [dict(m) for m in result[0]], result[1]
+                suffix = tokenizer.encode_turn_suffix(reply, add_generation_prompt=True)
+            except Exception as error:  # a malformed reply, or one the template cannot render
+                _fail(e, index_of[id(e)], error, "tokenizing the env reply")
+                continue
+            if not fits(len(e.tokens) + len(suffix)):
+                e.finish("sequence_budget")
+                continue
+            e.extend(suffix, 0)
+            e.messages.extend(reply)
+            live.append(e)
+        turn += 1
+
+    total_s = time.perf_counter() - start
+    pad_id = tokenizer.pad_id if config.pad_id is None else config.pad_id
+    return pack_episodes(
+        [dict(tokens=e.tokens, mask=e.mask, logprobs=e.logprobs, prompt=e.prompt,
+              completion=e.messages[len(e.prompt):], state=e.state, finish_reason=e.finish_reason,
+              num_turns=e.num_turns) for e in episodes],
+        group_size=group, pad_id=pad_id, length_multiple=config.length_multiple,
+        max_seq_len=config.max_seq_len, mask_truncated=config.mask_truncated,
+        mask_env_errors=config.mask_env_errors,
+        timing=dict(sampler_s=sampler_s, env_s=env_s, total_s=total_s, sampler_calls=sampler_calls))
