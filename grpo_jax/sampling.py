@@ -124,6 +124,19 @@ def filter_logits(z_NV, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.
     return z_NV
 
 
+def categorical(key, logits_NV):
+    """One draw per row from softmax(logits), by inverting the CDF with one uniform per row.
+
+    `jax.random.categorical` (Gumbel-max) needs N x V random numbers per step, which costs more
+    than the model's own decode step on CPU; this needs N. Tokens of probability 0 (filtered to
+    -inf / the dtype minimum) are never drawn: u > 0 and their CDF step is flat.
+    """
+    cdf = jnp.cumsum(jax.nn.softmax(logits_NV, axis=-1), axis=-1)
+    u = jax.random.uniform(key, (logits_NV.shape[0], 1), minval=jnp.finfo(jnp.float32).tiny)
+    tokens = jnp.sum(cdf < u * cdf[:, -1:], axis=-1)
+    return jnp.minimum(tokens, logits_NV.shape[-1] - 1)
+
+
 def select_tokens(logits_NV, key, cfg: SamplingConfig):
     """Draws one token per row; returns (tokens [N] int32, log-probs [N] float32, see module doc)."""
     logits_NV = logits_NV.astype(jnp.float32)
@@ -133,7 +146,7 @@ def select_tokens(logits_NV, key, cfg: SamplingConfig):
     else:
         scaled = logits_NV / cfg.temperature
         filtered = filter_logits(scaled, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p)
-        tokens = jax.random.categorical(key, filtered, axis=-1)
+        tokens = categorical(key, filtered)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, -1), tokens[:, None], -1)[:, 0]
     return tokens.astype(jnp.int32), logprobs
 

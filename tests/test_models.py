@@ -163,8 +163,9 @@ def test_chunked_logprobs_equal_log_softmax():
     w = model.unembedding()
 
     def full(h, w):
-        lp = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", h, w))
+        lp = jax.nn.log_softmax(jnp.einsum("btd,vd->btv", h, w))
         return jnp.sum(jnp.take_along_axis(lp, tokens[:, 1:, None], -1) ** 2)
+
 
     def chunked(h, w):
         return jnp.sum(token_logprobs(h, w, tokens[:, 1:], chunk_size=100) ** 2)

@@ -204,3 +204,12 @@ def test_generate_on_a_mesh_matches_one_device(pair, tmp_path):
     got = sampling.generate(sharded, prompts, jax.random.key(0), cfg)
     np.testing.assert_array_equal(got.tokens, ref.tokens)
     np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+
+
+def test_categorical_draws_follow_the_distribution():
+    probs = np.array([0.5, 0.25, 0.125, 0.0, 0.125], np.float32)
+    logits = jnp.log(jnp.asarray(np.tile(probs, (20_000, 1))))
+    draws = np.asarray(jax.jit(sampling.categorical)(jax.random.key(0), logits))
+    freq = np.bincount(draws, minlength=5) / len(draws)
+    assert freq[3] == 0  # probability 0 is never drawn
+    np.testing.assert_allclose(freq, probs, atol=0.015)  # ~4 standard errors

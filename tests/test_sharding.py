@@ -66,7 +66,7 @@ def test_load_hf_on_fsdp_tp_mesh_matches_one_device(llama_dir):
     assert _spec(sharded.layers.wo) == P(None, "tp", None, "fsdp")
     assert _spec(sharded.layers.w_gate) == P(None, "fsdp", "tp")
     assert _spec(sharded.layers.w_down) == P(None, "tp", "fsdp")
-    assert _spec(sharded.lm_head) == P("fsdp", None)  # vocab 97 is prime: replicated over tp
+    assert _spec(sharded.lm_head) == P(None, "fsdp")  # vocab 97 is prime: replicated over tp
     shard = sharded.layers.w_gate[...].addressable_shards[0].data
     assert shard.shape == (3, 32, 28)
     assert len(sharded.layers.w_gate[...].addressable_shards) == 8

@@ -13,7 +13,7 @@ Key map (HF name -> ours; i = layer, stacked on our leading axis):
     model.layers.i.mlp.{gate,up}_proj.weight [F, D]      -> layers.w_{gate,up}[i] [D, F]
     model.layers.i.mlp.down_proj.weight      [D, F]      -> layers.w_down[i]    [F, D]
     model.norm.weight                                    -> final_norm
-    lm_head.weight                           [V, D]      -> lm_head [D, V] (absent when tied)
+    lm_head.weight                           [V, D]      -> lm_head [V, D] (absent when tied)
 
 Loading with a mesh builds every parameter with `jax.make_array_from_callback`: each device's
 shard is sliced out of the memory-mapped file, so no process ever holds a full copy per device,
@@ -62,7 +62,7 @@ _LAYER_KEYS = {
 _GLOBAL_KEYS = {
     "embed": ("model.embed_tokens.weight", "same"),
     "final_norm": ("model.norm.weight", "same"),
-    "lm_head": ("lm_head.weight", "T"),
+    "lm_head": ("lm_head.weight", "same"),
 }
 # Tensors some checkpoints carry that the model does not need.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

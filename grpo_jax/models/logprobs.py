@@ -22,16 +22,18 @@ import jax
 import jax.numpy as jnp
 
 
-def token_logprobs(hidden_BTD, unembed_DV, targets_BT, *, temperature: float = 1.0,
+def token_logprobs(hidden_BTD, unembed_VD, targets_BT, *, temperature: float = 1.0,
                    chunk_size: int = 8192, return_entropy: bool = False):
-    """log softmax(hidden @ unembed / temperature)[targets], float32 [B, T] (and entropy [B, T]).
+    """log softmax(hidden @ unembed.T / temperature)[targets], float32 [B, T] (and entropy [B, T]).
+
+    `unembed_VD` is the output projection [V, D] (`Transformer.unembedding()`).
 
     `temperature` is the sampling temperature: the sampler draws from softmax(z / tau) and
     reports these same log-probs, so the ratio new/old is exactly 1 on-policy.
     Chunks are `chunk_size` columns; the last chunk is shifted left to stay inside the vocabulary
     (its overlap with the previous chunk is masked), so no weight padding or copy is needed.
     """
-    vocab = unembed_DV.shape[1]
+    vocab = unembed_VD.shape[0]
     chunk = min(int(chunk_size), vocab)
     num_chunks = -(-vocab // chunk)
     inv_tau = 1.0 / float(temperature)
@@ -41,8 +43,8 @@ def token_logprobs(hidden_BTD, unembed_DV, targets_BT, *, temperature: float = 1
     def body(carry, k):
         m, s, u, target_logit = carry
         start = jnp.minimum(k * chunk, vocab - chunk)
-        w = jax.lax.dynamic_slice_in_dim(unembed_DV, start, chunk, axis=1).astype(compute_dtype)
-        z = jnp.einsum("btd,dc->btc", hidden_BTD, w, preferred_element_type=jnp.float32) * inv_tau
+        w = jax.lax.dynamic_slice_in_dim(unembed_VD, start, chunk, axis=0).astype(compute_dtype)
+        z = jnp.einsum("btd,cd->btc", hidden_BTD, w, preferred_element_type=jnp.float32) * inv_tau
         cols = start + jnp.arange(chunk)
         fresh = cols >= k * chunk  # columns no earlier chunk has counted
         z_fresh = jnp.where(fresh, z, -jnp.inf)

@@ -154,21 +154,23 @@ class Transformer(nnx.Module):
         self.layers = DecoderLayers(cfg, rngs)
         self.final_norm = _param(rngs, (cfg.d_model,), ("norm",), dt, "ones")
         if not cfg.tie_embeddings:
-            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dt)
+            # [V, D] like the embedding: a wide [D, V] matrix with a power-of-two row stride makes
+            # the CPU matmul of a decode step several times slower.
+            self.lm_head = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dt)
 
     # -- pieces -------------------------------------------------------------------------------
     def unembedding(self) -> jax.Array:
-        """The output projection [D, V] (the transposed embedding when tied)."""
-        return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+        """The output projection as [V, D]: logits = hidden @ W.T (the embedding itself when tied)."""
+        return self.embed[...] if self.config.tie_embeddings else self.lm_head[...]
 
     def logits_from_hidden(self, hidden_BTD) -> jax.Array:
         w = self.unembedding().astype(self.config.compute_dtype)
-        return jnp.einsum("btd,dv->btv", hidden_BTD, w, preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,vd->btv", hidden_BTD, w, preferred_element_type=jnp.float32)
 
     def _embed(self, tokens_BT):
         return jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.config.compute_dtype)
 
-    def _scan_layers(self, x_BTD, positions_BT, attend_fn, carry_extra, xs_extra=None):
+    def _scan_layers(self, x_BTD, positions_BT, attend_fn, carry_extra, xs_extra=None, unroll=1):
         """Runs every layer; `attend_fn(q, k, v, carry_extra, xs_extra, layer) -> (out, carry)`."""
         cfg = self.config
         cos, sin = rope_cos_sin(positions_BT, rope_inv_freq(cfg), cfg.compute_dtype)
@@ -183,7 +185,8 @@ class Transformer(nnx.Module):
         if cfg.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         init = (x_BTD, carry_extra, jnp.zeros((), jnp.int32))
-        (x_BTD, carry_extra, _), _ = jax.lax.scan(body, init, (self.layers.stacked(), xs_extra))
+        (x_BTD, carry_extra, _), _ = jax.lax.scan(body, init, (self.layers.stacked(), xs_extra),
+                                                  unroll=unroll)
         return rms_norm(x_BTD, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps), carry_extra
 
     # -- full forward (training, scoring) -------------------------------------------------------
@@ -216,7 +219,7 @@ class Transformer(nnx.Module):
                        kv_valid=jnp.zeros((batch_size, max_length), bool),
                        index=jnp.zeros((), jnp.int32))
 
-    def decode(self, tokens_BT, positions_BT, valid_BT, cache: KVCache):
+    def decode(self, tokens_BT, positions_BT, valid_BT, cache: KVCache, unroll: int | bool = 1):
         """Runs T new tokens against the cache (prefill when T > 1, one decode step when T == 1).
 
         The new keys/values are written at cache slots [index, index + T) for every row;
@@ -243,7 +246,7 @@ class Transformer(nnx.Module):
             return out, (k_all, v_all)
 
         hidden, (k_all, v_all) = self._scan_layers(
-            self._embed(tokens_BT), positions_BT, attend, (cache.k, cache.v))
+            self._embed(tokens_BT), positions_BT, attend, (cache.k, cache.v), unroll=unroll)
         return hidden, KVCache(k=k_all, v=v_all, kv_valid=kv_valid, index=start + t)
 
 
