@@ -1,0 +1,400 @@
+"""Per-device memory plan of a GRPO run, from shapes and shardings alone (nothing is allocated).
+
+For a model config and a (data, fsdp, tp) mesh shape, every array the run keeps on a device is
+listed with its global shape, dtype and `PartitionSpec` (the same logical-axis rules as
+`grpo_jax.sharding`, so a mesh axis that does not divide a dimension is dropped here exactly as
+it is when the arrays are placed). The bytes one device holds of an array are
+
+    device_bytes = itemsize * prod_d shape[d] / prod(sizes of the mesh axes that shard d)
+
+Shapes come from `jax.eval_shape` (`abstract_model`, `optimizer.init`); the mesh is a
+`jax.sharding.AbstractMesh`, so 8 or 256 devices can be planned on one CPU.
+
+Categories and their assumptions (the table repeats them):
+
+- params:      the policy weights in `param_dtype`. The sampler reads these same buffers.
+- gradients:   the train step's gradient accumulator, sharded like the params, in `grad_dtype`
+               (float32: `train_step` accumulates micro-batch gradients in float32). The
+               transient gradient of one micro-batch (param dtype) is not counted.
+- optimizer:   `optimizer.init(params)` under `eval_shape`. "adamw"/"adam" keep mu and nu in
+               `optimizer_dtype` (float32 by default, i.e. 2 x 4 bytes a parameter). An optax
+               transformation is initialised on the params as stored, as `init_train_state`
+               does (optax's Adam then keeps its moments in the param dtype).
+               Moments shard like their parameters; counters and hyper-parameters are replicated.
+- reference:   the frozen reference policy for the KL term (beta > 0), sharded like the params.
+- kv_cache:    the sampler's cache k, v [L, B, S, Hkv, Dh] with logical axes
+               ("layers", "batch", "cache_seq", "kv_heads", "head_dim") and kv_valid [B, S]:
+               rows over (data, fsdp), KV heads over tp.
+- activations: a rough *estimate* for one forward + backward of `train_batch` rows of
+               `train_seq` tokens (only when both are given); see `activation_bytes`.
+
+Two sums: `total` (all categories at once, an upper bound) and `peak`, which uses the fact that
+the KV cache lives only during the rollout and gradients/activations only during the train step:
+
+    peak = params + optimizer + reference + max(kv_cache, gradients + activations)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from grpo_jax import sharding as sharding_lib
+from grpo_jax.models import ModelConfig, abstract_model
+
+GIB = 2 ** 30
+CATEGORIES = ("params", "gradients", "optimizer", "reference", "kv_cache", "activations")
+KV_CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh shapes and per-device shard sizes.
+# ---------------------------------------------------------------------------------------------
+def mesh_axis_sizes(mesh: Any) -> dict[str, int]:
+    """{"data": d, "fsdp": f, "tp": t} from a Mesh / AbstractMesh, a mapping, or "fsdp=8,tp=2".
+
+    Axes that are not named have size 1.
+    """
+    if isinstance(mesh, str):
+        items = {}
+        for part in filter(None, (p.strip() for p in mesh.split(","))):
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise ValueError(f"mesh {mesh!r}: expected 'axis=size' items like 'fsdp=8,tp=2'")
+            items[name.strip()] = int(value)
+        mesh = items
+    elif hasattr(mesh, "shape") and isinstance(mesh.shape, Mapping):
+        mesh = dict(mesh.shape)
+    sizes = {axis: 1 for axis in sharding_lib.MESH_AXES}
+    for name, size in dict(mesh).items():
+        if name not in sizes:
+            raise ValueError(f"mesh axis {name!r} is unknown; axes are {sharding_lib.MESH_AXES}")
+        if int(size) < 1:
+            raise ValueError(f"mesh axis {name}={size}: sizes must be >= 1 (no -1 in a plan)")
+        sizes[name] = int(size)
+    return sizes
+
+
+def abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
+    """A device-free mesh with these axis sizes (what `logical_to_spec` needs: `.shape`)."""
+    return AbstractMesh(tuple(sizes[a] for a in sharding_lib.MESH_AXES), sharding_lib.MESH_AXES)
+
+
+def _spec_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def shard_shape(shape, spec: PartitionSpec, sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """The shape of one device's shard: dimension d divided by its mesh axes' sizes."""
+    out = []
+    for dim, size in enumerate(shape):
+        parts = math.prod(sizes[a] for a in _spec_axes(spec[dim] if dim < len(spec) else None))
+        if size % parts:
+            raise ValueError(f"spec {spec} does not divide shape {tuple(shape)}")
+        out.append(size // parts)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+    """One array of the plan: its global shape/dtype, its spec and the bytes each device holds."""
+
+    category: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    logical_axes: tuple
+    spec: PartitionSpec
+    device_bytes: int
+    global_bytes: int
+
+
+def _leaf(category, name, shape, dtype, logical_axes, mesh, sizes, rules) -> LeafPlan:
+    shape = tuple(int(s) for s in shape)
+    spec = sharding_lib.logical_to_spec(logical_axes, shape, mesh, rules)
+    itemsize = np.dtype(dtype).itemsize
+    return LeafPlan(category, name, shape, np.dtype(dtype).name, tuple(logical_axes), spec,
+                    math.prod(shard_shape(shape, spec, sizes)) * itemsize,
+                    math.prod(shape) * itemsize)
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _tree_leaves(category, tree, mesh, sizes, rules, dtype=None) -> list[LeafPlan]:
+    """Variables shard by their logical axes (in `dtype` if given); other leaves are replicated."""
+    out = []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_var)[0]:
+        if not hasattr(x, "shape"):
+            continue
+        axes = sharding_lib.logical_axes_of(x) if _is_var(x) else (None,) * len(x.shape)
+        out.append(_leaf(category, _path_name(path), x.shape, dtype or x.dtype, axes, mesh, sizes,
+                         rules))
+    return out
+
+
+def _cast(params, dtype):
+    return jax.tree.map(lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, np.dtype(dtype))), params,
+                        is_leaf=_is_var)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations (estimate).
+# ---------------------------------------------------------------------------------------------
+def activation_bytes(cfg: ModelConfig, mesh, sizes, *, batch: int, seq: int, remat: bool,
+                     chunk_size: int = 8192, rules=sharding_lib.DEFAULT_RULES) -> int:
+    """Rough per-device bytes of activations for one forward + backward of [batch, seq] tokens.
+
+    Counted per layer (compute dtype c; rows over (data, fsdp), heads and MLP columns over tp):
+    layer input, 2 normed inputs, attention output, residual: 5 [B, T, D]; q (before and after
+    RoPE) 2 [B, T, H, Dh]; k (before/after RoPE), v: 3 [B, T, Hkv, Dh]; attention scores in
+    float32 plus probabilities in c: [B, H, T, T] (no flash attention in this codebase);
+    gate, up, silu(gate) * up: 3 [B, T, F].
+
+        remat off: L * layer + layer (the cotangents of the layer being differentiated)
+        remat on:  L * [B, T, D] (the saved layer inputs) + 2 * layer (one recomputed layer and
+                   its cotangents)
+
+    plus the chunked log-prob head: 3 float32 [B, T, chunk] (logits, exponentials, cotangent).
+    XLA fuses and reorders, so treat the figure as an order of magnitude, not a bound.
+    """
+    c = cfg.compute_dtype
+    B, T, D, H, K, Dh, F = (batch, seq, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                            cfg.d_ff)
+    btd = ((B, T, D), ("batch", "seq", None))
+    q = ((B, T, H, Dh), ("batch", "seq", "q_heads", "head_dim"))
+    kv = ((B, T, K, Dh), ("batch", "seq", "kv_heads", "head_dim"))
+    scores = ((B, H, T, T), ("batch", "q_heads", "seq", None))
+    mlp = ((B, T, F), ("batch", "seq", "mlp"))
+    logits = ((B, T, min(chunk_size, cfg.vocab_size)), ("batch", "seq", None))
+
+    def nbytes(tensor, dtype, count=1):
+        (shape, axes) = tensor
+        return count * _leaf("activations", "", shape, dtype, axes, mesh, sizes, rules).device_bytes
+
+    layer = (nbytes(btd, c, 5) + nbytes(q, c, 3) + nbytes(kv, c, 3) + nbytes(scores, "float32")
+             + nbytes(scores, c) + nbytes(mlp, c, 3))
+    head = nbytes(logits, "float32", 3)
+    if remat:
+        return cfg.n_layers * nbytes(btd, c) + 2 * layer + head
+    return (cfg.n_layers + 1) * layer + head
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan.
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Per-device bytes by category; `leaves` lists every array (activations excepted)."""
+
+    label: str
+    num_params: int
+    mesh_shape: dict[str, int]
+    leaves: tuple[LeafPlan, ...]
+    activations: int | None                 # estimate, None when not requested
+    dtypes: dict[str, str]                  # category -> dtype shown in the table
+    notes: dict[str, str]                   # category -> assumption shown in the table
+    warnings: tuple[str, ...]               # dimensions a mesh axis could not split
+    device_memory: int | None = None        # bytes of one device, for the fits check
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(self.mesh_shape.values())
+
+    def category_bytes(self, category: str, *, per_device: bool = True) -> int | None:
+        if category == "activations":
+            return self.activations if per_device else None
+        field = "device_bytes" if per_device else "global_bytes"
+        return sum(getattr(x, field) for x in self.leaves if x.category == category)
+
+    @property
+    def per_device(self) -> dict[str, int]:
+        """Category -> bytes on one device (activations only when estimated)."""
+        out = {c: self.category_bytes(c) for c in CATEGORIES}
+        return {c: v for c, v in out.items() if v is not None}
+
+    @property
+    def total(self) -> int:
+        """All categories at once (an upper bound on the per-device need)."""
+        return sum(self.per_device.values())
+
+    @property
+    def peak(self) -> int:
+        """Persistent state + the larger of the rollout (KV cache) and the train step."""
+        b = self.per_device
+        rollout = b["kv_cache"]
+        train = b["gradients"] + b.get("activations", 0)
+        return b["params"] + b["optimizer"] + b["reference"] + max(rollout, train)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_memory is None else self.peak <= self.device_memory
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label, "num_params": self.num_params, "mesh": dict(self.mesh_shape),
+            "num_devices": self.num_devices, "per_device_bytes": self.per_device,
+            "per_device_gib": {k: v / GIB for k, v in self.per_device.items()},
+            "total_bytes": self.total, "peak_bytes": self.peak,
+            "device_memory_bytes": self.device_memory, "fits": self.fits,
+            "dtypes": dict(self.dtypes), "notes": dict(self.notes),
+            "warnings": list(self.warnings),
+        }
+
+    def table(self) -> str:
+        mesh = " ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
+        lines = [f"memory plan: {self.label} ({self.num_params:,} params) on mesh {mesh} "
+                 f"({self.num_devices} devices)",
+                 f"{'category':<12} {'per device':>12} {'unsharded':>12}  {'dtype':<9} assumption"]
+        for c in CATEGORIES:
+            dev = self.category_bytes(c)
+            if dev is None:
+                lines.append(f"{c:<12} {'-':>12} {'-':>12}  {'':<9} {self.notes.get(c, '')}")
+                continue
+            glob = self.category_bytes(c, per_device=False)
+            glob_text = "-" if glob is None else _gib(glob)
+            lines.append(f"{c:<12} {_gib(dev):>12} {glob_text:>12}  {self.dtypes.get(c, ''):<9} "
+                         f"{self.notes.get(c, '')}")
+        lines.append(f"{'total':<12} {_gib(self.total):>12}   (every category at once)")
+        lines.append(f"{'peak':<12} {_gib(self.peak):>12}   (params + optimizer + reference + "
+                     "max(kv_cache, gradients + activations))")
+        if self.device_memory is not None:
+            share = self.peak / self.device_memory
+            verdict = "fits" if self.fits else "DOES NOT FIT"
+            lines.append(f"{'device':<12} {_gib(self.device_memory):>12}   {verdict} "
+                         f"(peak is {share:.0%} of one device)")
+            if not self.fits:
+                lines.append(f"WARNING: peak {_gib(self.peak)} exceeds the {_gib(self.device_memory)} "
+                             "of one device: shard more (fsdp/tp), shrink kv_batch/kv_length or "
+                             "the micro-batch, or turn on remat")
+            elif self.total > self.device_memory:
+                lines.append(f"WARNING: total {_gib(self.total)} exceeds one device; this relies on "
+                             "the KV cache being freed before the train step")
+        lines.extend(f"note: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def _divisibility_warnings(leaves, mesh, rules) -> list[str]:
+    """Arrays where a mesh axis the rules ask for was dropped because it does not divide."""
+    out = []
+    for leaf in leaves:
+        wanted = sharding_lib.logical_to_spec(leaf.logical_axes, None, mesh, rules)
+        dropped = [a for entry in wanted for a in _spec_axes(entry)
+                   if a not in {b for e in leaf.spec for b in _spec_axes(e)}]
+        if dropped:
+            out.append(f"{leaf.category}/{leaf.name} {leaf.shape}: not split over "
+                       f"{', '.join(dropped)} (does not divide), kept as {leaf.spec}")
+    return out
+
+
+def plan_memory(model_cfg: ModelConfig, mesh: Any, *, param_dtype: str | None = None,
+                optimizer: str | optax.GradientTransformation | None = "adamw",
+                optimizer_dtype: str = "float32", grad_dtype: str = "float32",
+                with_reference: bool = False, reference_dtype: str | None = None,
+                kv_batch: int = 0, kv_length: int = 0, kv_dtype: str | None = None,
+                train_batch: int | None = None, train_seq: int | None = None,
+                remat: bool | None = None, chunk_size: int = 8192,
+                device_memory_gib: float | None = None, rules=sharding_lib.DEFAULT_RULES,
+                label: str | None = None) -> MemoryPlan:
+    """The per-device memory of a GRPO run (see the module docstring for each category).
+
+    Args:
+      model_cfg: the architecture; `param_dtype` (default: the config's) is the weights' dtype.
+      mesh: a Mesh / AbstractMesh, a {"data", "fsdp", "tp"} mapping, or a string "fsdp=8,tp=2".
+      optimizer: "adamw" / "adam" (moments in `optimizer_dtype`), an optax transformation
+        (initialised on the params as stored), or None (no optimizer state).
+      grad_dtype: dtype of the gradient accumulator (float32 in `train_step`).
+      with_reference: keep reference weights (GRPO with beta > 0), in `reference_dtype`
+        (default: `param_dtype`).
+      kv_batch, kv_length: global rows the sampler decodes at once and cache slots per row
+        (prompt + completion budget); `kv_dtype` defaults to the compute dtype (`init_cache`).
+      train_batch, train_seq: rows and tokens of one forward/backward (the micro-batch, global)
+        for the activation estimate; `remat` defaults to the config's.
+      device_memory_gib: memory of one device (e.g. 80 for an H100) for the fits check.
+    """
+    sizes = mesh_axis_sizes(mesh)
+    amesh = abstract_mesh(sizes)
+    param_dtype = param_dtype or model_cfg.param_dtype
+    cfg = model_cfg.replace(param_dtype=np.dtype(param_dtype).name)
+    params = nnx.state(abstract_model(cfg), nnx.Param)
+    leaves: list[LeafPlan] = _tree_leaves("params", params, amesh, sizes, rules)
+    leaves += _tree_leaves("gradients", params, amesh, sizes, rules, dtype=grad_dtype)
+    notes = {"params": "policy weights (the sampler reads the same buffers)",
+             "gradients": "accumulator sharded like params"}
+    dtypes = {"params": np.dtype(param_dtype).name, "gradients": np.dtype(grad_dtype).name}
+
+    if isinstance(optimizer, str):
+        makers = {"adamw": optax.adamw, "adam": optax.adam}
+        if optimizer not in makers:
+            raise ValueError(f"optimizer {optimizer!r}: use one of {sorted(makers)}, an optax "
+                             "transformation or None")
+        opt_state = jax.eval_shape(makers[optimizer](1e-3).init, _cast(params, optimizer_dtype))
+        notes["optimizer"] = f"{optimizer}: mu + nu sharded like params"
+        dtypes["optimizer"] = np.dtype(optimizer_dtype).name
+    elif optimizer is not None:
+        opt_state = jax.eval_shape(optimizer.init, params)
+        notes["optimizer"] = "optax state of the given transformation"
+        dtypes["optimizer"] = "mixed"
+    else:
+        opt_state = ()
+        notes["optimizer"] = "none"
+    leaves += _tree_leaves("optimizer", opt_state, amesh, sizes, rules)
+
+    reference_dtype = reference_dtype or param_dtype
+    if with_reference:
+        leaves += _tree_leaves("reference", params, amesh, sizes, rules, dtype=reference_dtype)
+        notes["reference"] = "frozen reference policy (beta > 0), sharded like params"
+        dtypes["reference"] = np.dtype(reference_dtype).name
+    else:
+        notes["reference"] = "none (beta = 0)"
+
+    kv_dtype = np.dtype(kv_dtype or cfg.dtype).name
+    kv_shape = (cfg.n_layers, kv_batch, kv_length, cfg.n_kv_heads, cfg.head_dim)
+    if kv_batch and kv_length:
+        leaves += [_leaf("kv_cache", name, kv_shape, kv_dtype, KV_CACHE_AXES, amesh, sizes, rules)
+                   for name in ("k", "v")]
+        leaves.append(_leaf("kv_cache", "kv_valid", (kv_batch, kv_length), "bool",
+                            ("batch", "cache_seq"), amesh, sizes, rules))
+        leaves.append(_leaf("kv_cache", "index", (), "int32", (), amesh, sizes, rules))
+        notes["kv_cache"] = f"k, v [L, B={kv_batch}, S={kv_length}, Hkv, Dh] + kv_valid"
+        dtypes["kv_cache"] = kv_dtype
+    else:
+        notes["kv_cache"] = "none (give kv_batch and kv_length)"
+
+    remat = cfg.remat if remat is None else bool(remat)
+    activations = None
+    if train_batch and train_seq:
+        activations = activation_bytes(cfg, amesh, sizes, batch=train_batch, seq=train_seq,
+                                       remat=remat, chunk_size=chunk_size, rules=rules)
+        notes["activations"] = (f"ESTIMATE for {train_batch} x {train_seq} tokens, "
+                                f"remat {'on' if remat else 'off'}")
+        dtypes["activations"] = np.dtype(cfg.dtype).name
+    else:
+        notes["activations"] = "not estimated (give train_batch and train_seq)"
+
+    # Gradients, moments and reference weights shard like the params: report params only.
+    warnings = _divisibility_warnings(
+        [x for x in leaves if x.category in ("params", "kv_cache")], amesh, rules)
+    device_memory = None if device_memory_gib is None else int(device_memory_gib * GIB)
+    return MemoryPlan(label=label or cfg.model_type, num_params=cfg.num_params(),
+                      mesh_shape=sizes, leaves=tuple(leaves), activations=activations,
+                      dtypes=dtypes, notes=notes, warnings=tuple(warnings),
+                      device_memory=device_memory)

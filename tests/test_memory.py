@@ -1,0 +1,196 @@
+"""Memory planner: per-device bytes checked against hand calculations, nothing allocated."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from grpo_jax import memory, sharding
+from grpo_jax.models import ModelConfig, preset
+
+# Qwen2.5-7B (config.json): L layers, model width D, vocabulary V, H query heads, K KV heads of
+# Dh dims, MLP width F. q/k/v biases, untied lm_head.
+L, D, V, H, K, DH, F = 28, 3584, 152064, 28, 4, 128, 18944
+QWEN_7B_PARAMS = 7_615_616_512
+
+# Parameter groups by how the default rules can shard them ("embed" -> fsdp, "vocab" / "q_heads" /
+# "kv_heads" / "mlp" -> tp, "norm" / "layers" / "head_dim" -> never):
+EMBEDDINGS = 2 * V * D                         # embed, lm_head     ("vocab", "embed")
+ATTN_QO = 2 * L * D * H * DH                   # wq, wo             (.., "embed", "q_heads", ..)
+ATTN_KV = 2 * L * D * K * DH                   # wk, wv             (.., "embed", "kv_heads", ..)
+MLP = 3 * L * D * F                            # w_gate, w_up, w_down ("embed", "mlp")
+BIAS_Q = L * H * DH                            # bq                 ("layers", "q_heads", "head_dim")
+BIAS_KV = 2 * L * K * DH                       # bk, bv             ("layers", "kv_heads", "head_dim")
+NORMS = D + 2 * L * D                          # final, attn, mlp norms (never sharded)
+
+BF16, F32 = 2, 4
+ADAM_COUNT = 4                                 # optax adam's int32 step counter (replicated)
+KV_INDEX = 4                                   # the cache's int32 write index (replicated)
+
+
+def _plan_7b(mesh, **kw):
+    args = dict(param_dtype="bfloat16", optimizer="adamw", optimizer_dtype="float32",
+                with_reference=True, reference_dtype="bfloat16", kv_batch=64, kv_length=2048,
+                kv_dtype="bfloat16", device_memory_gib=80)
+    args.update(kw)
+    return memory.plan_memory(preset("qwen2.5-7b"), mesh, **args)
+
+
+def test_parameter_groups_add_up_to_qwen_7b():
+    assert EMBEDDINGS + ATTN_QO + ATTN_KV + MLP + BIAS_Q + BIAS_KV + NORMS == QWEN_7B_PARAMS
+    assert preset("qwen2.5-7b").num_params() == QWEN_7B_PARAMS
+
+
+def test_qwen_7b_grpo_fsdp8_matches_hand_calculation():
+    """bf16 policy + bf16 reference + float32 AdamW moments + float32 gradients, fsdp=8."""
+    live_before = {id(x) for x in jax.live_arrays()}
+    plan = _plan_7b("fsdp=8")
+    new_bytes = sum(x.nbytes for x in jax.live_arrays() if id(x) not in live_before)
+    assert new_bytes < 2 ** 20, "planning must not allocate the model"
+
+    # Every matrix has an `embed` axis of 3584 = 8 * 448 -> split 8 ways over fsdp.
+    # Biases and norms have no `embed` axis; their head axes map to tp, which has size 1 here,
+    # so they are replicated on every device.
+    assert D % 8 == 0
+    sharded = EMBEDDINGS + ATTN_QO + ATTN_KV + MLP
+    replicated = BIAS_Q + BIAS_KV + NORMS
+    assert replicated == 333_312
+    per_device_params = sharded // 8 + replicated
+    assert per_device_params == 952_243_712
+
+    b = plan.per_device
+    assert b["params"] == per_device_params * BF16 == 1_904_487_424            # 1.77 GiB
+    assert b["reference"] == per_device_params * BF16
+    assert b["gradients"] == per_device_params * F32 == 3_808_974_848          # 3.55 GiB
+    assert b["optimizer"] == 2 * per_device_params * F32 + ADAM_COUNT          # mu + nu, 7.09 GiB
+    # KV cache: k and v [L, B, S, K, Dh], rows split over fsdp; kv_valid [B, S] bool.
+    kv = 2 * L * (64 // 8) * 2048 * K * DH * BF16 + (64 // 8) * 2048 + KV_INDEX
+    assert kv == 939_540_484
+    assert b["kv_cache"] == kv
+    assert "activations" not in b
+    # Policy + reference in bf16, gradients + mu + nu in f32: 2 * 2 + 3 * 4 = 16 bytes a parameter.
+    total = (2 * BF16 + 3 * F32) * per_device_params + ADAM_COUNT + kv
+    assert plan.total == total == 16_175_439_880                              # 15.06 GiB
+    # The cache (rollout) and the gradients (train step) are not alive at the same time.
+    assert plan.peak == total - kv
+    assert plan.fits and plan.num_devices == 8 and not plan.warnings
+    # Global sizes are the unsharded arrays.
+    assert plan.category_bytes("params", per_device=False) == QWEN_7B_PARAMS * BF16
+
+    table = plan.table()
+    assert "1.77 GiB" in table and "7.09 GiB" in table and "fits" in table
+    assert json.loads(json.dumps(plan.as_dict()))["per_device_bytes"]["params"] == b["params"]
+
+
+def test_plan_matches_real_shardings_on_eight_devices():
+    """The abstract-mesh shard shapes equal those of NamedShardings on a real 8-device mesh."""
+    for axes in ({"fsdp": 8}, {"fsdp": 4, "tp": 2}, {"data": 2, "fsdp": 2, "tp": 2}):
+        plan = _plan_7b(axes, kv_batch=12)
+        real = sharding.make_mesh(**{"data": 1, "tp": 1, **axes})
+        for leaf in plan.leaves:
+            named = sharding.named_sharding(real, leaf.logical_axes, leaf.shape)
+            assert named.spec == leaf.spec, leaf.name
+            itemsize = np.dtype(leaf.dtype).itemsize
+            assert leaf.device_bytes == itemsize * math.prod(named.shard_shape(leaf.shape)), leaf.name
+
+
+def test_fsdp4_tp2_splits_heads_and_kv_heads():
+    plan = _plan_7b({"fsdp": 4, "tp": 2})
+    # Matrices: embed over fsdp (3584 / 4) and vocab / heads / KV heads (4 / 2) / MLP over tp:
+    # 8 ways. Biases: heads over tp only (2 ways). Norms: replicated.
+    per_device_params = ((EMBEDDINGS + ATTN_QO + ATTN_KV + MLP) // 8 + (BIAS_Q + BIAS_KV) // 2
+                         + NORMS)
+    assert per_device_params == 952_179_200
+    b = plan.per_device
+    assert b["params"] == per_device_params * BF16
+    assert b["optimizer"] == 2 * per_device_params * F32 + ADAM_COUNT
+    # Rows over fsdp (64 / 4 = 16), KV heads over tp (4 / 2 = 2); kv_valid has no head axis.
+    assert b["kv_cache"] == 2 * L * 16 * 2048 * (K // 2) * DH * BF16 + 16 * 2048 + KV_INDEX
+    spec_k = next(x.spec for x in plan.leaves if x.category == "kv_cache" and x.name == "k")
+    assert spec_k == jax.sharding.PartitionSpec(None, "fsdp", None, "tp", None)
+
+
+def test_dimensions_that_do_not_divide_are_replicated_and_reported():
+    # tp=8: 28 query heads and 4 KV heads do not split 8 ways, vocab (152064) and MLP (18944) do;
+    # no fsdp, so nothing splits the embed axis; 12 cache rows have no batch axis to split over.
+    plan = _plan_7b({"tp": 8}, kv_batch=12)
+    per_device_params = ((EMBEDDINGS + MLP) // 8 + ATTN_QO + ATTN_KV + BIAS_Q + BIAS_KV + NORMS)
+    assert plan.per_device["params"] == per_device_params * BF16
+    assert plan.per_device["kv_cache"] == 2 * L * 12 * 2048 * K * DH * BF16 + 12 * 2048 + KV_INDEX
+    assert any("layers/wq" in w and "tp" in w for w in plan.warnings)
+    assert any(w.startswith("kv_cache/k ") for w in plan.warnings)
+    assert not any("w_gate" in w or "embed" in w for w in plan.warnings)
+
+    # 12 rows on data=2 x fsdp=4: data divides, fsdp on top does not -> 6 rows per device.
+    plan = _plan_7b({"data": 2, "fsdp": 4}, kv_batch=12)
+    assert plan.per_device["kv_cache"] == 2 * L * 6 * 2048 * K * DH * BF16 + 6 * 2048 + KV_INDEX
+    assert "fsdp" in plan.table() and "does not divide" in plan.table()
+
+
+def test_plans_256_devices_without_them():
+    assert len(jax.devices()) < 256
+    plan = _plan_7b("fsdp=256", with_reference=False, kv_batch=0)
+    # 3584 = 256 * 14, so every matrix still splits; biases and norms stay whole.
+    per_device_params = (EMBEDDINGS + ATTN_QO + ATTN_KV + MLP) // 256 + BIAS_Q + BIAS_KV + NORMS
+    assert plan.per_device["params"] == per_device_params * BF16
+    assert plan.per_device["reference"] == 0 and plan.per_device["kv_cache"] == 0
+    assert plan.mesh_shape == {"data": 1, "fsdp": 256, "tp": 1}
+
+
+def test_optax_transformation_keeps_moments_in_param_dtype():
+    # optax's Adam initialised on bf16 params keeps bf16 moments (what `init_train_state` does).
+    plan = _plan_7b("fsdp=8", optimizer=optax.adamw(1e-4))
+    assert plan.per_device["optimizer"] == 2 * plan.per_device["params"] + ADAM_COUNT
+    assert _plan_7b("fsdp=8", optimizer=None).per_device["optimizer"] == 0
+
+
+def test_does_not_fit_warns():
+    plan = _plan_7b("fsdp=8", device_memory_gib=8)
+    assert plan.fits is False
+    assert "DOES NOT FIT" in plan.table() and "WARNING" in plan.table()
+
+
+def test_activation_estimate_by_hand_on_a_tiny_model():
+    cfg = ModelConfig(dtype="float32", param_dtype="float32")  # D=64, H=4, K=2, Dh=16, F=128, L=2
+    B, T, c = 8, 16, 4
+    plan_kw = dict(optimizer=None, train_batch=B, train_seq=T, chunk_size=32)
+    # fsdp=8: one row per device; nothing else of an activation is split.
+    rows = B // 8
+    layer = rows * T * (5 * 64 + 3 * 4 * 16 + 3 * 2 * 16 + 3 * 128) * c + rows * 4 * T * T * (4 + c)
+    head = 3 * rows * T * 32 * 4
+    off = memory.plan_memory(cfg, "fsdp=8", remat=False, **plan_kw).per_device["activations"]
+    on = memory.plan_memory(cfg, "fsdp=8", remat=True, **plan_kw).per_device["activations"]
+    assert off == (2 + 1) * layer + head
+    assert on == 2 * rows * T * 64 * c + 2 * layer + head
+    # Halving the devices that split rows doubles the per-device estimate.
+    assert memory.plan_memory(cfg, "fsdp=4", remat=True, **plan_kw).per_device["activations"] == 2 * on
+    # On a real model remat saves memory.
+    big = dict(train_batch=8, train_seq=2048)
+    assert (_plan_7b("fsdp=8", remat=True, **big).per_device["activations"]
+            < _plan_7b("fsdp=8", remat=False, **big).per_device["activations"])
+    assert "ESTIMATE" in _plan_7b("fsdp=8", **big).table()
+
+
+def test_mesh_axis_sizes_parsing():
+    assert memory.mesh_axis_sizes("data=2, fsdp=4,tp=2") == {"data": 2, "fsdp": 4, "tp": 2}
+    assert memory.mesh_axis_sizes({"fsdp": 8}) == {"data": 1, "fsdp": 8, "tp": 1}
+    assert memory.mesh_axis_sizes(sharding.make_mesh(fsdp=4, tp=2)) == {"data": 1, "fsdp": 4, "tp": 2}
+    for bad in ("fsdp", "pipe=2", "fsdp=-1"):
+        with pytest.raises(ValueError):
+            memory.mesh_axis_sizes(bad)
+
+
+def test_script_prints_the_table():
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "plan_memory.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device is enough
+    out = subprocess.run(
+        [sys.executable, script, "--model", "qwen2.5-7b", "--mesh", "fsdp=8", "--beta", "0.04",
+         "--kv_batch", "64", "--kv_length", "2048", "--dtype", "bfloat16"],
+        capture_output=True, text=True, env=env, timeout=120, check=True).stdout
+    assert "qwen2.5-7b" in out and "1.77 GiB" in out and "reference" in out and "fits" in out
