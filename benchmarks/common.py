@@ -1,0 +1,62 @@
+"""Shared benchmark helpers: a measured matmul peak, timing, and the environment of a run.
+
+Every benchmark reports its model FLOP/s as a fraction of `matmul_peak_flops()`, measured in the
+same process just before (the same machine, the same load), so figures from different runs and
+machines compare as utilisation rather than raw speed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> list[float]:
+    """Wall-clock seconds of `repeats` calls of `fn` (after `warmup` calls), each one blocked on
+    its result with `jax.block_until_ready`."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
+    """FLOP/s of a jitted n x n x n matmul (2 n^3 FLOPs), the median of `repeats` runs."""
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (n, n), dtype)
+    b = jax.random.normal(key_b, (n, n), dtype)
+    matmul = jax.jit(jnp.matmul)
+    seconds = statistics.median(time_call(lambda: matmul(a, b), warmup=2, repeats=repeats))
+    return 2.0 * n ** 3 / seconds
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (other processes compete for the cores), None if unknown."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def environment_info() -> dict[str, Any]:
+    """What a reader needs to interpret the figures: versions, device, cores, load."""
+    device = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "num_devices": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": load_average(),
+        "python": platform.python_version(),
+    }
