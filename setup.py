@@ -27,7 +27,8 @@ TORCH = "torch==2.13.0"
 
 EXTRAS = {
     "test": [TORCH, "pytest>=8", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6", "matplotlib>=3.8"],
-    "bench": [TORCH, "trl>=0.20", "accelerate>=1.0", "datasets>=3.0"],
+    # TRL 1.x needs Python >= 3.11; the GRPO-step benchmark uses TRL 1.16 internals.
+    "bench": [TORCH, "trl==1.16.0", "accelerate>=1.10.1", "datasets>=4.7.0"],
     "notebooks": ["jupyter", "matplotlib>=3.8"],
 }
 

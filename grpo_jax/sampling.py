@@ -182,10 +182,8 @@ def _prefill(graphdef, state, tokens_BP, valid_BP, key, *, cfg: SamplingConfig, 
     hidden, cache = model.decode(tokens_BP, positions, valid_BP, cache)
     logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]           # [B, V]
     if cfg.n > 1:  # share the prompt's prefill with its whole group
-        repeat = lambda x: jnp.repeat(x, cfg.n, axis=0)
-        cache = cache._replace(k=jnp.repeat(cache.k, cfg.n, axis=1), v=jnp.repeat(cache.v, cfg.n, axis=1),
-                               kv_valid=repeat(cache.kv_valid))
-        logits, positions = repeat(logits), repeat(positions)
+        cache = cache.repeat_rows(cfg.n)
+        logits, positions = jnp.repeat(logits, cfg.n, axis=0), jnp.repeat(positions, cfg.n, axis=0)
     first, first_lp = select_tokens(logits, jax.random.fold_in(key, 0), cfg)
     n_rows = first.shape[0]
     stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
@@ -200,6 +198,7 @@ def _prefill(graphdef, state, tokens_BP, valid_BP, key, *, cfg: SamplingConfig, 
 def _decode(graphdef, state, loop: _LoopState, key, *, cfg: SamplingConfig):
     _TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
+    layers = model.unstack_layers()  # sliced once, outside the loop
     stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
 
     def cond(s: _LoopState):
@@ -207,7 +206,7 @@ def _decode(graphdef, state, loop: _LoopState, key, *, cfg: SamplingConfig):
 
     def body(s: _LoopState):
         valid = ~s.done[:, None]
-        hidden, cache = model.decode(s.last_token[:, None], s.position[:, None], valid, s.cache)
+        hidden, cache = model.decode(s.last_token[:, None], s.position[:, None], valid, s.cache, layers)
         logits = model.logits_from_hidden(hidden)[:, 0]
         token, logprob = select_tokens(logits, jax.random.fold_in(key, s.step), cfg)
         token = jnp.where(s.done, cfg.pad_id, token)

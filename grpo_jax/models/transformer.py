@@ -12,7 +12,10 @@ Attention masks are built from two per-token arrays instead of a [B, T, T] input
 - `positions_BT`: RoPE positions (0 at each sequence's first real token).
 
 KV-cache mode (`decode`) keeps keys/values for every layer in a preallocated `KVCache` with a
-common write `index`; `kv_valid_BS` marks which cache slots hold real tokens.
+common write `index`; `kv_valid_BS` marks which cache slots hold real tokens. It runs the layers
+as straight-line code over per-layer arrays (`unstack_layers`, cache arrays per layer): inside
+a sampler's decode loop a scan over stacked weights would copy every layer's weights and cache
+out of the stacks at every step, which costs more than the step's own matmuls on CPU.
 """
 
 from __future__ import annotations
@@ -34,16 +37,23 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 class KVCache(NamedTuple):
-    """Keys/values of all layers: k, v [L, B, S, Hkv, Dh]; kv_valid [B, S]; index: next slot."""
+    """Keys/values per layer: k, v tuples of L arrays [B, S, Hkv, Dh]; kv_valid [B, S]; index:
+    the next slot to write (common to all rows)."""
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     kv_valid: jax.Array
     index: jax.Array
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.kv_valid.shape[1]
+
+    def repeat_rows(self, n: int) -> "KVCache":
+        """Each row repeated n times (row-major): a prompt's cache shared by its group."""
+        rep = lambda x: jnp.repeat(x, n, axis=0)
+        return KVCache(k=tuple(map(rep, self.k)), v=tuple(map(rep, self.v)), kv_valid=rep(self.kv_valid),
+                       index=self.index)
 
 
 def rms_norm(x, weight, eps):
@@ -170,7 +180,7 @@ class Transformer(nnx.Module):
     def _embed(self, tokens_BT):
         return jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.config.compute_dtype)
 
-    def _scan_layers(self, x_BTD, positions_BT, attend_fn, carry_extra, xs_extra=None, unroll=1):
+    def _scan_layers(self, x_BTD, positions_BT, attend_fn, carry_extra, xs_extra=None):
         """Runs every layer; `attend_fn(q, k, v, carry_extra, xs_extra, layer) -> (out, carry)`."""
         cfg = self.config
         cos, sin = rope_cos_sin(positions_BT, rope_inv_freq(cfg), cfg.compute_dtype)
@@ -185,8 +195,7 @@ class Transformer(nnx.Module):
         if cfg.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         init = (x_BTD, carry_extra, jnp.zeros((), jnp.int32))
-        (x_BTD, carry_extra, _), _ = jax.lax.scan(body, init, (self.layers.stacked(), xs_extra),
-                                                  unroll=unroll)
+        (x_BTD, carry_extra, _), _ = jax.lax.scan(body, init, (self.layers.stacked(), xs_extra))
         return rms_norm(x_BTD, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps), carry_extra
 
     # -- full forward (training, scoring) -------------------------------------------------------
@@ -214,40 +223,48 @@ class Transformer(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         cfg = self.config
         dtype = dtype or cfg.compute_dtype
-        shape = (cfg.n_layers, batch_size, max_length, cfg.n_kv_heads, cfg.head_dim)
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        shape = (batch_size, max_length, cfg.n_kv_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+        return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
                        kv_valid=jnp.zeros((batch_size, max_length), bool),
                        index=jnp.zeros((), jnp.int32))
 
-    def decode(self, tokens_BT, positions_BT, valid_BT, cache: KVCache, unroll: int | bool = 1):
+    def unstack_layers(self) -> list[dict[str, jax.Array]]:
+        """Per-layer parameter dicts. Call once outside a decode loop and pass to `decode`."""
+        stacked = self.layers.stacked()
+        return [{name: w[i] for name, w in stacked.items()} for i in range(self.config.n_layers)]
+
+    def decode(self, tokens_BT, positions_BT, valid_BT, cache: KVCache, layers=None):
         """Runs T new tokens against the cache (prefill when T > 1, one decode step when T == 1).
 
         The new keys/values are written at cache slots [index, index + T) for every row;
         `valid_BT` marks real tokens (False on left padding). Returns hidden [B, T, D] (final-normed)
-        and the updated cache. Query i attends to valid slots <= index + i.
+        and the updated cache. Query i attends to valid slots <= index + i. `layers`: the result
+        of `unstack_layers()` (computed here when None).
         """
+        cfg = self.config
         t = tokens_BT.shape[1]
         start = cache.index
         kv_valid = jax.lax.dynamic_update_slice(cache.kv_valid, valid_BT.astype(bool), (0, start))
         slots = jnp.arange(cache.max_length)
         q_slots = start + jnp.arange(t)
         mask_BTS = kv_valid[:, None, :] & (slots[None, None, :] <= q_slots[None, :, None])
+        cos, sin = rope_cos_sin(positions_BT, rope_inv_freq(cfg), cfg.compute_dtype)
+        zero = jnp.zeros((), jnp.int32)
+        x = self._embed(tokens_BT)
+        new_k, new_v = [], []
+        for params, k_cache, v_cache in zip(layers or self.unstack_layers(), cache.k, cache.v):
+            def attend(q, k, v, k_cache=k_cache, v_cache=v_cache):
+                k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, start, zero, zero))
+                v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, start, zero, zero))
+                out = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BTS)
+                return out, (k_cache, v_cache)
 
-        def attend(q, k, v, kv, layer_xs, layer):
-            k_all, v_all = kv
-            zero = jnp.zeros((), jnp.int32)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype),
-                                                 (layer, zero, start, zero, zero))
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype),
-                                                 (layer, zero, start, zero, zero))
-            k_l = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
-            v_l = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
-            out = attention(q, k_l.astype(q.dtype), v_l.astype(q.dtype), mask_BTS)
-            return out, (k_all, v_all)
-
-        hidden, (k_all, v_all) = self._scan_layers(
-            self._embed(tokens_BT), positions_BT, attend, (cache.k, cache.v), unroll=unroll)
-        return hidden, KVCache(k=k_all, v=v_all, kv_valid=kv_valid, index=start + t)
+            x, (k_cache, v_cache) = _layer(cfg, params, x, cos, sin, attend)
+            new_k.append(k_cache)
+            new_v.append(v_cache)
+        hidden = rms_norm(x, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
+        return hidden, KVCache(k=tuple(new_k), v=tuple(new_v), kv_valid=kv_valid, index=start + t)
 
 
 def _host_init(name: str, var: nnx.Variable, seed: int) -> np.ndarray:
