@@ -124,20 +124,29 @@ def filter_logits(z_NV, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.
     return z_NV
 
 
-def categorical(key, logits_NV):
+def row_uniforms(key, row_ids_N):
+    """One uniform in (0, 1) per row, a function of (key, row id) only: a row draws the same
+    numbers whatever batch it is in (padding, batch buckets, its share of a multi-host batch)."""
+    draw = lambda i: jax.random.uniform(jax.random.fold_in(key, i), (), minval=jnp.finfo(jnp.float32).tiny)
+    return jax.vmap(draw)(row_ids_N)
+
+
+def categorical(key, logits_NV, row_ids_N=None):
     """One draw per row from softmax(logits), by inverting the CDF with one uniform per row.
 
     `jax.random.categorical` (Gumbel-max) needs N x V random numbers per step, which costs more
     than the model's own decode step on CPU; this needs N. Tokens of probability 0 (filtered to
     -inf / the dtype minimum) are never drawn: u > 0 and their CDF step is flat.
     """
+    if row_ids_N is None:
+        row_ids_N = jnp.arange(logits_NV.shape[0])
     cdf = jnp.cumsum(jax.nn.softmax(logits_NV, axis=-1), axis=-1)
-    u = jax.random.uniform(key, (logits_NV.shape[0], 1), minval=jnp.finfo(jnp.float32).tiny)
+    u = row_uniforms(key, row_ids_N)[:, None]
     tokens = jnp.sum(cdf < u * cdf[:, -1:], axis=-1)
     return jnp.minimum(tokens, logits_NV.shape[-1] - 1)
 
 
-def select_tokens(logits_NV, key, cfg: SamplingConfig):
+def select_tokens(logits_NV, key, cfg: SamplingConfig, row_ids_N=None):
     """Draws one token per row; returns (tokens [N] int32, log-probs [N] float32, see module doc)."""
     logits_NV = logits_NV.astype(jnp.float32)
     if cfg.temperature == 0:
@@ -146,7 +155,7 @@ def select_tokens(logits_NV, key, cfg: SamplingConfig):
     else:
         scaled = logits_NV / cfg.temperature
         filtered = filter_logits(scaled, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p)
-        tokens = categorical(key, filtered)
+        tokens = categorical(key, filtered, row_ids_N)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, -1), tokens[:, None], -1)[:, 0]
     return tokens.astype(jnp.int32), logprobs
 
@@ -173,7 +182,7 @@ class _LoopState(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "cache_length"))
-def _prefill(graphdef, state, tokens_BP, valid_BP, key, *, cfg: SamplingConfig, cache_length: int):
+def _prefill(graphdef, state, tokens_BP, valid_BP, row_ids_N, key, *, cfg: SamplingConfig, cache_length: int):
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, state)
     b, p = tokens_BP.shape
@@ -184,7 +193,7 @@ def _prefill(graphdef, state, tokens_BP, valid_BP, key, *, cfg: SamplingConfig, 
     if cfg.n > 1:  # share the prompt's prefill with its whole group
         cache = cache.repeat_rows(cfg.n)
         logits, positions = jnp.repeat(logits, cfg.n, axis=0), jnp.repeat(positions, cfg.n, axis=0)
-    first, first_lp = select_tokens(logits, jax.random.fold_in(key, 0), cfg)
+    first, first_lp = select_tokens(logits, jax.random.fold_in(key, 0), cfg, row_ids_N)
     n_rows = first.shape[0]
     stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
     tokens = jnp.full((n_rows, cfg.max_new_tokens), cfg.pad_id, jnp.int32).at[:, 0].set(first)
@@ -195,7 +204,7 @@ def _prefill(graphdef, state, tokens_BP, valid_BP, key, *, cfg: SamplingConfig, 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("loop",))
-def _decode(graphdef, state, loop: _LoopState, key, *, cfg: SamplingConfig):
+def _decode(graphdef, state, loop: _LoopState, row_ids_N, key, *, cfg: SamplingConfig):
     _TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
     layers = model.unstack_layers()  # sliced once, outside the loop
@@ -208,7 +217,7 @@ def _decode(graphdef, state, loop: _LoopState, key, *, cfg: SamplingConfig):
         valid = ~s.done[:, None]
         hidden, cache = model.decode(s.last_token[:, None], s.position[:, None], valid, s.cache, layers)
         logits = model.logits_from_hidden(hidden)[:, 0]
-        token, logprob = select_tokens(logits, jax.random.fold_in(key, s.step), cfg)
+        token, logprob = select_tokens(logits, jax.random.fold_in(key, s.step), cfg, row_ids_N)
         token = jnp.where(s.done, cfg.pad_id, token)
         logprob = jnp.where(s.done, 0.0, logprob)
         return _LoopState(
@@ -263,7 +272,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], cfg: SamplingConfig):
     return tokens, valid, count
 
 
-def generate(model, prompts: Sequence[Sequence[int]], key, config) -> Samples:
+def generate(model, prompts: Sequence[Sequence[int]], key, config, *, row_ids=None) -> Samples:
     """Samples `config.n` completions per prompt (see the module docstring for the conventions).
 
     Args:
@@ -271,6 +280,9 @@ def generate(model, prompts: Sequence[Sequence[int]], key, config) -> Samples:
       prompts: token-id lists of any lengths.
       key: a `jax.random` key; the same key, prompts and config give the same samples.
       config: a `SamplingConfig`, or a dict / ConfigDict of its fields.
+      row_ids: optional global ids of the N = len(prompts) * n output rows. A row's random draws
+        depend only on (key, its id), so a batch split over hosts samples what the whole batch
+        would (default: 0 .. N - 1).
     """
     cfg = SamplingConfig.from_any(config)
     mcfg = model.config
@@ -280,10 +292,15 @@ def generate(model, prompts: Sequence[Sequence[int]], key, config) -> Samples:
     tokens, valid, count = pad_prompts(prompts, cfg)
     cache_length = tokens.shape[1] + cfg.max_new_tokens
     graphdef, state = nnx.split(model)
-    loop = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), key, cfg=cfg,
-                    cache_length=cache_length)
-    loop = _decode(graphdef, state, loop, key, cfg=cfg)
     rows = count * cfg.n
+    real = np.arange(rows) if row_ids is None else np.asarray(row_ids, np.int64)
+    if real.shape != (rows,):
+        raise SamplingError(f"row_ids must hold {rows} ids (prompts x n), got shape {real.shape}")
+    filler = real.max() + 1 + np.arange(tokens.shape[0] * cfg.n - rows)  # bucket padding rows
+    row_ids_N = jnp.asarray(np.concatenate([real, filler]), jnp.int32)
+    loop = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), row_ids_N, key, cfg=cfg,
+                    cache_length=cache_length)
+    loop = _decode(graphdef, state, loop, row_ids_N, key, cfg=cfg)
     out_tokens, out_logprobs, done = jax.device_get((loop.tokens, loop.logprobs, loop.done))
     out_tokens, out_logprobs, done = out_tokens[:rows], out_logprobs[:rows], done[:rows]
     stopped = np.isin(out_tokens, np.asarray(cfg.stop_token_ids or (-1,)))

@@ -213,3 +213,15 @@ def test_categorical_draws_follow_the_distribution():
     freq = np.bincount(draws, minlength=5) / len(draws)
     assert freq[3] == 0  # probability 0 is never drawn
     np.testing.assert_allclose(freq, probs, atol=0.015)  # ~4 standard errors
+
+
+def test_a_row_samples_the_same_in_any_batch(pair):
+    """Random draws depend on (key, row id) only: a slice of a batch, sampled alone with its row
+    ids, gives the rows the whole batch gave (what a multi-host split relies on)."""
+    _, model = pair
+    prompts = _prompts(9, lengths=(6, 6, 6, 6))
+    cfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, n=2, prompt_bucket=8, batch_bucket=4)
+    whole = sampling.generate(model, prompts, jax.random.key(5), cfg)
+    half = sampling.generate(model, prompts[2:], jax.random.key(5), cfg, row_ids=np.arange(4, 8))
+    np.testing.assert_array_equal(half.tokens, whole.tokens[4:])
+    np.testing.assert_allclose(half.logprobs, whole.logprobs[4:], atol=1e-6)

@@ -1,0 +1,94 @@
+r"""The default CPU experiment: a tiny model learns to use a calculator tool with GRPO.
+
+    python experiments/train.py --config configs/calculator_tiny.py --workdir /tmp/calculator_tiny
+
+Task: "What is 347 * 29?" (2-3 digit multiplication). The model may write <calc>347*29</calc>;
+the tool replies with the product; the episode ends with <answer>N</answer>. Reward:
+correct answer 1.0 + strict format 0.2 + tool used 0.1.
+
+1. A sentencepiece tokenizer (320 pieces, digits split) is trained on the task's texts.
+2. Warm start: a 0.8M-parameter Qwen2-style model is trained from scratch on demonstrations,
+   of which only 30% use the calculator; the rest state the answer directly (the model cannot
+   multiply 3-digit numbers in its head, so those answers are guesses after the warm start).
+3. GRPO: 8 prompts x 8 completions per step. Correct answers come almost only from tool use,
+   so the group-relative advantage pushes the policy to call the tool.
+
+Held-out greedy accuracy and tool-call rate are printed before and after GRPO.
+Expected (2 CPU cores): ~10 minutes in all; accuracy rises from ~0.2 to ~0.7 or more.
+
+`:runlocal` is a seconds-long smoke variant (tests).
+"""
+
+from grpo_jax.config_utils import default_config
+
+
+def get_config(arg: str = ""):
+    c = default_config()
+    c.seed = 0
+
+    c.model.model_type = "qwen2"
+    c.model.d_model = 128
+    c.model.n_layers = 4
+    c.model.n_heads = 4
+    c.model.n_kv_heads = 2
+    c.model.head_dim = 32
+    c.model.d_ff = 384
+    c.model.max_position_embeddings = 128
+    c.model.tie_embeddings = True
+
+    c.tokenizer.train_vocab_size = 320
+
+    c.env.name = "calculator"
+    c.env.kwargs.difficulty = "medium"
+    c.env.kwargs.tool_format = "compact"
+    c.env.kwargs.system_prompt = ""
+    c.env.kwargs.max_turns = 3
+    c.env.num_train = 4000
+
+    c.sft.steps = 300
+    c.sft.batch_size = 32
+    c.sft.learning_rate = 3e-3
+    c.sft.num_demos = 3000
+    c.sft.direct_answer_fraction = 0.7
+
+    c.sampling.temperature = 1.0
+    c.sampling.max_new_tokens = 24
+    c.sampling.prompt_bucket = 32
+
+    c.rollout.group_size = 8
+    c.rollout.max_turns = 3
+    c.rollout.max_seq_len = 128
+
+    c.grpo.loss_type = "grpo"
+    c.grpo.beta = 0.0
+
+    c.optim.learning_rate = 1e-3
+    c.optim.max_grad_norm = 1.0
+
+    c.train.num_steps = 40
+    c.train.prompts_per_step = 8
+    c.train.eval_every = 20
+
+    c.eval.num_examples = 200
+
+    c.checkpoint.every = 10
+
+    if "runlocal" in arg:
+        c.model.d_model = 32
+        c.model.n_layers = 1
+        c.model.head_dim = 8
+        c.model.d_ff = 64
+        c.tokenizer.corpus_rows = 200
+        c.env.num_train = 64
+        c.sft.steps = 3
+        c.sft.batch_size = 8
+        c.sft.num_demos = 16
+        c.sft.log_every = 1
+        c.sampling.max_new_tokens = 12
+        c.rollout.group_size = 2
+        c.train.num_steps = 3
+        c.train.prompts_per_step = 4
+        c.train.eval_every = 3
+        c.eval.num_examples = 4
+        c.checkpoint.every = 2
+    return c.lock()

@@ -1,0 +1,50 @@
+r"""Tiny Countdown with GRPO, from scratch on CPU.
+
+    python experiments/train.py --config configs/countdown_tiny.py --workdir /tmp/countdown_tiny
+
+Reach a target with three numbers (1..20) and + - * /, each number at most once, answering
+<think>...</think><answer>expression</answer>. Reward: a valid expression reaching the target 1.0
++ strict format 0.2 (TinyZero-style task, Pan et al. 2025). A 0.8M-parameter model is warm-started
+on solved examples, then trained with GRPO.
+Expected (2 CPU cores): ~8 minutes; the valid-solution rate is low for a model this small and
+rises slowly; the config exists to exercise the task end to end, not to solve it.
+
+`:runlocal` is a seconds-long smoke variant (tests).
+"""
+
+from grpo_jax.config_utils import default_config
+
+
+def get_config(arg: str = ""):
+    c = default_config()
+    c.model.max_position_embeddings = 256
+    c.env.name = "countdown"
+    c.env.kwargs.num_numbers = 3
+    c.env.kwargs.max_number = 20
+    c.env.kwargs.max_target = 100
+    c.env.kwargs.system_prompt = ""
+    c.env.num_train = 4000
+    c.sft.steps = 300
+    c.sft.num_demos = 3000
+    c.sampling.max_new_tokens = 64
+    c.rollout.group_size = 8
+    c.rollout.max_turns = 1
+    c.rollout.max_seq_len = 192
+    c.optim.learning_rate = 5e-4
+    c.train.num_steps = 40
+    c.train.prompts_per_step = 8
+    c.train.eval_every = 20
+    c.eval.num_examples = 100
+    c.eval.correct_fn = "valid_solution"
+    c.checkpoint.every = 20
+    if "runlocal" in arg:
+        c.model.d_model, c.model.n_layers, c.model.head_dim, c.model.d_ff = 32, 1, 8, 64
+        c.tokenizer.corpus_rows = 200
+        c.env.num_train = 64
+        c.sft.steps, c.sft.batch_size, c.sft.num_demos, c.sft.log_every = 2, 8, 16, 1
+        c.sampling.max_new_tokens = 12
+        c.rollout.group_size = 2
+        c.train.num_steps, c.train.prompts_per_step, c.train.eval_every = 2, 4, 2
+        c.eval.num_examples = 4
+        c.checkpoint.every = 2
+    return c.lock()

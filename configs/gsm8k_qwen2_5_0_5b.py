@@ -1,0 +1,95 @@
+r"""GRPO on GSM8K from a local Qwen2.5-0.5B-Instruct checkpoint (GPU or TPU).
+
+    python experiments/train.py \
+        --config configs/gsm8k_qwen2_5_0_5b.py:model_dir=/path/Qwen2.5-0.5B-Instruct,data_dir=/path/tfds \
+        --workdir /tmp/gsm8k_qwen
+
+`model_dir` is an HF checkpoint directory (config.json, safetensors, tokenizer files); `data_dir`
+the TFDS data directory where GSM8K is (or will be) prepared: with `manual_dir=DIR` holding the
+official train.jsonl / test.jsonl, nothing is downloaded (`grpo_jax.envs.gsm8k`).
+
+Setup: 64 prompts x 8 samples per step at temperature 1, up to 512 new tokens, think-then-answer
+format, reward = correct answer (numeric match of <answer>) 1.0 + strict format 0.2, GRPO loss
+with the k3 KL penalty (beta 0.001) to the initial model, AdamW lr 1e-6, bfloat16 weights,
+layer rematerialisation, weights fully sharded over all devices.
+
+Published reference: verl's GRPO example for Qwen2.5-0.5B-Instruct reports GSM8K test accuracy
+rising from 36.4 (the instruct model) to 54.3 after GRPO (verl documentation, "Algorithm
+baselines", GSM8K table). Expected here: ~500 steps reach the same range on one H100-class
+GPU in a few hours; the held-out greedy accuracy (`eval/accuracy`, 1319 test problems) is
+logged every 50 steps. This config is not run on CPU; `:runlocal` is a smoke variant that the
+tests run with a tiny random checkpoint of the same architecture (pass model_dir / data_dir).
+"""
+
+from grpo_jax.config_utils import default_config
+
+
+def _parse(arg: str) -> dict:
+    out = {}
+    for part in filter(None, (p.strip() for p in arg.split(","))):
+        key, _, value = part.partition("=")
+        out[key] = value if value else True
+    return out
+
+
+def get_config(arg: str = ""):
+    args = _parse(arg)
+    c = default_config()
+    c.seed = 0
+    c.model.hf_path = args.get("model_dir", "")
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+
+    c.env.name = "gsm8k"
+    c.env.kwargs.data_dir = args.get("data_dir", "")
+    c.env.kwargs.manual_dir = args.get("manual_dir", "") or None
+    c.env.num_train = 7473
+
+    c.sampling.temperature = 1.0
+    c.sampling.max_new_tokens = 512
+    c.sampling.prompt_bucket = 64
+    c.sampling.batch_bucket = 64
+
+    c.rollout.group_size = 8
+    c.rollout.max_turns = 1
+    c.rollout.max_seq_len = 1024
+    c.rollout.length_multiple = 128
+
+    c.grpo.loss_type = "grpo"
+    c.grpo.beta = 0.001
+    c.grpo.epsilon = 0.2
+    c.grpo.micro_batch_size = 64
+
+    c.optim.learning_rate = 1e-6
+    c.optim.warmup_steps = 10
+    c.optim.weight_decay = 0.0
+    c.optim.max_grad_norm = 1.0
+
+    c.train.num_steps = 500
+    c.train.prompts_per_step = 64
+    c.train.log_every = 1
+    c.train.eval_every = 50
+
+    c.eval.num_examples = 1319
+    c.eval.correct_fn = "correct_answer"
+
+    c.checkpoint.every = 50
+    c.checkpoint.keep = 3
+
+    if args.get("runlocal"):
+        c.model.dtype = "float32"
+        c.model.remat = False
+        c.env.num_train = 4
+        c.sampling.max_new_tokens = 8
+        c.sampling.prompt_bucket = 32
+        c.sampling.batch_bucket = 8
+        c.rollout.group_size = 2
+        c.rollout.max_seq_len = 256
+        c.rollout.length_multiple = 32
+        c.grpo.micro_batch_size = 8
+        c.train.num_steps = 2
+        c.train.prompts_per_step = 4
+        c.train.eval_every = 2
+        c.eval.num_examples = 1
+        c.checkpoint.every = 2
+    return c.lock()

@@ -1,0 +1,151 @@
+"""Supervised warm start on demonstrations, tokenized exactly as the rollout tokenizes episodes.
+
+A demonstration is a prompt plus completion messages (assistant turns and env replies). It is
+encoded the way `grpo_jax.rollout` builds a trajectory, so the warm-started model writes what
+the RL loop will later read back:
+
+    encode_chat(prompt, add_generation_prompt=True)                       mask 0
+    for each assistant message:   encode(content) + end_of_turn_ids        mask 1
+    for each run of env messages: encode_turn_suffix(messages)             mask 0
+
+The end-of-turn token (e.g. `<|im_end|>`) is the sampler's stop token, so it is learned too.
+The loss is the token-level mean negative log-likelihood over mask-1 tokens (log-probs in
+vocabulary chunks, `grpo_jax.models.logprobs.token_logprobs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from grpo_jax.models.logprobs import token_logprobs
+from grpo_jax.train_step import TrainState, init_train_state, split_params
+
+log = logging.getLogger(__name__)
+
+
+def encode_demonstration(tokenizer, prompt: Sequence[Mapping[str, str]],
+                         completion: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask (1 on the assistant's own tokens) of one demonstration."""
+    tokens = list(tokenizer.encode_chat(list(prompt), add_generation_prompt=True))
+    mask = [0] * len(tokens)
+    i = 0
+    while i < len(completion):
+        message = completion[i]
+        if message["role"] == "assistant":
+            ids = list(tokenizer.encode(message["content"])) + list(tokenizer.end_of_turn_ids)
+            tokens += ids
+            mask += [1] * len(ids)
+            i += 1
+            continue
+        j = i
+        while j < len(completion) and completion[j]["role"] != "assistant":
+            j += 1
+        more = j < len(completion)
+        ids = list(tokenizer.encode_turn_suffix(list(completion[i:j]), add_generation_prompt=more))
+        tokens += ids
+        mask += [0] * len(ids)
+        i = j
+    return tokens, mask
+
+
+def pack(examples: Sequence[tuple[list[int], list[int]]], pad_id: int, length: int | None = None,
+         multiple: int = 16) -> dict[str, np.ndarray]:
+    """Right-padded arrays: tokens, loss_mask, positions, segment_ids [N, T]."""
+    longest = max(len(t) for t, _ in examples)
+    t = length or -(-longest // multiple) * multiple
+    if longest > t:
+        raise ValueError(f"a demonstration has {longest} tokens, more than the length {t}")
+    n = len(examples)
+    out = {"tokens": np.full((n, t), pad_id, np.int32), "loss_mask": np.zeros((n, t), np.float32),
+           "positions": np.zeros((n, t), np.int32), "segment_ids": np.zeros((n, t), np.int32)}
+    for i, (ids, mask) in enumerate(examples):
+        out["tokens"][i, : len(ids)] = ids
+        out["loss_mask"][i, : len(ids)] = mask
+        out["positions"][i, : len(ids)] = np.arange(len(ids))
+        out["segment_ids"][i, : len(ids)] = 1
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 200
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    chunk_size: int = 8192
+    log_every: int = 50
+
+
+def make_sft_step(model: nnx.Module, optimizer: optax.GradientTransformation, chunk_size: int):
+    """A jitted `(state, batch) -> (state, metrics)` minimising the masked token NLL."""
+    graphdef, _, rest = split_params(model)
+
+    def loss_fn(params, batch):
+        policy = nnx.merge(graphdef, params, rest)
+        hidden = policy.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+        logps = token_logprobs(hidden[:, :-1], policy.unembedding(), batch["tokens"][:, 1:],
+                               chunk_size=chunk_size)
+        mask = batch["loss_mask"][:, 1:]
+        count = jnp.maximum(mask.sum(), 1.0)
+        nll = -(logps * mask).sum() / count
+        # Fraction of target tokens the model already puts more than half its mass on.
+        confident = ((logps > np.log(0.5)) * mask).sum() / count
+        return nll, confident
+
+    @jax.jit
+    def step(state: TrainState, batch):
+        (nll, confident), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"sft/loss": nll, "sft/token_confident": confident,
+                   "sft/grad_norm": optax.global_norm(grads)}
+        return TrainState(params, opt_state, state.step + 1, state.key), metrics
+
+    return step
+
+
+def run_sft(model: nnx.Module, data: Mapping[str, np.ndarray], config: SFTConfig, *, seed: int = 0,
+            log_fn: Callable[[int, dict], None] | None = None) -> nnx.Module:
+    """Trains `model` in place on packed demonstrations `data` (see `pack`); returns it.
+
+    Batches are drawn without replacement from a fixed permutation per epoch (seeded), so a run
+    is reproducible. `log_fn(step, metrics)` receives host floats every `config.log_every` steps.
+    """
+    from grpo_jax.optim import make_optimizer
+
+    n = len(data["tokens"])
+    if n < config.batch_size:
+        raise ValueError(f"SFT needs at least batch_size={config.batch_size} demonstrations, got {n}")
+    optimizer = make_optimizer(config.learning_rate, schedule="cosine" if config.steps > config.warmup_steps
+                               else "constant", warmup_steps=config.warmup_steps, total_steps=config.steps,
+                               end_fraction=0.1, weight_decay=config.weight_decay,
+                               max_grad_norm=config.max_grad_norm)
+    state = init_train_state(model, optimizer, jax.random.key(seed))
+    step_fn = make_sft_step(model, optimizer, config.chunk_size)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    cursor = 0
+    start = time.perf_counter()
+    for step in range(1, config.steps + 1):
+        if cursor + config.batch_size > n:
+            order, cursor = rng.permutation(n), 0
+        idx = np.sort(order[cursor: cursor + config.batch_size])
+        cursor += config.batch_size
+        state, metrics = step_fn(state, {k: v[idx] for k, v in data.items()})
+        if log_fn is not None and (step % config.log_every == 0 or step == config.steps):
+            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            host["sft/elapsed_s"] = time.perf_counter() - start
+            log_fn(step, host)
+    nnx.update(model, state.params)
+    return model
