@@ -23,6 +23,14 @@ TASK_SYMBOLS = ("<calc>", "</calc>", "<answer>", "</answer>", "<think>", "</thin
 
 
 def build_env(env_config):
+    env = _make_env(env_config)
+    weights = dict(env_config.get("rubric_weights") or {})
+    if weights:  # e.g. a rubric ablation: {"strict_format": 0.0, "tool_used": 0.0}
+        env.rubric = env.rubric.reweighted(weights)
+    return env
+
+
+def _make_env(env_config):
     kwargs = env_config.kwargs.to_dict() if hasattr(env_config.kwargs, "to_dict") else dict(env_config.kwargs)
     name = env_config.name
     if name == "calculator":

@@ -46,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.env = ml_collections.ConfigDict()
     c.env.name = "calculator"          # calculator | arithmetic | countdown | gsm8k
     c.env.kwargs = ml_collections.ConfigDict()  # keyword arguments of the env class
+    c.env.rubric_weights = ml_collections.ConfigDict()  # reward function -> weight overrides (0 = metric only)
     c.env.num_train = 4000             # training problems (procedural tasks generate them)
     c.env.data_seed = 0                # seed of the procedural datasets (train/test disjoint)
 

@@ -295,3 +295,23 @@ def test_audit_passes_a_sound_rubric():
     assert report.passed, report.summary()
     assert report.scores["format_only"] == pytest.approx(0.2)
     assert max(report.scores.values()) <= 0.2
+
+
+def test_reweighted_rubric_changes_only_the_weights():
+    from grpo_jax.rubrics import Rubric
+
+    def a(completion) -> float:
+        return 1.0
+
+    def b(completion) -> float:
+        return 0.5
+
+    rubric = Rubric([a, b], [1.0, 2.0])
+    prompts, completions = [[{"role": "user", "content": "q"}]], [[{"role": "assistant", "content": "x"}]]
+    assert rubric.score(prompts, completions).rewards[0] == 2.0
+    only_a = rubric.reweighted({"b": 0.0})
+    scores = only_a.score(prompts, completions)
+    assert scores.rewards[0] == 1.0 and scores.scores["b"][0] == 0.5  # b still logged
+    assert rubric.score(prompts, completions).rewards[0] == 2.0  # the original is unchanged
+    with pytest.raises(ValueError, match="no functions"):
+        rubric.reweighted({"c": 1.0})

@@ -42,7 +42,7 @@ import inspect
 import logging
 import math
 import numbers
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -167,6 +167,17 @@ class Rubric:
     def __repr__(self):
         parts = [f"{f.name}={f.weight:g}" for f in self.funcs + self.token_funcs]
         return f"Rubric({', '.join(parts)})"
+
+    def reweighted(self, weights: Mapping[str, float]) -> "Rubric":
+        """A copy with some functions' weights changed (0 = metric only); unknown names fail."""
+        unknown = sorted(set(weights) - set(self.names))
+        if unknown:
+            raise ValueError(f"rubric has no functions {unknown}; it has {self.names}")
+        copy = Rubric(parser=self.parser, timeout_s=self.timeout_s, max_concurrency=self.max_concurrency)
+        copy.funcs = [dataclasses.replace(f, weight=float(weights.get(f.name, f.weight))) for f in self.funcs]
+        copy.token_funcs = [dataclasses.replace(f, weight=float(weights.get(f.name, f.weight)))
+                            for f in self.token_funcs]
+        return copy
 
     @property
     def names(self) -> list[str]:
