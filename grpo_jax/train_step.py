@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -234,13 +235,13 @@ def score_tokens(model, micro: Mapping[str, jax.Array], cfg: TrainConfig, *, ret
                           return_entropy=return_entropy)
 
 
-def loss_from_hidden(hidden_BTD, unembed_DV, micro: Mapping[str, jax.Array], cfg: TrainConfig, *,
+def loss_from_hidden(hidden_BTD, unembed_VD, micro: Mapping[str, jax.Array], cfg: TrainConfig, *,
                      normalizer, old_logps_BT=None, ref_logps_BT=None, use_current_as_old=False):
     """`policy_loss_sum(micro) / normalizer` from the model's final hidden states.
 
     Args:
       hidden_BTD: final-normed hidden states of the micro-batch [B, T, D].
-      unembed_DV: the output projection [D, V].
+      unembed_VD: the output projection [V, D] (`Transformer.unembedding()`).
       micro: a `prepare_batch`ed micro-batch (`mask`, `sampler_logps` already shifted to [B, T - 1]).
       normalizer: `grpo.loss_normalizer` of the *full* batch's mask.
       old_logps_BT: [B, T - 1] old log-probs; None means `sg(logps)` (the current policy).
@@ -249,7 +250,7 @@ def loss_from_hidden(hidden_BTD, unembed_DV, micro: Mapping[str, jax.Array], cfg
     Returns `(loss, (metric_sums, logps_BT))`; the metric sums include `entropy`.
     """
     logps_BT, entropy_BT = token_logprobs(
-        hidden_BTD[:, :-1], unembed_DV, micro["tokens"][:, 1:], temperature=cfg.temperature,
+        hidden_BTD[:, :-1], unembed_VD, micro["tokens"][:, 1:], temperature=cfg.temperature,
         chunk_size=cfg.chunk_size, return_entropy=True)
     current = jax.lax.stop_gradient(logps_BT)
     if old_logps_BT is None:
@@ -279,6 +280,15 @@ def _to_micro(tree, n_micro: int, constrain):
         x = x.reshape((b // n_micro, n_micro) + x.shape[1:])
         return constrain(jnp.swapaxes(x, 0, 1))
     return jax.tree.map(split, tree)
+
+
+def _scan(body, init, xs, length: int):
+    """`lax.scan(body, init, xs)`, or one direct call when length is 1 (no loop for XLA to keep:
+    the common mu = 1, one-micro-batch step then compiles like a plain forward + backward)."""
+    if length > 1:
+        return jax.lax.scan(body, init, xs)
+    carry, ys = body(init, jax.tree.map(lambda x: x[0], xs))
+    return carry, jax.tree.map(lambda y: y[None], ys)
 
 
 def _reduce_metric_sums(sums_KM: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -339,8 +349,11 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
         batch_spec = sharding_lib.logical_to_spec(("batch",), None, mesh, rules)
         state_sh = train_state_shardings(model, optimizer, mesh, rules)
 
+        batch_shards = math.prod(mesh.shape[a] for a in jax.tree.leaves(tuple(batch_spec)))
+
         def constrain_micro(x):  # [n_micro, mb, ...]: rows of each micro-batch over the batch axes
-            spec = PartitionSpec(None, *batch_spec)
+            mb_spec = sharding_lib.logical_to_spec(("batch",), x.shape[1:2], mesh, rules)
+            spec = PartitionSpec(None, *mb_spec)
             return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
         def constrain_grads(g):
@@ -360,7 +373,7 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
 
         ref_logps = None
         if uses_ref:
-            ref_model = forward(jax.lax.stop_gradient(ref_params))
+            ref_model = forward(ref_params)  # outside grad_fn: no gradient reaches it
             ref_logps = jax.lax.map(lambda m: score_tokens(ref_model, m, cfg), micro)
         if keeps_sampler_old:
             old_logps = micro["sampler_logps"]
@@ -379,8 +392,8 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
                 return constrain_grads(grads), (loss, sums, logps)
 
             zeros = constrain_grads(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-            grads, (losses, sums, logps) = jax.lax.scan(accumulate, zeros, (micro, old, ref_logps))
-            grad_norm = optax.global_norm(grads)
+            grads, (losses, sums, logps) = _scan(accumulate, zeros, (micro, old, ref_logps), n_micro)
+            grad_norm = optax.tree_utils.tree_norm(grads)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             if not keeps_sampler_old:
@@ -391,8 +404,9 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
                 stats["lr"] = jnp.asarray(lr, jnp.float32)
             return (params, opt_state, old), (stats, sums)
 
-        (params, opt_state, _), (stats, sums) = jax.lax.scan(
-            iteration, (state.params, state.opt_state, old_logps), jnp.arange(cfg.num_iterations))
+        (params, opt_state, _), (stats, sums) = _scan(
+            iteration, (state.params, state.opt_state, old_logps), jnp.arange(cfg.num_iterations),
+            cfg.num_iterations)
         metrics = _reduce_metric_sums(sums)
         metrics.update({k: jnp.mean(v) for k, v in stats.items() if k != "lr"})
         if "lr" in stats:
@@ -413,6 +427,10 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
         if uses_ref and ref_params is None:
             raise ValueError(f"beta={cfg.beta} > 0: pass ref_params (the reference model's params)")
         batch = {k: v for k, v in batch.items() if v is not None}
+        rows = jnp.shape(batch["tokens"])[0] if "tokens" in batch else 0
+        if mesh is not None and rows % batch_shards:
+            raise ValueError(f"the batch has {rows} rows, not a multiple of the {batch_shards} "
+                             "devices its rows are split over (the mesh's batch axes)")
         return jitted(state, batch, ref_params if uses_ref else None)
 
     step.jitted = jitted
