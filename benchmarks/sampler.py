@@ -18,14 +18,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment_info, matmul_peak_flops  # noqa: E402
+from common import environment_info, matmul_peak_flops, time_call  # noqa: E402
 
 from grpo_jax import sampling  # noqa: E402
 from grpo_jax.models import ModelConfig, create_model, save_hf  # noqa: E402
@@ -47,13 +46,7 @@ def generation_flops(cfg: ModelConfig, rows: int, prompt_len: int, new: int, pro
 
 
 def time_it(fn, repeats: int) -> float:
-    fn()  # warm up / compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(time_call(fn, warmup=1, repeats=repeats))
 
 
 def main():

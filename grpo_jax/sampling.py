@@ -203,11 +203,11 @@ def _prefill(graphdef, state, tokens_BP, valid_BP, row_ids_N, key, *, cfg: Sampl
                       step=jnp.ones((), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("loop",))
-def _decode(graphdef, state, loop: _LoopState, row_ids_N, key, *, cfg: SamplingConfig):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "fuse"), donate_argnames=("loop",))
+def _decode(graphdef, state, loop: _LoopState, row_ids_N, key, *, cfg: SamplingConfig, fuse: bool):
     _TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
-    layers = model.unstack_layers()  # sliced once, outside the loop
+    layers = model.unstack_layers(fuse=fuse)  # sliced (and fused) once, outside the loop
     stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
 
     def cond(s: _LoopState):
@@ -300,7 +300,10 @@ def generate(model, prompts: Sequence[Sequence[int]], key, config, *, row_ids=No
     row_ids_N = jnp.asarray(np.concatenate([real, filler]), jnp.int32)
     loop = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), row_ids_N, key, cfg=cfg,
                     cache_length=cache_length)
-    loop = _decode(graphdef, state, loop, row_ids_N, key, cfg=cfg)
+    # Fusing q/k/v and gate/up concatenates weights along their head / MLP axes, which would
+    # regather them when those axes are sharded: fuse only unsharded weights.
+    fuse = all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(state) if hasattr(x, "sharding"))
+    loop = _decode(graphdef, state, loop, row_ids_N, key, cfg=cfg, fuse=fuse)
     out_tokens, out_logprobs, done = jax.device_get((loop.tokens, loop.logprobs, loop.done))
     out_tokens, out_logprobs, done = out_tokens[:rows], out_logprobs[:rows], done[:rows]
     stopped = np.isin(out_tokens, np.asarray(cfg.stop_token_ids or (-1,)))
