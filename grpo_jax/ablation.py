@@ -1,0 +1,227 @@
+"""Ablation sweeps for the notebooks: run one config under several overrides, plot, tabulate.
+
+    variants = {"grpo": {"grpo.loss_type": "grpo"},
+                "dapo": {"grpo.loss_type": "dapo", "grpo.epsilon_high": 0.28}}
+    results = sweep(load_config("arithmetic_tiny"), variants, "/tmp/loss_ablation")
+    plot_curves(results, keys=("reward", "eval/accuracy"))
+    print(results_table(results))
+
+A variant is a mapping from dotted config fields to values, applied to a copy of the locked base
+config (a mistyped field fails, as on the command line). Each variant trains with
+`trainer.run` in `workdir_root/<variant>`; its rows of `metrics.jsonl` are the result. Running a
+sweep again resumes unfinished variants and reuses finished ones (`trainer.run` resumes from
+checkpoints), and refuses a workdir left by a different config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+Rows = list[dict[str, float]]
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANT_FILE = "variant.json"
+
+
+def load_config(name: str, arg: str = ""):
+    """`get_config(arg)` of `configs/<name>.py` in this source tree (or of a path to a config file)."""
+    path = name if name.endswith(".py") else os.path.join(REPO_ROOT, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def with_overrides(config, overrides: Mapping[str, Any]):
+    """A copy of the (locked) `config` with dotted fields set: {"grpo.loss_type": "dapo"}.
+
+    Fields must already exist (a typo raises, naming the field); a dict value replaces a
+    sub-config whole (e.g. "env.rubric_weights").
+    """
+    config = copy.deepcopy(config)
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for i, part in enumerate(parents):
+            if part not in node:
+                raise KeyError(f"config has no field {'.'.join(parents[:i + 1])!r} (override {path!r})")
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"config has no field {path!r}; {'.'.join(parents) or 'the config'} has "
+                           f"{sorted(node.keys())}")
+        setattr(node, leaf, value)
+    return config
+
+
+def _directory_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "variant"
+
+
+def _check_workdir(workdir: str, config) -> None:
+    """Records the variant's config in its workdir, or checks that the one recorded is the same."""
+    path = os.path.join(workdir, VARIANT_FILE)
+    current = json.loads(config.to_json_best_effort(sort_keys=True))
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        if recorded != current:
+            changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+            raise ValueError(f"{workdir} holds a run of a different config (groups {changed} differ): "
+                             "delete it or choose another workdir_root")
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(current, f, indent=1, sort_keys=True)
+
+
+def sweep(base_config, variants: Mapping[str, Mapping[str, Any]], workdir_root: str, *,
+          common: Mapping[str, Any] | None = None, verbose: bool = False) -> dict[str, Rows]:
+    """Trains `base_config` once per variant and returns {variant: rows of its metrics.jsonl}.
+
+    Args:
+      base_config: a locked experiment config (`load_config`).
+      variants: {name: {dotted field: value}}; the name also names the variant's workdir.
+      workdir_root: each variant runs in `workdir_root/<name>` (resumed if it exists).
+      common: overrides applied to every variant before its own.
+      verbose: print the trainer's progress lines; otherwise they go to
+        `workdir_root/<name>/progress.txt` and one line per variant is printed.
+
+    Every variant's config is built and validated before the first one trains, so a bad
+    override fails in seconds rather than after the variants before it.
+    """
+    from grpo_jax import config_utils, trainer
+    from grpo_jax.metrics import read_metrics
+
+    configs, workdirs = {}, {}
+    for name, overrides in variants.items():
+        config = with_overrides(base_config, {**(common or {}), **overrides})
+        config_utils.validate(config)
+        workdir = os.path.join(workdir_root, _directory_name(name))
+        if workdir in workdirs.values():
+            raise ValueError(f"variant names {list(variants)} map to the same directory {workdir}")
+        configs[name], workdirs[name] = config, workdir
+    results = {}
+    for name, config in configs.items():
+        workdir = workdirs[name]
+        _check_workdir(workdir, config)
+        started = time.perf_counter()
+        if verbose:
+            trainer.run(config, workdir)
+        else:
+            with open(os.path.join(workdir, "progress.txt"), "a") as log, contextlib.redirect_stdout(log):
+                trainer.run(config, workdir)
+        results[name] = read_metrics(workdir)
+        evals = [r for r in results[name] if "eval/accuracy" in r]
+        accuracy = (f"eval/accuracy {evals[0]['eval/accuracy']:.3f} -> {evals[-1]['eval/accuracy']:.3f}"
+                    if evals else "no evaluation")
+        print(f"{name}: {config.train.num_steps} steps, {accuracy} ({time.perf_counter() - started:.0f} s)",
+              flush=True)
+    return results
+
+
+def curve(rows: Rows, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the rows that carry a finite `key`, in step order."""
+    points = sorted((r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key]))
+    if not points:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*points)
+    return np.asarray(steps, float), np.asarray(values, float)
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last `window` values: out[i] = mean(values[max(0, i-window+1) : i+1])."""
+    values = np.asarray(values, float)
+    if window <= 1 or values.size == 0:
+        return values
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, values.size + 1)
+    starts = np.maximum(0, ends - window)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def plot_curves(results: Mapping[str, Rows], keys: Sequence[str] = ("reward", "eval/accuracy"), *,
+                smooth: int = 1, title: str | None = None, path: str | None = None):
+    """One panel per metric (in rows of up to three), one line per variant; returns a matplotlib
+    `Figure`.
+
+    Training metrics are smoothed by a trailing moving average of `smooth` steps; evaluation
+    metrics (`eval/...`, a few points each) are drawn unsmoothed, with markers. Built without
+    pyplot (no global figure state, any backend); `path` also writes it as an image.
+    """
+    from matplotlib.figure import Figure
+
+    ncols = 2 if len(keys) == 4 else min(len(keys), 3)
+    nrows = -(-len(keys) // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(keys):]:
+        fig.delaxes(ax)
+    for ax, key in zip(axes, keys):
+        is_eval = key.startswith("eval/")
+        for name, rows in results.items():
+            steps, values = curve(rows, key)
+            if is_eval:
+                ax.plot(steps, values, marker="o", label=name)
+            else:
+                ax.plot(steps, moving_average(values, smooth), label=name)
+        suffix = f" (mean of {smooth} steps)" if smooth > 1 and not is_eval else ""
+        ax.set_title(key + suffix, fontsize=10)
+        ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=9)
+    if title:
+        fig.suptitle(title)
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def _format(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def results_table(results: Mapping[str, Rows], train_keys: Sequence[str] = ("reward",),
+                  eval_keys: Sequence[str] = ("eval/accuracy",), *, last: int = 10) -> str:
+    """A markdown table: per variant, each eval metric before and after GRPO (the first and the
+    last evaluation), and each training metric averaged over the `last` training steps."""
+    header = ["variant"]
+    for key in eval_keys:
+        header += [f"{key} before", f"{key} after"]
+    header += [f"{key} (last {last} steps)" for key in train_keys]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, rows in results.items():
+        cells = [name]
+        for key in eval_keys:
+            _, values = curve(rows, key)
+            cells += [_format(values[0]) if values.size else "-", _format(values[-1]) if values.size else "-"]
+        for key in train_keys:
+            _, values = curve(rows, key)
+            cells.append(_format(float(values[-last:].mean())) if values.size else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def strip_outputs(path: str) -> bool:
+    """Clears the outputs and execution counts of a notebook file in place (notebooks are
+    committed without outputs); returns whether anything changed. Needs `nbformat`."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    changed = False
+    for cell in nb.cells:
+        if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None):
+            cell.outputs, cell.execution_count, changed = [], None, True
+    if changed:
+        nbformat.write(nb, path)
+    return changed
