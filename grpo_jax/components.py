@@ -50,13 +50,18 @@ def _make_env(env_config):
 
 def demonstrations(env, rows, *, direct_answer_fraction: float = 0.0, seed: int = 0):
     """(prompt, completion) pairs for the warm start: the env's gold demonstration, or, for a
-    `direct_answer_fraction` share of the rows, the final answer alone (no tool call)."""
+    `direct_answer_fraction` share of the rows, an answer without the tool: the env's
+    `no_tool_completion(row)` when it has one (the calculator task restates the expression),
+    else the gold final answer alone."""
     rng = np.random.default_rng(seed)
     demos = []
     for row in rows:
         prompt, _ = env.initial_state(row)
         if direct_answer_fraction and rng.random() < direct_answer_fraction:
-            completion = [{"role": "assistant", "content": env.parser.format(answer=row["answer"])}]
+            if hasattr(env, "no_tool_completion"):
+                completion = env.no_tool_completion(row)
+            else:
+                completion = [{"role": "assistant", "content": env.parser.format(answer=row["answer"])}]
         else:
             completion = env.gold_completion(row)
         demos.append((prompt, completion))
@@ -68,6 +73,11 @@ def build_tokenizer(config, env, workdir: str):
     on the task's demonstrations and kept in `workdir/tokenizer` (reused on resume)."""
     path = config.tokenizer.path or config.model.hf_path
     if path:
+        hf_files = ("tokenizer.json", "tokenizer_config.json")
+        sp_model = os.path.join(path, "tokenizer.model")
+        if os.path.exists(sp_model) and not any(os.path.exists(os.path.join(path, f)) for f in hf_files):
+            # A sentencepiece model with its chat template (what a tiny task's export writes).
+            return tokenizer_lib.from_sentencepiece(sp_model)
         return tokenizer_lib.from_pretrained(path)
     directory = os.path.join(workdir, "tokenizer")
     model_file = os.path.join(directory, "tokenizer.model")

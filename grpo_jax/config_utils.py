@@ -56,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.sft.learning_rate = 3e-3         # AdamW peak learning rate (cosine decay, warm-up below)
     c.sft.warmup_steps = 20            # linear warm-up steps
     c.sft.num_demos = 2000             # demonstrations built from training rows
-    c.sft.direct_answer_fraction = 0.0  # tool envs: share of demos answering without the tool
+    c.sft.direct_answer_fraction = 0.0  # tool envs: share of demos that skip the tool (env.no_tool_completion)
     c.sft.log_every = 50               # progress line every N steps
 
     c.sampling = ml_collections.ConfigDict()

@@ -80,6 +80,13 @@ class CalculatorEnv(ToolEnv):
                              DEFAULT_ROWS if n is None else n, seed, test_fraction=self.test_fraction)
         return [self._with_task(r) for r in rows]
 
+    def no_tool_completion(self, row: Row) -> list[dict[str, str]]:
+        """An answer that skips the tool and restates the expression unevaluated
+        (`<answer>347*29</answer>`): well formed, never correct. Warm-start data mixes it with
+        `gold_completion` so that RL has a tool-use decision left to learn."""
+        expression = row["info"]["expression"].replace(" ", "")
+        return [{"role": "assistant", "content": self.parser.format(answer=expression)}]
+
     def gold_completion(self, row: Row) -> list[dict[str, str]]:
         """Call the calculator on the question's expression, then answer with its result."""
         expression = row["info"]["expression"].replace(" ", "")
