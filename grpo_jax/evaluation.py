@@ -18,8 +18,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from grpo_jax import distributed
 from grpo_jax.rollout import Rollout, RolloutConfig, model_sampler, rollout
 from grpo_jax.sampling import SamplingConfig
+from grpo_jax.trajectories import metrics_from_stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,47 +42,89 @@ def _correct(scores, correct_fn: str, threshold: float) -> np.ndarray:
     return np.where(np.isnan(values), False, values >= threshold)
 
 
-def _tool_call_rate(result: Rollout) -> float:
-    return float(np.mean([(s.get("tool_calls") or 0) > 0 for s in result.states]))
+def _tool_calls(result: Rollout) -> np.ndarray:
+    return np.asarray([(s.get("tool_calls") or 0) > 0 for s in result.states])
 
 
 def render_conversation(messages: Sequence[dict]) -> str:
     return "\n".join(f"[{m['role']}] {m['content']}" for m in messages)
 
 
+def _nan_mean(values) -> float:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
 def evaluate(env, rows: Sequence[dict], tokenizer, model, key, *, sampling: SamplingConfig,
              rollout_config: RolloutConfig, config: EvalConfig = EvalConfig()) -> tuple[dict[str, float], str]:
-    """Metrics (keys prefixed `eval/`) and a readable text of a few sample conversations."""
+    """Metrics (keys prefixed `eval/`) and a readable text of a few sample conversations.
+
+    With several processes (`jax.distributed`), each rolls out its contiguous block of `rows`
+    (`grpo_jax.distributed.process_block`) with `model`, which must then be a copy of the
+    policy on the process's own devices (`Experiment.sampling_policy`); the per-problem
+    results are gathered so that every process returns the metrics of all rows, equal to a
+    single process evaluating them all. Every process must call it.
+    """
     import jax
 
+    start, stop = distributed.process_block(len(rows))
+    local_rows = list(rows[start:stop])
     metrics: dict[str, float] = {"eval/num_problems": float(len(rows))}
     text = []
     if config.greedy:
         greedy_sampling = dataclasses.replace(sampling, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
-        result = rollout(env, rows, tokenizer, model_sampler(model, greedy_sampling), jax.random.fold_in(key, 0),
-                         dataclasses.replace(rollout_config, group_size=1, mask_truncated=False))
-        scores = result.score(env)
-        correct = _correct(scores, config.correct_fn, config.threshold)
+        local = {}
+        if local_rows:
+            result = rollout(env, local_rows, tokenizer, model_sampler(model, greedy_sampling),
+                             jax.random.fold_in(key, 0),
+                             dataclasses.replace(rollout_config, group_size=1, mask_truncated=False),
+                             episode_offset=start)
+            scores = result.score(env)
+            correct = _correct(scores, config.correct_fn, config.threshold)
+            local = {"correct": correct, "tool_calls": _tool_calls(result), "rewards": scores.rewards,
+                     **{f"score/{k}": v for k, v in scores.scores.items()},
+                     **{f"stat/{k}": v for k, v in result.episode_stats().items()}}
+            shown = range(min(config.num_samples_logged - start, len(result)))
+            local["text"] = [
+                f"--- problem {start + i} ({'correct' if correct[i] else 'wrong'}; gold "
+                f"{result.states[i].get('answer')})\n" + render_conversation(result.messages(i))
+                for i in shown]
+        merged = _merge([p for p in distributed.allgather_objects(local) if p])
+        correct = merged["correct"]
+        stats = {k[len("stat/"):]: v for k, v in merged.items() if k.startswith("stat/")}
+        episodes = metrics_from_stats(stats, {})
         metrics.update({
             "eval/accuracy": float(correct.mean()),
-            "eval/tool_call_rate": _tool_call_rate(result),
-            "eval/reward": float(np.nanmean(scores.rewards)) if np.isfinite(scores.rewards).any() else float("nan"),
-            "eval/completion_length": float(result.metrics.get("completion_length/mean", np.nan)),
-            "eval/turns": float(result.metrics.get("turns/mean", np.nan)),
-            "eval/truncated_frac": float(result.metrics.get("truncated/frac", np.nan)),
+            "eval/tool_call_rate": float(np.mean(merged["tool_calls"])),
+            "eval/reward": _nan_mean(merged["rewards"]),
+            "eval/completion_length": float(episodes.get("completion_length/mean", np.nan)),
+            "eval/turns": float(episodes.get("turns/mean", np.nan)),
+            "eval/truncated_frac": float(episodes.get("truncated/frac", np.nan)),
         })
-        for name, values in scores.scores.items():
-            metrics[f"eval/reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-        for i in range(min(config.num_samples_logged, len(result))):
-            verdict = "correct" if correct[i] else "wrong"
-            text.append(f"--- problem {i} ({verdict}; gold {result.states[i].get('answer')})\n"
-                        + render_conversation(result.messages(i)))
+        for name, values in merged.items():
+            if name.startswith("score/"):
+                metrics[f"eval/reward/{name[len('score/'):]}"] = _nan_mean(values)
+        text = merged["text"]
     if config.k > 0:
         sampled = dataclasses.replace(sampling, temperature=config.temperature)
-        result = rollout(env, rows, tokenizer, model_sampler(model, sampled), jax.random.fold_in(key, 1),
-                         dataclasses.replace(rollout_config, group_size=config.k, mask_truncated=False))
-        correct = _correct(result.score(env), config.correct_fn, config.threshold).reshape(len(rows), config.k)
+        local = {}
+        if local_rows:
+            result = rollout(env, local_rows, tokenizer, model_sampler(model, sampled), jax.random.fold_in(key, 1),
+                             dataclasses.replace(rollout_config, group_size=config.k, mask_truncated=False),
+                             episode_offset=start * config.k)
+            correct = _correct(result.score(env), config.correct_fn, config.threshold)
+            local = {"correct": correct.reshape(len(local_rows), config.k), "tool_calls": _tool_calls(result)}
+        merged = _merge([p for p in distributed.allgather_objects(local) if p])
+        correct = merged["correct"]
         metrics[f"eval/pass@{config.k}"] = float(correct.any(axis=1).mean())
         metrics[f"eval/mean@{config.k}"] = float(correct.mean())
-        metrics[f"eval/tool_call_rate@{config.k}"] = _tool_call_rate(result)
+        metrics[f"eval/tool_call_rate@{config.k}"] = float(np.mean(merged["tool_calls"]))
     return metrics, "\n".join(text)
+
+
+def _merge(parts: Sequence[dict]) -> dict:
+    """Per-process results (rows in process order) -> one; lists concatenate, arrays too."""
+    out = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        out[key] = sum(values, []) if isinstance(values[0], list) else np.concatenate(values)
+    return out

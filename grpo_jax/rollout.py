@@ -5,7 +5,9 @@ row and returns a `Rollout` (see `grpo_jax.trajectories`). One turn of the loop 
 
     1. ONE batched sampler call for every live episode. Turn 0 samples each row's prompt with
        n = group_size (the group shares its prefill); later turns sample each live episode's
-       whole token history with n = 1.
+       whole token history with n = 1. A sampler that takes `row_ids` gets each row's global
+       episode id (`episode_offset` + its index), so an episode's draws do not depend on which
+       episodes share its call (or its process, when a batch is split over processes).
     2. The sampled ids are appended to the episode as they are (loss mask 1, the sampler's
        log-probs). A turn cut by `max_new_tokens` (no stop token) gets the template's
        end-of-turn ids appended with mask 0 and ends the episode, `state["truncated"] = True`
@@ -57,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -75,8 +78,11 @@ __all__ = ["FINISH_REASONS", "TRUNCATION_REASONS", "Rollout", "RolloutConfig", "
 
 logger = logging.getLogger(__name__)
 
-# sample_fn(prompts, key, n) -> Samples: n completions per prompt, rows prompt-major.
-SampleFn = Callable[[list[list[int]], Any, int], Samples]
+# sample_fn(prompts, key, n[, row_ids=ids]) -> Samples: n completions per prompt, rows
+# prompt-major. A sampler that takes `row_ids` gets the global episode id of each output row
+# and keys its random draws by them (`grpo_jax.sampling.generate`), so an episode samples the
+# same tokens whichever batch, turn-mate or process it is sampled with.
+SampleFn = Callable[..., Samples]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +129,8 @@ def model_sampler(model, sampling_config: SamplingConfig | Mapping[str, Any]) ->
     checks against its config and the chat template's end-of-turn token."""
     cfg = SamplingConfig.from_any(sampling_config)
 
-    def sample(prompts: list[list[int]], key, n: int) -> Samples:
-        return generate(model, prompts, key, dataclasses.replace(cfg, n=n))
+    def sample(prompts: list[list[int]], key, n: int, row_ids=None) -> Samples:
+        return generate(model, prompts, key, dataclasses.replace(cfg, n=n), row_ids=row_ids)
 
     sample.max_new_tokens = cfg.max_new_tokens
     sample.stop_token_ids = cfg.stop_token_ids
@@ -225,6 +231,14 @@ def _add_turn(episode: _Episode, samples: Samples, row: int, tokenizer: Tokenize
     return stopped
 
 
+def _takes_row_ids(sample_fn: SampleFn) -> bool:
+    try:
+        parameters = inspect.signature(sample_fn).parameters
+    except (TypeError, ValueError):  # builtins, some C callables
+        return False
+    return "row_ids" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
 def _ended_by_env(env: Environment, episode: _Episode) -> bool:
     """Whether the env itself ends the episode here (as opposed to the turn limit)."""
     task_env = env
@@ -263,16 +277,22 @@ def _fail(episode: _Episode, index: int, error: BaseException, where: str):
 
 
 def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sample_fn: SampleFn, key,
-            config: RolloutConfig | Mapping[str, Any]) -> Rollout:
+            config: RolloutConfig | Mapping[str, Any], *, episode_offset: int = 0) -> Rollout:
     """Plays `config.group_size` episodes of `env` for each of `rows` (see the module docstring).
 
     Args:
       env: an `Environment` (its `initial_state`, `is_completed`, `env_response` drive the turns).
       rows: dataset rows; row i's episodes are `i * group_size ... (i + 1) * group_size - 1`.
       tokenizer: a `grpo_jax.tokenizer.Tokenizer` with a chat template.
-      sample_fn: `(prompts, key, n) -> Samples`, e.g. `model_sampler(model, sampling_config)`.
+      sample_fn: `(prompts, key, n[, row_ids]) -> Samples`, e.g. `model_sampler(model,
+        sampling_config)`; one that takes `row_ids` is given the global id of every row it
+        samples (turn 0: the groups of the rows that fit; later turns: the live episodes).
       key: a `jax.random` key; turn k samples with `fold_in(key, k)`.
       config: a `RolloutConfig` (or a mapping of its fields).
+      episode_offset: global id of this call's first episode: episode k (row k // group_size)
+        has id `episode_offset + k`. A process rolling out its block of a batch passes the
+        block's first episode, so its episodes draw what one process rolling out the whole
+        batch would draw for them.
 
     Returns:
       A `Rollout`: padded token arrays, masks, log-probs, the episodes' messages, states, finish
@@ -286,6 +306,7 @@ def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sample_
         check_template(tokenizer, env, rows[0])
     end_of_turn = tuple(tokenizer.end_of_turn_ids)
     _check_sampler(sample_fn, config, end_of_turn)
+    pass_ids = _takes_row_ids(sample_fn)
     max_turns = min(env.max_turns, config.max_turns or env.max_turns)
     group = config.group_size
     # A turn needs room for its prompt, max_new_tokens and (if cut) the end-of-turn ids.
@@ -318,8 +339,9 @@ def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sample_
             prompts, n = [prompt_ids[i] for i in first_rows], group
         else:
             prompts, n = [e.tokens for e in live], 1
+        ids = {"row_ids": [episode_offset + index_of[id(e)] for e in live]} if pass_ids else {}
         t0 = time.perf_counter()
-        samples = sample_fn([list(p) for p in prompts], jax.random.fold_in(key, turn), n)
+        samples = sample_fn([list(p) for p in prompts], jax.random.fold_in(key, turn), n, **ids)
         sampler_s += time.perf_counter() - t0
         sampler_calls += 1
         if len(samples.lengths) != len(live):

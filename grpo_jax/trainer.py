@@ -16,6 +16,14 @@ resumed from a checkpoint writes the same metrics as an uninterrupted one (bitwi
 wall-clock timings differ). Rows of metrics.jsonl beyond the restored step (written after the
 last checkpoint) are dropped on resume.
 
+Several processes (`jax.distributed`, see `grpo_jax.distributed`): process p rolls out its
+contiguous block of the step's prompts on its own devices (with the episodes' global ids, so
+the samples are those of a one-process run), the per-episode rewards and statistics are gathered
+so every process computes the metrics of the whole batch, advantages come from the gathered
+rewards, and each process's rows become its block of the global batch of the compiled step.
+Only process 0 writes metrics.jsonl, TensorBoard and samples.txt; all processes checkpoint and
+restore together. A signal received by any process stops all of them after the step.
+
 Failure handling: SIGTERM finishes the current step, saves a checkpoint and returns; a
 non-finite loss skips its update (`optax.apply_if_finite`) and stops the run with a
 `FloatingPointError` naming the step; a reward function that fails gives NaN for that episode,
@@ -31,20 +39,22 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from grpo_jax import components, config_utils
+from grpo_jax import components, config_utils, distributed
 from grpo_jax import sharding as sharding_lib
 from grpo_jax.advantages import group_advantages
 from grpo_jax.checkpoint import Checkpointer, abstract_like
 from grpo_jax.evaluation import evaluate
 from grpo_jax.metrics import MetricsWriter, read_metrics, to_host
 from grpo_jax.rollout import check_template, model_sampler, rollout
+from grpo_jax.rubrics.rubric import nan_mean
+from grpo_jax.trajectories import metrics_from_stats
 from grpo_jax.train_step import init_train_state, make_train_step, split_params
 
 log = logging.getLogger(__name__)
@@ -92,9 +102,13 @@ class Experiment:
 
     def __init__(self, config, workdir: str):
         config_utils.validate(config)
+        processes = jax.process_count()
+        if config.train.prompts_per_step % processes:
+            raise config_utils.ConfigError(
+                f"config.train.prompts_per_step: {config.train.prompts_per_step} prompts do not split "
+                f"evenly over {processes} processes (each rolls out whole groups)")
         self.config = config
         self.workdir = workdir
-        os.makedirs(workdir, exist_ok=True)
         self.mesh = sharding_lib.mesh_from_config(config.mesh)
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         rows = config.train.prompts_per_step * config.rollout.group_size
@@ -103,8 +117,12 @@ class Experiment:
             raise config_utils.ConfigError(
                 f"config.train.prompts_per_step: the batch of {rows} rows (micro-batches of {micro}) must "
                 f"split evenly over the {shards} data-parallel devices (mesh data x fsdp)")
+        os.makedirs(workdir, exist_ok=True)
+        # This process's prompts of each step, and the global id of their first episode.
+        self.prompt_block = distributed.process_block(config.train.prompts_per_step)
+        self.episode_offset = self.prompt_block[0] * config.rollout.group_size
         self.env = components.build_env(config.env)
-        self.tokenizer = components.build_tokenizer(config, self.env, workdir)
+        self.tokenizer = self._build_tokenizer()
         self.model = components.build_model(config, self.tokenizer, self.mesh if self.mesh.size > 1 else None)
         self.sampling = components.sampling_config(config, self.tokenizer, self.model)
         self.rollout_config = components.rollout_config(config, self.tokenizer)
@@ -119,6 +137,29 @@ class Experiment:
         # The chat template must keep earlier turns unchanged (token-in / token-out rollouts).
         check_template(self.tokenizer, self.env, self.train_rows[0])
 
+    def _build_tokenizer(self):
+        """The tokenizer; a trained one is trained by process 0 and read back by the others."""
+        if not distributed.is_multiprocess():
+            return components.build_tokenizer(self.config, self.env, self.workdir)
+        first = jax.process_index() == 0
+        tokenizer = components.build_tokenizer(self.config, self.env, self.workdir) if first else None
+        distributed.barrier("tokenizer")
+        return tokenizer or components.build_tokenizer(self.config, self.env, self.workdir)
+
+    def memory_plan(self):
+        """`grpo_jax.memory.plan_memory` of this run: its model, mesh, optimizer and batch."""
+        from grpo_jax.memory import GIB, plan_memory
+
+        c = self.config
+        rows = c.train.prompts_per_step * c.rollout.group_size
+        stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)() or {}
+        limit = stats.get("bytes_limit")
+        return plan_memory(self.model.config, dict(self.mesh.shape), optimizer=self.optimizer,
+                           with_reference=c.grpo.beta > 0, kv_batch=rows, kv_length=c.rollout.max_seq_len,
+                           train_batch=c.grpo.micro_batch_size or rows, train_seq=c.rollout.max_seq_len,
+                           chunk_size=c.grpo.chunk_size, device_memory_gib=limit / GIB if limit else None,
+                           label=c.model.hf_path or f"{self.model.config.model_type} from the config")
+
     @property
     def step_mesh(self):
         return self.mesh if self.mesh.size > 1 else None
@@ -126,14 +167,46 @@ class Experiment:
     def policy(self, params):
         return nnx.merge(self.graphdef, params, self.rest)
 
+    def sampling_policy(self, params):
+        """The policy rollouts sample from. One process: the train state's own weights. Several:
+        a copy on this process's devices (`distributed.local_copy`), so that each process samples
+        its share of the episodes on its own, turn by turn, without waiting for the others."""
+        if not distributed.is_multiprocess():
+            return self.policy(params)
+        return nnx.merge(self.graphdef, distributed.local_copy(params, self.mesh),
+                         distributed.local_copy(self.rest, self.mesh))
+
     def evaluate(self, params, step: int) -> tuple[dict[str, float], str]:
+        """Held-out metrics of `params` (every process calls it; see `evaluation.evaluate`)."""
         start = time.perf_counter()
-        metrics, text = evaluate(self.env, self.eval_rows, self.tokenizer, self.policy(params),
+        metrics, text = evaluate(self.env, self.eval_rows, self.tokenizer, self.sampling_policy(params),
                                  jax.random.fold_in(jax.random.fold_in(self.root_key, step), 1 << 20),
                                  sampling=self.sampling, rollout_config=self.rollout_config,
                                  config=self.eval_config)
         metrics["eval/time_s"] = time.perf_counter() - start
         return metrics, text
+
+    def step_prompts(self, step: int) -> list:
+        """This process's block of the rows of `step` (all of them on one process)."""
+        c = self.config
+        chosen = step_rows(len(self.train_rows), step, c.train.prompts_per_step, c.env.data_seed)
+        start, stop = self.prompt_block
+        return [self.train_rows[i] for i in chosen[start:stop]]
+
+    def train_batch(self, result, advantages, width: int) -> dict[str, Any]:
+        """The train step's batch: this process's trajectories (padded to `width`, the widest of
+        any process) and its rows of `advantages` ([B], the whole batch's), as global arrays."""
+        batch = {"tokens": result.tokens, "positions": result.positions, "segment_ids": result.segment_ids,
+                 "loss_mask": result.loss_mask, "old_logps": result.logprobs}
+        if not distributed.is_multiprocess():
+            return {**batch, "advantages": advantages}
+        pad_id = self.rollout_config.pad_id
+        batch = {k: np.pad(v, ((0, 0), (0, width - v.shape[1])),
+                           constant_values=pad_id if k == "tokens" else 0) for k, v in batch.items()}
+        start = self.episode_offset
+        batch["advantages"] = np.asarray(advantages)[start:start + len(result)]
+        rows = len(advantages)
+        return distributed.global_batch(batch, lambda ndim: sharding_lib.batch_sharding(self.mesh, ndim), rows)
 
     def init_state(self):
         return init_train_state(self.model, self.optimizer, self.root_key, mesh=self.step_mesh)
@@ -187,11 +260,85 @@ class Experiment:
                     seed=self.config.seed, log_fn=log_fn)
 
 
-def _rollout_row(result, scores, adv_info, elapsed_s: float) -> dict[str, float]:
-    row = {k: float(v) for k, v in result.metrics.items()}
-    row.update({k: float(v) for k, v in scores.metrics.items()})
-    row["reward"] = float(np.nanmean(scores.rewards)) if np.isfinite(scores.rewards).any() else float("nan")
-    row["reward_std"] = float(np.nanstd(scores.rewards)) if np.isfinite(scores.rewards).any() else float("nan")
+class Episodes(NamedTuple):
+    """What the host needs of a step's whole batch (all processes' episodes, in global order)."""
+
+    rewards: np.ndarray             # [B] float64, NaN where a reward function failed
+    rollout_metrics: dict           # `Rollout.metrics` of all episodes (timings: this process's)
+    score_metrics: dict             # `RubricScores.metrics` of all episodes
+    width: int                      # T of the batch: the widest process's trajectories
+
+
+def gather_episodes(result, scores) -> Episodes:
+    """The step's `Episodes` from this process's rollout and scores.
+
+    One process: its own values. Several: every process's `episode_summary` is gathered and
+    merged (`merge_episodes`), so the numbers are those of one process holding every episode
+    (timings aside: those are this process's).
+    """
+    if not distributed.is_multiprocess():
+        return Episodes(scores.rewards, dict(result.metrics), dict(scores.metrics), result.tokens.shape[1])
+    return merge_episodes(distributed.allgather_objects(episode_summary(result, scores)), jax.process_index())
+
+
+def episode_summary(result, scores) -> dict[str, Any]:
+    """The per-episode numbers of one process's rollout that the step's metrics are made of."""
+    m = result.metrics
+    return {"rewards": np.asarray(scores.rewards), "scores": dict(scores.scores),
+            "failures": dict(scores.failures), "metrics": dict(scores.metrics),
+            "tasks": [s.get("task") for s in result.states], "stats": result.episode_stats(),
+            "width": result.tokens.shape[1],
+            "timing": {"sampler_s": m["time/sampler_s"], "env_s": m["time/env_s"], "total_s": m["time/total_s"],
+                       "sampler_calls": m["sampler_calls"]}}
+
+
+def merge_episodes(parts, own: int = 0) -> Episodes:
+    """`Episodes` of the concatenated `episode_summary`s of all processes (in process order):
+    the single-process formulas applied to the gathered per-episode arrays, so the result
+    equals a one-process rollout of the whole batch. Timings are those of `parts[own]`."""
+    rewards = np.concatenate([p["rewards"] for p in parts])
+    # The sampler loop runs until the last episode ends: as many calls as the longest process.
+    timing = {**parts[own]["timing"], "sampler_calls": max(p["timing"]["sampler_calls"] for p in parts)}
+    stats = distributed.concat_rows([p["stats"] for p in parts])
+    return Episodes(rewards, metrics_from_stats(stats, timing), _score_metrics(parts, rewards),
+                    max(p["width"] for p in parts))
+
+
+def _score_metrics(parts, rewards) -> dict[str, float]:
+    """`RubricScores.metrics` of the gathered episodes: "reward", "reward_nan_fraction",
+    "reward/<function>", "failures/<function>" and (task groups) "reward/<task>", recomputed
+    on the concatenated arrays; any other key is averaged, weighted by episodes."""
+    sizes = [len(p["rewards"]) for p in parts]
+    names = list(dict.fromkeys(name for p in parts for name in p["scores"]))
+    scores = {name: np.concatenate([p["scores"].get(name, np.full(n, np.nan)) for p, n in zip(parts, sizes)])
+              for name in names}
+    tasks = np.asarray([t for p in parts for t in p["tasks"]], dtype=object)
+    out = {}
+    for key in dict.fromkeys(k for p in parts for k in p["metrics"]):
+        name = key.split("/", 1)[1] if "/" in key else None
+        if key == "reward":
+            out[key] = nan_mean(rewards)
+        elif key == "reward_nan_fraction":
+            out[key] = float(np.isnan(rewards).mean()) if len(rewards) else 0.0
+        elif key.startswith("failures/") and name in scores:
+            out[key] = float(sum(p["failures"].get(name, 0) for p in parts))
+        elif key.startswith("reward/") and name in scores:
+            out[key] = nan_mean(scores[name])
+        elif key.startswith("reward/") and name in set(tasks):
+            out[key] = nan_mean(rewards[tasks == name])
+        else:
+            log.warning("metric %r has no exact multi-process reduction: averaged over processes", key)
+            pairs = [(float(p["metrics"][key]), n) for p, n in zip(parts, sizes) if key in p["metrics"]]
+            out[key] = sum(v * n for v, n in pairs) / max(sum(n for _, n in pairs), 1)
+    return out
+
+
+def _rollout_row(episodes: Episodes, adv_info, elapsed_s: float) -> dict[str, float]:
+    rewards = episodes.rewards
+    row = {k: float(v) for k, v in episodes.rollout_metrics.items()}
+    row.update({k: float(v) for k, v in episodes.score_metrics.items()})
+    row["reward"] = float(np.nanmean(rewards)) if np.isfinite(rewards).any() else float("nan")
+    row["reward_std"] = float(np.nanstd(rewards)) if np.isfinite(rewards).any() else float("nan")
     row["completion_length"] = row.get("completion_length/mean", float("nan"))
     row["frac_reward_zero_std"] = float(adv_info["frac_reward_zero_std"])
     row["num_nan_rewards"] = float(adv_info["num_nan_rewards"])
@@ -220,6 +367,8 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any
     """
     exp = Experiment(config, workdir)
     c = config
+    if jax.process_index() == 0:
+        print(exp.memory_plan().table(), flush=True)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
                                 async_save=c.checkpoint.async_save)
     writer = MetricsWriter(workdir, total_steps=c.train.num_steps)
@@ -272,20 +421,23 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any
         for step in range(start_step + 1, c.train.num_steps + 1):
             started = time.perf_counter()
             key = jax.random.fold_in(exp.root_key, step)
-            rows = [exp.train_rows[i] for i in step_rows(len(exp.train_rows), step, c.train.prompts_per_step,
-                                                         c.env.data_seed)]
-            sampler = model_sampler(exp.policy(state.params), exp.sampling)
-            result = rollout(exp.env, rows, exp.tokenizer, sampler, key, exp.rollout_config)
+            sampler = model_sampler(exp.sampling_policy(state.params), exp.sampling)
+            result = rollout(exp.env, exp.step_prompts(step), exp.tokenizer, sampler, key, exp.rollout_config,
+                             episode_offset=exp.episode_offset)
             rollout_s = time.perf_counter() - started
             flush()  # the rollout above already waited for the previous update
-            scores = result.score(exp.env)
-            rewards = jnp.asarray(np.asarray(scores.rewards, np.float32))
+            episodes = gather_episodes(result, result.score(exp.env))
+            rewards = jnp.asarray(np.asarray(episodes.rewards, np.float32))
             advantages, adv_info = _advantages(rewards, c.rollout.group_size, c.grpo.advantage_scale,
                                                return_info=True)
-            batch = {"tokens": result.tokens, "positions": result.positions, "segment_ids": result.segment_ids,
-                     "loss_mask": result.loss_mask, "old_logps": result.logprobs, "advantages": advantages}
+            batch = exp.train_batch(result, advantages, episodes.width)
             state, device_metrics = step_fn(state, batch, ref_params)
-            row = _rollout_row(result, scores, jax.device_get(adv_info), rollout_s)
+            row = _rollout_row(episodes, jax.device_get(adv_info), rollout_s)
+            # The next rollout samples from these weights anyway; waiting here keeps a second
+            # multi-device program (a gather, the sampler) from starting while the step runs:
+            # XLA:CPU runs devices on one thread pool, and two collective programs in flight
+            # can deadlock when devices outnumber threads.
+            jax.block_until_ready(state.params)
             row["step_time"] = time.perf_counter() - started
             pending = (step, device_metrics, row)
             last_step = step
@@ -297,21 +449,26 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any
                 writer.progress(step, eval_row, prefix="eval at step")
                 writer.log_text("samples.txt", f"=== step {step}\n{text}")
                 summary["eval_after"] = eval_row
-            stopping = stop.signal is not None or step == stop_after
+            signalled = stop.signal is not None
+            if distributed.is_multiprocess():  # all processes stop together, or none
+                signalled = distributed.any_process(signalled)
+            stopping = signalled or step == stop_after
             if step % c.checkpoint.every == 0 or step == c.train.num_steps or stopping:
                 flush()
                 checkpointer.save(step, {"train": state, "ref": ref_params},
                                   {"step": step, "eval_before": summary.get("eval_before")}, force=True)
             if stopping:
                 checkpointer.wait()
-                why = f"signal {stop.signal}" if stop.signal is not None else "stop_after"
+                why = ("stop_after" if not signalled else f"signal {stop.signal}" if stop.signal is not None
+                       else "a signal to another process")
                 print(f"stopped by {why} after step {step}; checkpoint saved under "
                       f"{checkpointer.directory}", flush=True)
                 break
         flush()
         checkpointer.wait()
         summary.update({"last_step": last_step, "stopped_early": last_step < c.train.num_steps})
-        if "eval_after" not in summary and last_step == c.train.num_steps:
+        if ("eval_after" not in summary and last_step == c.train.num_steps
+                and os.path.exists(os.path.join(workdir, "metrics.jsonl"))):
             summary["eval_after"] = next((r for r in reversed(read_metrics(workdir))
                                           if r["step"] == last_step and "eval/accuracy" in r), None)
         summary["state"] = state

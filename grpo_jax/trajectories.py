@@ -55,6 +55,12 @@ class Rollout:
     truncated: np.ndarray         # [N] bool, finish reason in TRUNCATION_REASONS
     group_size: int
     metrics: dict[str, float]
+    masked: np.ndarray | None = None  # [N] bool, episodes whose loss mask was zeroed
+
+    def episode_stats(self) -> dict[str, np.ndarray]:
+        """The per-episode numbers the rollout metrics are computed from (`episode_stats`)."""
+        masked = np.zeros(len(self), bool) if self.masked is None else self.masked
+        return episode_stats(self, masked)
 
     def __len__(self) -> int:
         return len(self.finish_reasons)
@@ -121,7 +127,7 @@ def pack_episodes(episodes: Sequence[Mapping[str, Any]], *, group_size: int, pad
         completions=[list(e["completion"]) for e in episodes],
         states=[e["state"] for e in episodes], finish_reasons=reasons,
         num_turns=np.array([e["num_turns"] for e in episodes], np.int32), truncated=truncated,
-        group_size=group_size, metrics={})
+        group_size=group_size, metrics={}, masked=masked)
     rollout.metrics = rollout_metrics(rollout, masked, timing or {})
     return rollout
 
@@ -134,27 +140,54 @@ def _prompt_length(episode: Mapping[str, Any]) -> int:
 
 def rollout_metrics(rollout: Rollout, masked: np.ndarray, timing: Mapping[str, float]) -> dict[str, float]:
     """The metrics listed in the module docstring."""
-    n = max(len(rollout), 1)
+    return metrics_from_stats(episode_stats(rollout, masked), timing)
 
-    def mean_state(key):
-        return float(np.mean([s.get(key, 0) for s in rollout.states])) if len(rollout) else 0.0
 
-    model_tokens = rollout.completion_mask.sum(axis=1)
+STATE_COUNTERS = ("tool_calls", "tool_errors", "tool_timeouts")
+
+
+def episode_stats(rollout: Rollout, masked: np.ndarray) -> dict[str, np.ndarray]:
+    """[N] arrays, one entry per episode: what `metrics_from_stats` reduces. Episodes split over
+    processes concatenate (in the global order) to the arrays of the whole batch."""
+    stats = {
+        "num_turns": np.asarray(rollout.num_turns),
+        "truncated": np.asarray(rollout.truncated, bool),
+        "masked": np.asarray(masked, bool),
+        "model_tokens": rollout.completion_mask.sum(axis=1),
+        "lengths": np.asarray(rollout.lengths),
+        "finish_reason": np.array([FINISH_REASONS.index(r) for r in rollout.finish_reasons], np.int32),
+    }
+    for key in STATE_COUNTERS:
+        stats[key] = np.asarray([s.get(key, 0) for s in rollout.states])
+    return stats
+
+
+def metrics_from_stats(stats: Mapping[str, np.ndarray], timing: Mapping[str, float]) -> dict[str, float]:
+    """The rollout metrics of the episodes in `stats` (see `episode_stats`); `timing` gives the
+    sampler/env seconds and the number of sampler calls."""
+    count = len(stats["num_turns"])
+    n = max(count, 1)
+
+    def mean(key):
+        return float(np.mean(stats[key])) if count else 0.0
+
+    reasons = [FINISH_REASONS[i] for i in stats["finish_reason"]]
+    model_tokens = stats["model_tokens"]
     sampler_s, env_s = float(timing.get("sampler_s", 0.0)), float(timing.get("env_s", 0.0))
     total_s = float(timing.get("total_s", sampler_s + env_s))
     metrics = {
-        "turns/mean": float(rollout.num_turns.mean()) if len(rollout) else 0.0,
-        "turns/max": float(rollout.num_turns.max()) if len(rollout) else 0.0,
-        "tool_calls/mean": mean_state("tool_calls"),
-        "tool_errors/mean": mean_state("tool_errors"),
-        "tool_timeouts/mean": mean_state("tool_timeouts"),
-        "truncated/frac": float(rollout.truncated.sum()) / n,
-        "masked/frac": float(masked.sum()) / n,
-        "env_errors": float(sum(r == "env_error" for r in rollout.finish_reasons)),
+        "turns/mean": mean("num_turns"),
+        "turns/max": float(stats["num_turns"].max()) if count else 0.0,
+        "tool_calls/mean": mean("tool_calls"),
+        "tool_errors/mean": mean("tool_errors"),
+        "tool_timeouts/mean": mean("tool_timeouts"),
+        "truncated/frac": float(stats["truncated"].sum()) / n,
+        "masked/frac": float(stats["masked"].sum()) / n,
+        "env_errors": float(sum(r == "env_error" for r in reasons)),
         "tokens_sampled": float(model_tokens.sum()),
-        "completion_length/mean": float(model_tokens.mean()) if len(rollout) else 0.0,
-        "sequence_length/mean": float(rollout.lengths.mean()) if len(rollout) else 0.0,
-        "sequence_length/max": float(rollout.lengths.max()) if len(rollout) else 0.0,
+        "completion_length/mean": float(model_tokens.mean()) if count else 0.0,
+        "sequence_length/mean": float(stats["lengths"].mean()) if count else 0.0,
+        "sequence_length/max": float(stats["lengths"].max()) if count else 0.0,
         "sampler_calls": float(timing.get("sampler_calls", 0)),
         "time/sampler_s": sampler_s,
         "time/env_s": env_s,
@@ -163,5 +196,5 @@ def rollout_metrics(rollout: Rollout, masked: np.ndarray, timing: Mapping[str, f
         "time/env_frac": env_s / total_s if total_s > 0 else 0.0,
     }
     for reason in FINISH_REASONS:
-        metrics[f"finish/{reason}"] = sum(r == reason for r in rollout.finish_reasons) / n
+        metrics[f"finish/{reason}"] = sum(r == reason for r in reasons) / n
     return metrics
