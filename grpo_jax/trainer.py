@@ -237,27 +237,39 @@ class Experiment:
                 shutil.copy(os.path.join(source, name), directory)
 
     def warm_start(self, writer: MetricsWriter):
-        """Supervised warm start on the env's demonstrations (config.sft), in place."""
+        """Supervised warm start (config.sft), in place: `steps` on the env's gold demonstrations,
+        then `mixed_steps` on demonstrations of which `direct_answer_fraction` skip the tool."""
         from grpo_jax import sft
 
         c = self.config.sft
         rows = self.env.dataset("train", n=c.num_demos, seed=self.config.env.data_seed)
-        demos = components.demonstrations(self.env, rows, direct_answer_fraction=c.direct_answer_fraction,
-                                          seed=self.config.seed)
-        data = sft.pack([sft.encode_demonstration(self.tokenizer, p, q) for p, q in demos],
-                        self.tokenizer.pad_id)
-        if data["tokens"].shape[1] > self.model.config.max_position_embeddings:
-            raise config_utils.ConfigError(
-                f"config.model.max_position_embeddings: demonstrations need {data['tokens'].shape[1]} positions")
+        stages = [("gold", 0.0, c.steps, c.learning_rate, self.config.seed)]
+        if c.mixed_steps:
+            stages.append(("mixed", c.direct_answer_fraction, c.mixed_steps, c.mixed_learning_rate,
+                           self.config.seed + 1))
+        done, total = 0, sum(stage[2] for stage in stages)
+        for name, fraction, steps, learning_rate, seed in stages:
+            if not steps:
+                continue
+            demos = components.demonstrations(self.env, rows, direct_answer_fraction=fraction, seed=seed)
+            data = sft.pack([sft.encode_demonstration(self.tokenizer, p, q) for p, q in demos],
+                            self.tokenizer.pad_id)
+            if data["tokens"].shape[1] > self.model.config.max_position_embeddings:
+                raise config_utils.ConfigError(f"config.model.max_position_embeddings: demonstrations "
+                                               f"need {data['tokens'].shape[1]} positions")
 
-        def log_fn(step, metrics):
-            writer.write(0, {**metrics, "sft/step": float(step)})
-            writer.progress(step, metrics, prefix="sft step")
+            def log_fn(step, metrics, offset=done, name=name):
+                writer.write(0, {**metrics, "sft/step": float(offset + step)})
+                if writer.is_writer:
+                    print(f"sft ({name}) step {offset + step}/{total} | loss {metrics['sft/loss']:.3f} | "
+                          f"confident tokens {metrics['sft/token_confident']:.2f} | "
+                          f"{metrics['sft/elapsed_s']:.0f}s", flush=True)
 
-        sft.run_sft(self.model, data, sft.SFTConfig(steps=c.steps, batch_size=c.batch_size,
-                                                    learning_rate=c.learning_rate, warmup_steps=c.warmup_steps,
-                                                    chunk_size=self.config.grpo.chunk_size, log_every=c.log_every),
-                    seed=self.config.seed, log_fn=log_fn)
+            sft.run_sft(self.model, data, sft.SFTConfig(
+                steps=steps, batch_size=c.batch_size, learning_rate=learning_rate,
+                warmup_steps=min(c.warmup_steps, steps // 2), chunk_size=self.config.grpo.chunk_size,
+                log_every=c.log_every), seed=seed, log_fn=log_fn)
+            done += steps
 
 
 class Episodes(NamedTuple):
@@ -368,7 +380,10 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any
     exp = Experiment(config, workdir)
     c = config
     if jax.process_index() == 0:
-        print(exp.memory_plan().table(), flush=True)
+        try:
+            print(exp.memory_plan().table(), flush=True)
+        except Exception as error:  # noqa: BLE001  (the plan informs; it must not stop a run)
+            log.warning("no memory plan for this config: %s: %s", type(error).__name__, error)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
                                 async_save=c.checkpoint.async_save)
     writer = MetricsWriter(workdir, total_steps=c.train.num_steps)

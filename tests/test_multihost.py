@@ -173,6 +173,20 @@ def test_two_processes_write_the_metrics_of_one_and_a_checkpoint_that_restores(t
         np.testing.assert_allclose(q, p, rtol=RTOL, atol=ATOL)
 
 
+def test_batch_and_weights_move_between_any_layouts():
+    """`global_batch`, `local_copy` and the host collectives in 2 processes, on a mesh ordered by
+    process and on one that interleaves the processes' devices (tests/multihost_worker.py)."""
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    worker = os.path.join(ROOT, "tests", "multihost_worker.py")
+    procs = [(f"worker {i}", subprocess.Popen([sys.executable, worker, str(i), "2", str(port)], env=env,
+                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+             for i in range(2)]
+    outputs = _finish(procs)
+    assert all(f"process {i}: ok" in out for i, out in enumerate(outputs))
+
+
 # -- the pieces, in one process ----------------------------------------------------------------
 @pytest.mark.parametrize("items,count", [(8, 2), (7, 3), (2, 4), (16, 16)])
 def test_process_blocks_partition_the_items_in_order(items, count):
