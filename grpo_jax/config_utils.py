@@ -51,12 +51,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.env.data_seed = 0                # seed of the procedural datasets (train/test disjoint)
 
     c.sft = ml_collections.ConfigDict()
-    c.sft.steps = 0                    # supervised warm-start steps before GRPO (0 = none)
+    c.sft.steps = 0                    # warm-start steps on the env's gold demonstrations (0 = none)
     c.sft.batch_size = 32              # demonstrations per step
     c.sft.learning_rate = 3e-3         # AdamW peak learning rate (cosine decay, warm-up below)
     c.sft.warmup_steps = 20            # linear warm-up steps
     c.sft.num_demos = 2000             # demonstrations built from training rows
-    c.sft.direct_answer_fraction = 0.0  # tool envs: share of demos that skip the tool (env.no_tool_completion)
+    c.sft.mixed_steps = 0              # then steps on demos of which direct_answer_fraction skip the tool
+    c.sft.mixed_learning_rate = 1e-3   # peak learning rate of those steps
+    c.sft.direct_answer_fraction = 0.0  # tool envs: share of mixed demos that skip the tool (env.no_tool_completion)
     c.sft.log_every = 50               # progress line every N steps
 
     c.sampling = ml_collections.ConfigDict()
