@@ -4,7 +4,7 @@ r"""Supervised warm start only: trains on the env's demonstrations and writes an
 
 Uses the config's `sft` fields; writes DIR/sft_model (weights, config.json, tokenizer files),
 which another config can start from with `--config.model.hf_path=DIR/sft_model`.
-(`experiments/train.py` runs the same warm start itself when `config.sft.steps > 0`.)
+(`experiments/train.py` runs the same warm start itself when `config.sft.steps` or `config.sft.mixed_steps` > 0.)
 """
 
 import os
@@ -27,7 +27,7 @@ def main(argv):
     from grpo_jax.trainer import Experiment
 
     exp = Experiment(_CONFIG.value, _WORKDIR.value)
-    writer = MetricsWriter(_WORKDIR.value, total_steps=_CONFIG.value.sft.steps)
+    writer = MetricsWriter(_WORKDIR.value, total_steps=_CONFIG.value.sft.steps + _CONFIG.value.sft.mixed_steps)
     exp.warm_start(writer)
     writer.close()
     out = os.path.join(_WORKDIR.value, "sft_model")

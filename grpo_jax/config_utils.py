@@ -59,6 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.sft.mixed_steps = 0              # then steps on demos of which direct_answer_fraction skip the tool
     c.sft.mixed_learning_rate = 1e-3   # peak learning rate of those steps
     c.sft.direct_answer_fraction = 0.0  # tool envs: share of mixed demos that skip the tool (env.no_tool_completion)
+    c.sft.mixed_trained_tokens = 0     # > 0: mixed demos train only their first N completion tokens (the choice)
     c.sft.log_every = 50               # progress line every N steps
 
     c.sampling = ml_collections.ConfigDict()
@@ -168,7 +169,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("checkpoint.every", "checkpoint.every and checkpoint.keep must be >= 1")
     if not 0 <= c.sft.direct_answer_fraction <= 1:
         _fail("sft.direct_answer_fraction", f"must be in [0, 1], got {c.sft.direct_answer_fraction}")
-    if c.sft.steps and c.sft.num_demos < c.sft.batch_size:
+    if c.sft.mixed_trained_tokens < 0:
+        _fail("sft.mixed_trained_tokens", f"must be >= 0 (0 = all tokens), got {c.sft.mixed_trained_tokens}")
+    if (c.sft.steps or c.sft.mixed_steps) and c.sft.num_demos < c.sft.batch_size:
         _fail("sft.num_demos", f"{c.sft.num_demos} demonstrations cannot fill a batch of {c.sft.batch_size}")
     if c.eval.num_examples < 1:
         _fail("eval.num_examples", f"must be >= 1, got {c.eval.num_examples}")

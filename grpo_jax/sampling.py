@@ -131,19 +131,32 @@ def row_uniforms(key, row_ids_N):
     return jax.vmap(draw)(row_ids_N)
 
 
-def categorical(key, logits_NV, row_ids_N=None):
+def categorical(key, logits_NV, row_ids_N=None, block: int = 128):
     """One draw per row from softmax(logits), by inverting the CDF with one uniform per row.
 
     `jax.random.categorical` (Gumbel-max) needs N x V random numbers per step, which costs more
-    than the model's own decode step on CPU; this needs N. Tokens of probability 0 (filtered to
-    -inf / the dtype minimum) are never drawn: u > 0 and their CDF step is flat.
+    than the model's own decode step on CPU; this needs N. The CDF is inverted in two levels
+    (the block of `block` tokens first, then the token inside it) because a scan over the whole
+    vocabulary is a log-depth chain of passes over [N, V] on CPU. Tokens of probability 0
+    (filtered to -inf / the dtype minimum) are never drawn: u > 0 and their CDF step is flat.
     """
+    n, v = logits_NV.shape
     if row_ids_N is None:
-        row_ids_N = jnp.arange(logits_NV.shape[0])
-    cdf = jnp.cumsum(jax.nn.softmax(logits_NV, axis=-1), axis=-1)
-    u = row_uniforms(key, row_ids_N)[:, None]
-    tokens = jnp.sum(cdf < u * cdf[:, -1:], axis=-1)
-    return jnp.minimum(tokens, logits_NV.shape[-1] - 1)
+        row_ids_N = jnp.arange(n)
+    probs = jax.nn.softmax(logits_NV, axis=-1)
+    n_blocks = -(-v // block)
+    probs = jnp.pad(probs, ((0, 0), (0, n_blocks * block - v))).reshape(n, n_blocks, block)
+    block_cdf = jnp.cumsum(probs.sum(-1), axis=-1)                               # [N, nb]
+    target = row_uniforms(key, row_ids_N)[:, None] * block_cdf[:, -1:]           # in (0, total)
+    b = jnp.minimum(jnp.sum(block_cdf < target, axis=-1), n_blocks - 1)          # cdf[b] >= target
+    before = jnp.where(b > 0, jnp.take_along_axis(block_cdf, jnp.maximum(b - 1, 0)[:, None], -1)[:, 0], 0.0)
+    within = jnp.take_along_axis(probs, b[:, None, None], axis=1)[:, 0]          # [N, block]
+    # rest > 0 (target > cdf[b - 1]); the first token whose inner CDF reaches it has p > 0.
+    rest = target[:, 0] - before
+    j = jnp.sum(jnp.cumsum(within, axis=-1) < rest[:, None], axis=-1)
+    # Rounding can leave rest just above the block's own sum: take its last token of p > 0.
+    last_nonzero = block - 1 - jnp.argmax(within[:, ::-1] > 0, axis=-1)
+    return b * block + jnp.minimum(j, last_nonzero)
 
 
 def select_tokens(logits_NV, key, cfg: SamplingConfig, row_ids_N=None):

@@ -33,8 +33,13 @@ log = logging.getLogger(__name__)
 
 
 def encode_demonstration(tokenizer, prompt: Sequence[Mapping[str, str]],
-                         completion: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
-    """Token ids and loss mask (1 on the assistant's own tokens) of one demonstration."""
+                         completion: Sequence[Mapping[str, str]],
+                         trained_tokens: int | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask (1 on the assistant's own tokens) of one demonstration.
+
+    `trained_tokens`: only the first that many of the assistant's tokens carry loss (e.g. 1: the
+    choice between calling a tool and answering, not what follows it).
+    """
     tokens = list(tokenizer.encode_chat(list(prompt), add_generation_prompt=True))
     mask = [0] * len(tokens)
     i = 0
@@ -54,6 +59,9 @@ def encode_demonstration(tokenizer, prompt: Sequence[Mapping[str, str]],
         tokens += ids
         mask += [0] * len(ids)
         i = j
+    if trained_tokens is not None:
+        seen = np.cumsum(mask)
+        mask = [int(m and n <= trained_tokens) for m, n in zip(mask, seen)]
     return tokens, mask
 
 
@@ -137,12 +145,15 @@ def run_sft(model: nnx.Module, data: Mapping[str, np.ndarray], config: SFTConfig
     order = rng.permutation(n)
     cursor = 0
     start = time.perf_counter()
+    multi_process = jax.process_count() > 1
     for step in range(1, config.steps + 1):
         if cursor + config.batch_size > n:
             order, cursor = rng.permutation(n), 0
         idx = np.sort(order[cursor: cursor + config.batch_size])
         cursor += config.batch_size
         state, metrics = step_fn(state, {k: v[idx] for k, v in data.items()})
+        if multi_process:  # CPU collectives of many queued steps can interleave across processes
+            jax.block_until_ready(metrics)
         if log_fn is not None and (step % config.log_every == 0 or step == config.steps):
             host = {k: float(v) for k, v in jax.device_get(metrics).items()}
             host["sft/elapsed_s"] = time.perf_counter() - start

@@ -238,21 +238,22 @@ class Experiment:
 
     def warm_start(self, writer: MetricsWriter):
         """Supervised warm start (config.sft), in place: `steps` on the env's gold demonstrations,
-        then `mixed_steps` on demonstrations of which `direct_answer_fraction` skip the tool."""
+        then `mixed_steps` on demonstrations of which `direct_answer_fraction` skip the tool (with
+        `mixed_trained_tokens`, only their first completion tokens carry loss)."""
         from grpo_jax import sft
 
         c = self.config.sft
         rows = self.env.dataset("train", n=c.num_demos, seed=self.config.env.data_seed)
-        stages = [("gold", 0.0, c.steps, c.learning_rate, self.config.seed)]
+        stages = [("gold", 0.0, c.steps, c.learning_rate, self.config.seed, None)]
         if c.mixed_steps:
             stages.append(("mixed", c.direct_answer_fraction, c.mixed_steps, c.mixed_learning_rate,
-                           self.config.seed + 1))
+                           self.config.seed + 1, c.mixed_trained_tokens or None))
         done, total = 0, sum(stage[2] for stage in stages)
-        for name, fraction, steps, learning_rate, seed in stages:
+        for name, fraction, steps, learning_rate, seed, trained_tokens in stages:
             if not steps:
                 continue
             demos = components.demonstrations(self.env, rows, direct_answer_fraction=fraction, seed=seed)
-            data = sft.pack([sft.encode_demonstration(self.tokenizer, p, q) for p, q in demos],
+            data = sft.pack([sft.encode_demonstration(self.tokenizer, p, q, trained_tokens) for p, q in demos],
                             self.tokenizer.pad_id)
             if data["tokens"].shape[1] > self.model.config.max_position_embeddings:
                 raise config_utils.ConfigError(f"config.model.max_position_embeddings: demonstrations "
@@ -394,7 +395,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any
     try:
         start_step = checkpointer.latest_step()
         if start_step is None:
-            if c.sft.steps > 0:
+            if c.sft.steps > 0 or c.sft.mixed_steps > 0:
                 exp.warm_start(writer)
             state = exp.init_state()
             ref_params = jax.tree.map(jnp.copy, state.params) if uses_ref else None
