@@ -22,7 +22,7 @@ Categories and their assumptions (the table repeats them):
                does (optax's Adam then keeps its moments in the param dtype).
                Moments shard like their parameters; counters and hyper-parameters are replicated.
 - reference:   the frozen reference policy for the KL term (beta > 0), sharded like the params.
-- kv_cache:    the sampler's cache k, v [L, B, S, Hkv, Dh] with logical axes
+- kv_cache:    the sampler's cache k, v [L, B, Hkv, S, Dh] with logical axes
                ("layers", "batch", "cache_seq", "kv_heads", "head_dim") and kv_valid [B, S]:
                rows over (data, fsdp), KV heads over tp.
 - activations: a rough *estimate* for one forward + backward of `train_batch` rows of
@@ -51,7 +51,7 @@ from grpo_jax.models import ModelConfig, abstract_model
 
 GIB = 2 ** 30
 CATEGORIES = ("params", "gradients", "optimizer", "reference", "kv_cache", "activations")
-KV_CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+KV_CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,14 +367,14 @@ def plan_memory(model_cfg: ModelConfig, mesh: Any, *, param_dtype: str | None = 
         notes["reference"] = "none (beta = 0)"
 
     kv_dtype = np.dtype(kv_dtype or cfg.dtype).name
-    kv_shape = (cfg.n_layers, kv_batch, kv_length, cfg.n_kv_heads, cfg.head_dim)
+    kv_shape = (cfg.n_layers, kv_batch, cfg.n_kv_heads, kv_length, cfg.head_dim)
     if kv_batch and kv_length:
         leaves += [_leaf("kv_cache", name, kv_shape, kv_dtype, KV_CACHE_AXES, amesh, sizes, rules)
                    for name in ("k", "v")]
         leaves.append(_leaf("kv_cache", "kv_valid", (kv_batch, kv_length), "bool",
                             ("batch", "cache_seq"), amesh, sizes, rules))
         leaves.append(_leaf("kv_cache", "index", (), "int32", (), amesh, sizes, rules))
-        notes["kv_cache"] = f"k, v [L, B={kv_batch}, S={kv_length}, Hkv, Dh] + kv_valid"
+        notes["kv_cache"] = f"k, v [L, B={kv_batch}, Hkv, S={kv_length}, Dh] + kv_valid"
         dtypes["kv_cache"] = kv_dtype
     else:
         notes["kv_cache"] = "none (give kv_batch and kv_length)"

@@ -113,7 +113,7 @@ def test_fsdp4_tp2_splits_heads_and_kv_heads():
     # Rows over fsdp (64 / 4 = 16), KV heads over tp (4 / 2 = 2); kv_valid has no head axis.
     assert b["kv_cache"] == 2 * L * 16 * 2048 * (K // 2) * DH * BF16 + 16 * 2048 + KV_INDEX
     spec_k = next(x.spec for x in plan.leaves if x.category == "kv_cache" and x.name == "k")
-    assert spec_k == jax.sharding.PartitionSpec(None, "fsdp", None, "tp", None)
+    assert spec_k == jax.sharding.PartitionSpec(None, "fsdp", "tp", None, None)
 
 
 def test_dimensions_that_do_not_divide_are_replicated_and_reported():

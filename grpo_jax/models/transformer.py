@@ -37,8 +37,9 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 class KVCache(NamedTuple):
-    """Keys/values per layer: k, v tuples of L arrays [B, S, Hkv, Dh]; kv_valid [B, S]; index:
-    the next slot to write (common to all rows)."""
+    """Keys/values per layer: k, v tuples of L arrays [B, Hkv, S, Dh] (head-major, so attention
+    reads each head's keys as one contiguous [S, Dh] matrix, with no per-step transpose);
+    kv_valid [B, S]; index: the next slot to write (common to all rows)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -74,6 +75,19 @@ def apply_rope(x_BTHD, cos_BTD, sin_BTD):
     half = x_BTHD.shape[-1] // 2
     rotated = jnp.concatenate([-x_BTHD[..., half:], x_BTHD[..., :half]], axis=-1)
     return x_BTHD * cos_BTD[:, :, None, :] + rotated * sin_BTD[:, :, None, :]
+
+
+def cached_attention(q_BTHD, k_BKSD, v_BKSD, mask_BTS):
+    """`attention` over a head-major cache; scores and softmax in float32."""
+    b, t, h, d = q_BTHD.shape
+    kv_heads = k_BKSD.shape[1]
+    q = q_BTHD.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_BKSD, preferred_element_type=jnp.float32)
+    scores = scores * (d ** -0.5)
+    scores = jnp.where(mask_BTS[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSD.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_BKSD)
+    return out.reshape(b, t, h, d)
 
 
 def attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS):
@@ -253,7 +267,7 @@ class Transformer(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         cfg = self.config
         dtype = dtype or cfg.compute_dtype
-        shape = (batch_size, max_length, cfg.n_kv_heads, cfg.head_dim)
+        shape = (batch_size, cfg.n_kv_heads, max_length, cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
         return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
                        kv_valid=jnp.zeros((batch_size, max_length), bool),
@@ -287,9 +301,11 @@ class Transformer(nnx.Module):
         new_k, new_v = [], []
         for params, k_cache, v_cache in zip(layers or self.unstack_layers(), cache.k, cache.v):
             def attend(q, k, v, k_cache=k_cache, v_cache=v_cache):
-                k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, start, zero, zero))
-                v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, start, zero, zero))
-                out = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BTS)
+                k_cache = jax.lax.dynamic_update_slice(
+                    k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), (zero, zero, start, zero))
+                v_cache = jax.lax.dynamic_update_slice(
+                    v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (zero, zero, start, zero))
+                out = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BTS)
                 return out, (k_cache, v_cache)
 
             x, (k_cache, v_cache) = _layer(cfg, params, x, cos, sin, attend)
