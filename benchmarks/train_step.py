@@ -14,8 +14,11 @@ completion tokens). Prints one JSON line per configuration:
 
 Model FLOPs are matmul FLOPs (`ModelConfig.flops_per_token`, attention included): 3x the forward
 for forward + backward, plus 1x for the reference forward. MFU is achieved model FLOP/s over a
-float32 2048^3 matmul's FLOP/s measured in the same run (`benchmarks/common.py`). Times are the
-median of `--repeats` steps after one warm-up (compile) step.
+float32 2048^3 matmul's FLOP/s measured in the same run (the best of: before the runners, among
+them, after them). All runners (the matmul included) are
+called round-robin `--repeats` times after one warm-up (compile) call each, and each reports
+its median, so load from other processes hits them alike; `mfu_by_cpu_time` is the same ratio
+computed from this process's CPU time, which other processes' load does not inflate.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment_info, load_average, matmul_peak_flops, time_call  # noqa: E402
+from common import environment_info, matmul_peak_flops  # noqa: E402
 
 from grpo_jax import optim  # noqa: E402
 from grpo_jax import train_step as ts  # noqa: E402
@@ -61,7 +65,8 @@ def make_batch(cfg: ModelConfig, rows: int, length: int, prompt: int, seed: int 
     }
 
 
-def time_train_step(cfg: ModelConfig, batch, tcfg: ts.TrainConfig, repeats: int) -> float:
+def train_step_runner(cfg: ModelConfig, batch, tcfg: ts.TrainConfig):
+    """A no-argument function running one `grpo_jax.train_step` step (the state carried over)."""
     model = create_model(cfg, seed=0)
     optimizer = optim.make_optimizer(1e-6)
     state = ts.init_train_state(model, optimizer, jax.random.key(0))
@@ -70,14 +75,15 @@ def time_train_step(cfg: ModelConfig, batch, tcfg: ts.TrainConfig, repeats: int)
     batch = jax.device_put(batch)
     holder = {"state": state}
 
-    def one():
+    def run():
         holder["state"], metrics = step(holder["state"], batch, ref_params)
         return metrics
 
-    return statistics.median(time_call(one, warmup=1, repeats=repeats))
+    return run
 
 
-def time_plain_forward_backward(cfg: ModelConfig, batch, repeats: int) -> float:
+def plain_runner(cfg: ModelConfig, batch):
+    """The peer: jit(value_and_grad(mean next-token cross-entropy of model(tokens)))."""
     model = create_model(cfg, seed=0)
     graphdef, params = nnx.split(model)
     tokens = jnp.asarray(batch["tokens"])
@@ -88,7 +94,31 @@ def time_plain_forward_backward(cfg: ModelConfig, batch, repeats: int) -> float:
         return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
     fwd_bwd = jax.jit(jax.value_and_grad(cross_entropy))
-    return statistics.median(time_call(lambda: fwd_bwd(params), warmup=1, repeats=repeats))
+    return lambda: fwd_bwd(params)
+
+
+def peak_runner(n: int = 2048):
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    return lambda: matmul(a, b)
+
+
+def interleaved_times(runners: dict, repeats: int) -> dict:
+    """Wall and process-CPU seconds per call, the runners called round-robin `repeats` times
+    (after one warm-up call each), so a change in the machine's load hits all of them alike."""
+    for run in runners.values():
+        jax.block_until_ready(run())
+    wall = {name: [] for name in runners}
+    cpu = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            jax.block_until_ready(run())
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name]), wall[name])
+            for name in runners}
 
 
 def main():
@@ -108,34 +138,45 @@ def main():
     batch = make_batch(cfg, rows, LENGTH, PROMPT)
     tokens = rows * LENGTH
     forward_flops = cfg.flops_per_token(LENGTH) * tokens
-    peak = matmul_peak_flops()
-    common = {"model": "qwen2 d512 L8 H8/2 Dh64 F1408 V8192", "batch": f"{rows}x{LENGTH}",
-              "micro_batch_size": args.micro_batch_size, "chunk_size": args.chunk_size,
-              "remat": args.remat, "matmul_peak_gflops": round(peak / 1e9, 1)}
-
-    plain = None
-    if "plain" in args.only.split(","):
-        seconds = time_plain_forward_backward(cfg, batch, args.repeats)
-        plain = 3 * forward_flops / seconds / peak
-        print(json.dumps({"config": "plain", "step_time_s": round(seconds, 3),
-                          "tokens_per_s": round(tokens / seconds, 1),
-                          "model_tflops": round(3 * forward_flops / 1e12, 3), "mfu": round(plain, 3),
-                          **common, **environment_info()}), flush=True)
+    wanted = args.only.split(",")
+    runners, model_flops = {"matmul_peak": peak_runner()}, {"matmul_peak": 2.0 * 2048 ** 3}
+    if "plain" in wanted:
+        runners["plain"], model_flops["plain"] = plain_runner(cfg, batch), 3 * forward_flops
     for name, beta in (("policy", 0.0), ("policy+ref", 0.04)):
-        if name not in args.only.split(","):
-            continue
-        tcfg = ts.TrainConfig(loss_type="grpo", beta=beta, chunk_size=args.chunk_size,
-                              micro_batch_size=args.micro_batch_size)
-        seconds = time_train_step(cfg, batch, tcfg, args.repeats)
-        flops = (3 + (beta > 0)) * forward_flops
-        mfu = flops / seconds / peak
-        row = {"config": name, "step_time_s": round(seconds, 3),
-               "tokens_per_s": round(tokens / seconds, 1), "model_tflops": round(flops / 1e12, 3),
-               "mfu": round(mfu, 3), "plain_mfu": None if plain is None else round(plain, 3),
-               **common, **environment_info()}
-        print(json.dumps(row), flush=True)
-    print(json.dumps({"matmul_peak_gflops_after": round(matmul_peak_flops() / 1e9, 1),
-                      "load_avg_1m": load_average()}), flush=True)
+        if name in wanted:
+            tcfg = ts.TrainConfig(loss_type="grpo", beta=beta, chunk_size=args.chunk_size,
+                                  micro_batch_size=args.micro_batch_size)
+            runners[name] = train_step_runner(cfg, batch, tcfg)
+            model_flops[name] = (3 + (beta > 0)) * forward_flops
+    peak_before = matmul_peak_flops()
+    times = interleaved_times(runners, args.repeats)
+    peak_after = matmul_peak_flops()
+    peak_wall, peak_cpu, _ = times.pop("matmul_peak")
+    # The peak is the best of the matmul's rates (a single matmul timed between long steps can
+    # run below its sustained rate); a higher peak gives a lower, conservative MFU.
+    peak_interleaved = model_flops["matmul_peak"] / peak_wall
+    peak = max(peak_interleaved, peak_before, peak_after)
+    mfu = {name: model_flops[name] / wall / peak for name, (wall, _, _) in times.items()}
+    env = environment_info()
+    for name, (wall, cpu, all_wall) in times.items():
+        print(json.dumps({
+            "config": name,
+            "tokens_per_s": round(tokens / wall, 1),
+            "step_time_s": round(wall, 3),
+            "step_times_s": [round(t, 3) for t in all_wall],
+            "model_tflops": round(model_flops[name] / 1e12, 4),
+            "mfu": round(mfu[name], 3),
+            "plain_mfu": round(mfu["plain"], 3) if "plain" in mfu else None,
+            # The same ratio from process CPU time: other processes' load does not inflate it.
+            "process_cpu_s": round(cpu, 3),
+            "mfu_by_cpu_time": round(model_flops[name] / cpu / (model_flops["matmul_peak"] / peak_cpu), 3),
+            "matmul_peak_gflops": round(peak / 1e9, 1),
+            "matmul_peak_gflops_measured": {"before": round(peak_before / 1e9, 1),
+                                            "interleaved": round(peak_interleaved / 1e9, 1),
+                                            "after": round(peak_after / 1e9, 1)},
+            "model": "qwen2 d512 L8 H8/2 Dh64 F1408 V8192 float32", "batch": f"{rows}x{LENGTH}",
+            "micro_batch_size": args.micro_batch_size, "chunk_size": args.chunk_size,
+            "remat": args.remat, "repeats": args.repeats, **env}), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,19 +2,23 @@ r"""The default CPU experiment: a tiny model learns to use a calculator tool wit
 
     python experiments/train.py --config configs/calculator_tiny.py --workdir /tmp/calculator_tiny
 
-Task: "What is 347 * 29?" (2-3 digit multiplication). The model may write <calc>347*29</calc>;
-the tool replies with the product; the episode ends with <answer>N</answer>. Reward:
-correct answer 1.0 + strict format 0.2 + tool used 0.1.
+Task: "What is 527 * 344?" (3-digit x 3-digit, operands 317..999 so every product has 6
+digits). The model may write <calc>527*344</calc>; the tool replies with the product; the
+episode ends with <answer>181288</answer>. Reward: correct answer 1.0 + strict format 0.2 +
+tool used 0.1.
 
 1. A sentencepiece tokenizer (320 pieces, digits split) is trained on the task's texts.
-2. Warm start: a 0.8M-parameter Qwen2-style model is trained from scratch on demonstrations,
-   of which only 30% use the calculator; the rest state the answer directly (the model cannot
-   multiply 3-digit numbers in its head, so those answers are guesses after the warm start).
-3. GRPO: 8 prompts x 8 completions per step. Correct answers come almost only from tool use,
-   so the group-relative advantage pushes the policy to call the tool.
+2. Warm start (800 steps): a 0.4M-parameter Qwen2-style model is trained from scratch on
+   demonstrations of which 40% call the calculator and 60% skip it and restate the expression
+   (`<answer>527*344</answer>`: well formed, never correct). It learns both ways and prefers
+   the second: greedy decoding never calls the tool, sampling calls it ~40% of the time, and
+   when it does, it copies operands and result correctly (~97%).
+3. GRPO (40 steps, 8 prompts x 8 completions): only tool calls earn the correctness reward, so
+   group-relative advantages move the policy to call the calculator.
 
-Held-out greedy accuracy and tool-call rate are printed before and after GRPO.
-Expected (2 CPU cores): ~10 minutes in all; accuracy rises from ~0.2 to ~0.7 or more.
+Held-out greedy accuracy and tool-call rate (200 problems) are printed before and after GRPO.
+Measured on 2 CPU cores (3 seeds, README): 3.6 minutes in all; accuracy 0.00 -> 1.00 and
+tool-call rate 0.00 -> 1.00 for seed 0.
 
 `:runlocal` is a seconds-long smoke variant (tests).
 """
@@ -28,7 +32,7 @@ def get_config(arg: str = ""):
 
     c.model.model_type = "qwen2"
     c.model.d_model = 128
-    c.model.n_layers = 4
+    c.model.n_layers = 2
     c.model.n_heads = 4
     c.model.n_kv_heads = 2
     c.model.head_dim = 32
@@ -39,20 +43,21 @@ def get_config(arg: str = ""):
     c.tokenizer.train_vocab_size = 320
 
     c.env.name = "calculator"
-    c.env.kwargs.difficulty = "medium"
+    c.env.kwargs.difficulty = "3x3"
     c.env.kwargs.tool_format = "compact"
     c.env.kwargs.system_prompt = ""
     c.env.kwargs.max_turns = 3
     c.env.num_train = 4000
 
-    c.sft.steps = 300
-    c.sft.batch_size = 32
-    c.sft.learning_rate = 3e-3
+    c.sft.steps = 0
+    c.sft.mixed_steps = 800
+    c.sft.batch_size = 16
+    c.sft.mixed_learning_rate = 3e-3
     c.sft.num_demos = 3000
-    c.sft.direct_answer_fraction = 0.7
+    c.sft.direct_answer_fraction = 0.6
 
     c.sampling.temperature = 1.0
-    c.sampling.max_new_tokens = 24
+    c.sampling.max_new_tokens = 16
     c.sampling.prompt_bucket = 32
 
     c.rollout.group_size = 8
@@ -62,7 +67,7 @@ def get_config(arg: str = ""):
     c.grpo.loss_type = "grpo"
     c.grpo.beta = 0.0
 
-    c.optim.learning_rate = 1e-3
+    c.optim.learning_rate = 3e-4
     c.optim.max_grad_norm = 1.0
 
     c.train.num_steps = 40
@@ -80,7 +85,7 @@ def get_config(arg: str = ""):
         c.model.d_ff = 64
         c.tokenizer.corpus_rows = 200
         c.env.num_train = 64
-        c.sft.steps = 3
+        c.sft.mixed_steps = 4
         c.sft.batch_size = 8
         c.sft.num_demos = 16
         c.sft.log_every = 1

@@ -72,6 +72,12 @@ def test_arithmetic_answers_and_difficulty():
     for row in medium:
         a, op, b = row["info"]["expression"].split()
         assert op == "*" and 10 <= int(a) <= 999 and 10 <= int(b) <= 999
+    # "3x3": operands 317..999, so every product has exactly 6 digits.
+    for row in CalculatorEnv("3x3").dataset("train", 200):
+        a, op, b = row["info"]["expression"].split()
+        assert op == "*" and 317 <= int(a) <= 999 and 317 <= int(b) <= 999 and len(row["answer"]) == 6
+    with pytest.raises(ValueError, match="min_operand"):
+        ArithmeticEnv(ArithmeticSpec(2, 1, 2, ("+",), min_operand=500)).dataset("train", 5)
 
 
 def test_countdown_solutions():

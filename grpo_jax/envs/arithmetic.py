@@ -30,15 +30,17 @@ class ArithmeticSpec:
     min_digits: int = 1
     max_digits: int = 2
     ops: tuple[str, ...] = ("+", "-", "*")
+    min_operand: int = 0          # operands are at least this (e.g. to fix a product's width)
 
 
 DIFFICULTIES = {
     "easy": ArithmeticSpec(2, 1, 2, ("+", "-", "*")),
     "medium": ArithmeticSpec(2, 2, 3, ("*",)),
     "hard": ArithmeticSpec(3, 1, 3, ("+", "-", "*")),
-    # 3-digit times 3-digit: fixed-width operands put every digit a copy needs at a fixed offset,
-    # which a tiny model learns quickly (the calculator task's default CPU experiment).
-    "3x3": ArithmeticSpec(2, 3, 3, ("*",)),
+    # 3-digit times 3-digit, operands 317..999 so that every product has 6 digits: operands and
+    # results of fixed width put every digit a copy needs at a fixed offset, which a tiny model
+    # learns reliably (the calculator task's default CPU experiment).
+    "3x3": ArithmeticSpec(2, 3, 3, ("*",), min_operand=317),
 }
 
 
@@ -48,7 +50,10 @@ def spec_for(difficulty: str | ArithmeticSpec) -> ArithmeticSpec:
 
 def _operand(rng: np.random.Generator, spec: ArithmeticSpec) -> int:
     digits = int(rng.integers(spec.min_digits, spec.max_digits + 1))
-    return int(rng.integers(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits))
+    low = max(10 ** (digits - 1) if digits > 1 else 0, spec.min_operand)
+    if low >= 10 ** digits:
+        raise ValueError(f"no {digits}-digit operand is >= min_operand={spec.min_operand}")
+    return int(rng.integers(low, 10 ** digits))
 
 
 def _expression(rng: np.random.Generator, spec: ArithmeticSpec, count: int) -> tuple[str, bool]:
