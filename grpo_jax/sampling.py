@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from grpo_jax import sharding as sharding_lib
+
 STOP_LENGTH, STOP_TOKEN = 0, 1  # values of Samples.stop_reason
 
 
@@ -315,7 +317,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key, config, *, row_ids=No
                     cache_length=cache_length)
     # Fusing q/k/v and gate/up concatenates weights along their head / MLP axes, which would
     # regather them when those axes are sharded: fuse only unsharded weights.
-    fuse = all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(state) if hasattr(x, "sharding"))
+    fuse = sharding_lib.on_one_device(state)
     loop = _decode(graphdef, state, loop, row_ids_N, key, cfg=cfg, fuse=fuse)
     out_tokens, out_logprobs, done = jax.device_get((loop.tokens, loop.logprobs, loop.done))
     out_tokens, out_logprobs, done = out_tokens[:rows], out_logprobs[:rows], done[:rows]

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from grpo_jax.sharding import on_one_device
 from grpo_jax.models.logprobs import token_logprobs
 from grpo_jax.train_step import TrainState, init_train_state, split_params
 
@@ -97,11 +98,12 @@ class SFTConfig:
 
 def make_sft_step(model: nnx.Module, optimizer: optax.GradientTransformation, chunk_size: int):
     """A jitted `(state, batch) -> (state, metrics)` minimising the masked token NLL."""
-    graphdef, _, rest = split_params(model)
+    graphdef, params, rest = split_params(model)
+    fuse = on_one_device(params)  # fused projections would regather sharded weights
 
     def loss_fn(params, batch):
         policy = nnx.merge(graphdef, params, rest)
-        hidden = policy.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+        hidden = policy.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], fuse=fuse)
         logps = token_logprobs(hidden[:, :-1], policy.unembedding(), batch["tokens"][:, 1:],
                                chunk_size=chunk_size)
         mask = batch["loss_mask"][:, 1:]

@@ -178,3 +178,8 @@ def describe(model: nnx.Module) -> dict[str, str]:
         spec = getattr(getattr(value, "sharding", None), "spec", None)
         out[name] = f"{tuple(value.shape)} @ {spec}"
     return out
+
+
+def on_one_device(tree) -> bool:
+    """Whether every array of `tree` lives on a single device (nothing sharded or replicated)."""
+    return all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(tree) if hasattr(x, "sharding"))

@@ -83,6 +83,7 @@ class TrainConfig:
     use_sampler_logps_as_old: bool = True     # False: old log-probs from the policy in-step
     tis_cap: float | None = None              # truncated importance sampling cap (needs False above)
     cispo_clip_low: bool = False              # cispo: also clip its weight below at 1 - epsilon
+    fuse_projections: bool = True             # q/k/v, gate/up as one matmul each where unsharded
 
     def __post_init__(self):
         if self.loss_type not in grpo.LOSS_TYPES:
@@ -227,9 +228,10 @@ def prepare_batch(batch: Mapping[str, jax.Array], cfg: TrainConfig) -> dict[str,
     return prepared
 
 
-def score_tokens(model, micro: Mapping[str, jax.Array], cfg: TrainConfig, *, return_entropy=False):
+def score_tokens(model, micro: Mapping[str, jax.Array], cfg: TrainConfig, *, return_entropy=False,
+                 fuse: bool = False):
     """log pi(tokens[:, t+1] | tokens[:, :t+1]) at the temperature: [B, T - 1] (and entropy)."""
-    hidden_BTD = model.hidden_states(micro["tokens"], micro["positions"], micro["segment_ids"])
+    hidden_BTD = model.hidden_states(micro["tokens"], micro["positions"], micro["segment_ids"], fuse=fuse)
     return token_logprobs(hidden_BTD[:, :-1], model.unembedding(), micro["tokens"][:, 1:],
                           temperature=cfg.temperature, chunk_size=cfg.chunk_size,
                           return_entropy=return_entropy)
@@ -308,6 +310,16 @@ def _reduce_metric_sums(sums_KM: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
+def projections_unsharded(mesh, rules=sharding_lib.DEFAULT_RULES) -> bool:
+    """Whether the head and MLP axes of the weights are unsplit on `mesh`, so that q/k/v and
+    gate/up can be concatenated without regathering (see `Transformer.hidden_states(fuse=)`)."""
+    if mesh is None:
+        return True
+    return all(spec == PartitionSpec(None) or spec == PartitionSpec()
+               for spec in (sharding_lib.logical_to_spec((axis,), None, mesh, rules)
+                            for axis in ("heads", "kv_heads", "mlp")))
+
+
 def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, cfg: TrainConfig,
                     *, mesh=None, rules=sharding_lib.DEFAULT_RULES,
                     compiler_options: Mapping[str, Any] | None = None) -> Callable:
@@ -336,9 +348,11 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
     def forward(params):
         return nnx.merge(graphdef, params, rest)
 
+    fuse = cfg.fuse_projections and projections_unsharded(mesh, rules)
+
     def micro_loss(params, micro, old_BT, ref_BT, normalizer, use_current_as_old):
         policy = forward(params)
-        hidden = policy.hidden_states(micro["tokens"], micro["positions"], micro["segment_ids"])
+        hidden = policy.hidden_states(micro["tokens"], micro["positions"], micro["segment_ids"], fuse=fuse)
         return loss_from_hidden(hidden, policy.unembedding(), micro, cfg, normalizer=normalizer,
                                 old_logps_BT=old_BT, ref_logps_BT=ref_BT,
                                 use_current_as_old=use_current_as_old)
@@ -374,7 +388,7 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
         ref_logps = None
         if uses_ref:
             ref_model = forward(ref_params)  # outside grad_fn: no gradient reaches it
-            ref_logps = jax.lax.map(lambda m: score_tokens(ref_model, m, cfg), micro)
+            ref_logps = jax.lax.map(lambda m: score_tokens(ref_model, m, cfg, fuse=fuse), micro)
         if keeps_sampler_old:
             old_logps = micro["sampler_logps"]
         else:  # placeholder, filled by the first iteration's own log-probs

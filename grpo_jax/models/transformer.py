@@ -77,29 +77,20 @@ def apply_rope(x_BTHD, cos_BTD, sin_BTD):
     return x_BTHD * cos_BTD[:, :, None, :] + rotated * sin_BTD[:, :, None, :]
 
 
-def cached_attention(q_BTHD, k_BKSD, v_BKSD, mask_BTS):
-    """`attention` over a head-major cache; scores and softmax in float32."""
+def attention(q_BTHD, k, v, mask_BTS, *, head_major: bool = False):
+    """Grouped-query softmax attention; scores and softmax in float32, no K/V repetition.
+
+    k, v are [B, S, Hkv, Dh], or [B, Hkv, S, Dh] with `head_major` (the KV cache's layout).
+    """
     b, t, h, d = q_BTHD.shape
-    kv_heads = k_BKSD.shape[1]
+    kv = "bksd" if head_major else "bskd"
+    kv_heads = k.shape[1 if head_major else 2]
     q = q_BTHD.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_BKSD, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (d ** -0.5)
     scores = jnp.where(mask_BTS[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSD.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_BKSD)
-    return out.reshape(b, t, h, d)
-
-
-def attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS):
-    """Grouped-query softmax attention; scores and softmax in float32, no K/V repetition."""
-    b, t, h, d = q_BTHD.shape
-    kv_heads = k_BSKD.shape[2]
-    q = q_BTHD.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD, preferred_element_type=jnp.float32)
-    scores = scores * (d ** -0.5)
-    scores = jnp.where(mask_BTS[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKD.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
 
@@ -224,7 +215,7 @@ class Transformer(nnx.Module):
     def _embed(self, tokens_BT):
         return jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.config.compute_dtype)
 
-    def _scan_layers(self, x_BTD, positions_BT, attend_fn, carry_extra, xs_extra=None):
+    def _scan_layers(self, x_BTD, positions_BT, attend_fn, carry_extra, xs_extra=None, fuse=False):
         """Runs every layer; `attend_fn(q, k, v, carry_extra, xs_extra, layer) -> (out, carry)`."""
         cfg = self.config
         cos, sin = rope_cos_sin(positions_BT, rope_inv_freq(cfg), cfg.compute_dtype)
@@ -232,6 +223,8 @@ class Transformer(nnx.Module):
         def body(carry, xs):
             x, extra, layer = carry
             params, layer_xs = xs
+            if fuse:  # concatenated here, so gradients flow back to the separate weights
+                params = fuse_layer(cfg, params)
             attend = lambda q, k, v: attend_fn(q, k, v, extra, layer_xs, layer)
             x, extra = _layer(cfg, params, x, cos, sin, attend)
             return (x, extra, layer + 1), None
@@ -243,8 +236,13 @@ class Transformer(nnx.Module):
         return rms_norm(x_BTD, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps), carry_extra
 
     # -- full forward (training, scoring) -------------------------------------------------------
-    def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> jax.Array:
-        """Final-normed hidden states [B, T, D] (feed to `logits_from_hidden` or chunked log-probs)."""
+    def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *,
+                      fuse: bool = False) -> jax.Array:
+        """Final-normed hidden states [B, T, D] (feed to `logits_from_hidden` or chunked log-probs).
+
+        `fuse`: q/k/v and gate/up as one wide matmul each (`fuse_layer`, same values and
+        gradients; faster on CPU). Only for weights whose head / MLP axes are not sharded.
+        """
         b, t = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -257,7 +255,7 @@ class Transformer(nnx.Module):
         def attend(q, k, v, extra, layer_xs, layer):
             return attention(q, k, v, mask_BTS), extra
 
-        hidden, _ = self._scan_layers(self._embed(tokens_BT), positions_BT, attend, ())
+        hidden, _ = self._scan_layers(self._embed(tokens_BT), positions_BT, attend, (), fuse=fuse)
         return hidden
 
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> jax.Array:
@@ -305,7 +303,7 @@ class Transformer(nnx.Module):
                     k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), (zero, zero, start, zero))
                 v_cache = jax.lax.dynamic_update_slice(
                     v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (zero, zero, start, zero))
-                out = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BTS)
+                out = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BTS, head_major=True)
                 return out, (k_cache, v_cache)
 
             x, (k_cache, v_cache) = _layer(cfg, params, x, cos, sin, attend)
