@@ -26,8 +26,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from grpo_jax.sharding import on_one_device
 from grpo_jax.models.logprobs import token_logprobs
+from grpo_jax.sharding import on_one_device
 from grpo_jax.train_step import TrainState, init_train_state, split_params
 
 log = logging.getLogger(__name__)
