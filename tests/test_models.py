@@ -158,20 +158,33 @@ def test_chunked_logprobs_equal_log_softmax():
         np.testing.assert_allclose(got, ref, atol=2e-5)
         np.testing.assert_allclose(entropy, ref_entropy, atol=2e-5)
 
-    # Gradients agree too (the chunks are rematerialised in the backward pass).
+    # Gradients agree too (the hand-written backward pass), for log-probs and entropy together,
+    # with a temperature and with chunks that do / do not divide the vocabulary.
     hidden = jax.jit(lambda m, t: m.hidden_states(t))(model, tokens)[:, :-1]
     w = model.unembedding()
+    targets = tokens[:, 1:]
+    g_logp, g_entropy = jax.random.normal(jax.random.key(1), (2,) + targets.shape)
 
-    def full(h, w):
-        lp = jax.nn.log_softmax(jnp.einsum("btd,vd->btv", h, w))
-        return jnp.sum(jnp.take_along_axis(lp, tokens[:, 1:, None], -1) ** 2)
+    def full(h, w, temperature):
+        lp = jax.nn.log_softmax(jnp.einsum("btd,vd->btv", h, w) / temperature)
+        entropy = -jnp.sum(jnp.exp(lp) * lp, -1)
+        return jnp.sum(jnp.take_along_axis(lp, targets[..., None], -1)[..., 0] * g_logp + entropy * g_entropy)
 
+    def chunked(h, w, temperature, chunk):
+        lp, entropy = token_logprobs(h, w, targets, temperature=temperature, chunk_size=chunk,
+                                     return_entropy=True)
+        return jnp.sum(lp * g_logp + entropy * g_entropy)
 
-    def chunked(h, w):
-        return jnp.sum(token_logprobs(h, w, tokens[:, 1:], chunk_size=100) ** 2)
-
-    g_ref = jax.grad(full, argnums=(0, 1))(hidden, w)
-    g_got = jax.jit(jax.grad(chunked, argnums=(0, 1)))(hidden, w)
+    for temperature, chunk in ((1.0, 100), (0.7, 64), (0.7, 250)):
+        g_ref = jax.grad(full, argnums=(0, 1))(hidden, w, temperature)
+        g_got = jax.jit(jax.grad(chunked, argnums=(0, 1)), static_argnums=(2, 3))(hidden, w, temperature, chunk)
+        for a, b in zip(g_got, g_ref):
+            np.testing.assert_allclose(a, b, atol=1e-4)
+    # Log-probs alone (no entropy output): the same gradient as the full softmax.
+    g_ref = jax.grad(lambda h, w: jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(
+        jnp.einsum("btd,vd->btv", h, w)), targets[..., None], -1)[..., 0] * g_logp), argnums=(0, 1))(hidden, w)
+    g_got = jax.grad(lambda h, w: jnp.sum(token_logprobs(h, w, targets, chunk_size=100) * g_logp),
+                     argnums=(0, 1))(hidden, w)
     for a, b in zip(g_got, g_ref):
         np.testing.assert_allclose(a, b, atol=1e-4)
 

@@ -135,18 +135,21 @@ def test_sharded_step_matches_one_device():
     cfg = ts.TrainConfig(loss_type="bnpo", micro_batch_size=4, num_iterations=2, beta=0.05,
                          fuse_projections=False)
     ref = nnx.split(create_model(MODEL, 5), nnx.Param, ...)[1]
-    single, m_single = _one_step(cfg, batch, ref_params=ref)
+    # SGD: the update is the gradient. (Adam's m / sqrt(v) turns float-rounding differences of
+    # near-zero gradients into updates of up to the learning rate, so it cannot be compared tightly.)
+    single, m_single = _one_step(cfg, batch, SGD, ref_params=ref)
     mesh = sharding.make_mesh(data=1, fsdp=2, tp=4)
     ref_sharded = nnx.split(create_model(MODEL, 5, mesh=mesh), nnx.Param, ...)[1]
-    sharded, m_sharded = _one_step(cfg, batch, mesh=mesh, ref_params=ref_sharded)
-    assert _max_diff(single.params, sharded.params) < 2e-5
+    sharded, m_sharded = _one_step(cfg, batch, SGD, mesh=mesh, ref_params=ref_sharded)
+    assert _max_diff(single.params, sharded.params) < 1e-6
     for name in m_single:
         np.testing.assert_allclose(m_sharded[name], m_single[name], rtol=1e-4, atol=1e-6, err_msg=name)
     assert float(m_single["kl"]) > 0
     # The state stays in its logical-axis sharding (w_gate: [layers, embed, mlp] -> fsdp, tp).
     spec = sharded.params["layers"]["w_gate"][...].sharding.spec
     assert tuple(spec) == (None, "fsdp", "tp")
-    mu = optax.tree_utils.tree_get(sharded.opt_state, "mu")  # Adam's first moment: the same
+    adam, _ = _one_step(cfg, batch, mesh=mesh, ref_params=ref_sharded)
+    mu = optax.tree_utils.tree_get(adam.opt_state, "mu")  # Adam's first moment: the same
     assert tuple(mu["layers"]["w_gate"][...].sharding.spec) == (None, "fsdp", "tp")
 
 
