@@ -1,4 +1,5 @@
-"""Tests for the pure GRPO math: advantages, the loss family, (sum, count) normalisation.
+"""Tests for the pure GRPO math: the loss family and its (sum, count) normalisation
+(group advantages: test_advantages.py).
 
 Reference values come from plain-Python loops over the published formulas
 (``reference_loss``), written independently of the vectorised implementation.
@@ -17,9 +18,6 @@ CLIPPED_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo")
 EPS, EPS_HIGH, DELTA, BETA, MAX_LEN = 0.2, 0.28, 3.0, 0.05, 7
 GSPO_EPS, GSPO_EPS_HIGH = 0.01, 0.02  # GSPO clips the sequence ratio much tighter
 
-# Advantage tests use many shapes: one compilation per call is cheaper than op by op.
-group_advantages = jax.jit(grpo.group_advantages,
-                           static_argnames=("group_size", "scale", "ddof", "return_info"))
 # The loss tests run op by op: every configuration shares the same few shapes, so the
 # per-operation compilations are reused, where a jit per configuration would recompile.
 
@@ -147,75 +145,6 @@ def assert_metrics_close(metrics, expected, rtol=1e-5, atol=1e-6):
     for name, value in expected.items():
         np.testing.assert_allclose(np.asarray(metrics[name]), value, rtol=rtol, atol=atol,
                                    err_msg=name)
-
-
-# ----------------------------------------------------------------------------
-# Advantages
-# ----------------------------------------------------------------------------
-
-def test_advantages_zero_mean_per_group_and_unit_std():
-    rewards = np.random.default_rng(0).normal(size=24).astype(np.float32)
-    adv = np.asarray(group_advantages(rewards, 6, eps=0.0)).reshape(4, 6)
-    np.testing.assert_allclose(adv.mean(axis=1), 0.0, atol=1e-6)
-    np.testing.assert_allclose(adv.std(axis=1), 1.0, rtol=1e-5)
-
-
-def test_advantages_group_scale_by_hand():
-    adv = group_advantages(np.array([1.0, 0.0, 0.0, 1.0, 3.0, 1.0, 2.0, 2.0]), 4, eps=1e-4)
-    # group 0: mean .5, std .5; group 1: mean 2, std sqrt(.5)
-    expected = [0.5 / 0.5001, -0.5 / 0.5001, -0.5 / 0.5001, 0.5 / 0.5001,
-                1 / (math.sqrt(0.5) + 1e-4), -1 / (math.sqrt(0.5) + 1e-4), 0.0, 0.0]
-    np.testing.assert_allclose(adv, expected, rtol=1e-6)
-    adv1 = group_advantages(np.array([1.0, 0.0]), 2, eps=0.0, ddof=1)
-    np.testing.assert_allclose(adv1, [0.5 / math.sqrt(0.5), -0.5 / math.sqrt(0.5)], rtol=1e-6)
-
-
-def test_advantages_exactly_zero_when_group_rewards_equal():
-    # In float32, 7 * 0.1 / 7 != 0.1 (and 3 * 0.9 / 3 != 0.9): a mean-subtracted reward is
-    # ~1e-8, which a tiny std would blow up. Equal rewards must still give exact zeros.
-    rewards = np.array([0.1] * 7 + [0.9] * 7 + [0.0, 1.0, 0.25, 0.0, 0.0, 0.0, 0.0], np.float32)
-    assert np.float32(rewards[:7].sum(dtype=np.float32) / np.float32(7)) != rewards[0]
-    for scale in grpo.ADVANTAGE_SCALES:
-        adv, info = group_advantages(rewards, 7, scale=scale, return_info=True)
-        assert np.all(np.asarray(adv)[:14] == 0.0), scale
-        assert np.all(np.asarray(adv)[14:17] != 0.0), scale
-        np.testing.assert_allclose(info["frac_reward_zero_std"], 2 / 3)
-
-
-def test_advantages_nan_rewards_left_out_and_counted():
-    rewards = np.array([1.0, np.nan, 0.0, 2.0, np.nan, np.nan, 5.0, 5.0, np.nan, 4.0, 4.0, 4.0])
-    adv, info = group_advantages(rewards, 4, eps=0.0, return_info=True)
-    adv = np.asarray(adv)
-    # group 0 valid {1, 0, 2}: mean 1, population std sqrt(2/3)
-    s = math.sqrt(2 / 3)
-    np.testing.assert_allclose(adv[:4], [0.0, 0.0, -1 / s, 1 / s], rtol=1e-6)
-    assert adv[1] == 0.0 and np.all(np.isfinite(adv))
-    assert np.all(adv[4:] == 0.0)        # {5, 5} and {4, 4, 4}: zero std
-    assert int(info["num_nan_rewards"]) == 4
-    np.testing.assert_allclose(info["frac_reward_zero_std"], 2 / 3)
-    all_nan, info = group_advantages(np.full(4, np.nan), 2, return_info=True)
-    assert np.all(np.asarray(all_nan) == 0.0) and int(info["num_nan_rewards"]) == 4
-
-
-def test_advantages_batch_and_none_scales_by_hand():
-    rewards = np.array([1.0, 3.0, 0.0, 4.0, np.nan, 2.0])
-    none = group_advantages(rewards, 2, scale="none")
-    np.testing.assert_allclose(none, [-1.0, 1.0, -2.0, 2.0, 0.0, 0.0], rtol=1e-6)
-    valid = np.array([1.0, 3.0, 0.0, 4.0, 2.0])
-    batch_std = math.sqrt(np.mean((valid - valid.mean()) ** 2))
-    batch = group_advantages(rewards, 2, scale="batch", eps=1e-4)
-    expected = np.array([-1.0, 1.0, -2.0, 2.0, 0.0, 0.0]) / (batch_std + 1e-4)
-    np.testing.assert_allclose(batch, expected, rtol=1e-6)
-
-
-def test_advantages_validation():
-    rewards = np.zeros(12, np.float32)
-    with pytest.raises(ValueError, match="not divisible"):
-        grpo.group_advantages(rewards, 5)
-    with pytest.raises(ValueError, match="'group', 'batch', 'none'"):
-        grpo.group_advantages(rewards, 4, scale="std")
-    with pytest.raises(ValueError, match=r"\[B\]"):
-        grpo.group_advantages(rewards.reshape(3, 4), 4)
 
 
 # ----------------------------------------------------------------------------
