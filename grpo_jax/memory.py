@@ -22,7 +22,8 @@ Categories and their assumptions (the table repeats them):
                does (optax's Adam then keeps its moments in the param dtype).
                Moments shard like their parameters; counters and hyper-parameters are replicated.
 - reference:   the frozen reference policy for the KL term (beta > 0), sharded like the params.
-- kv_cache:    the sampler's cache k, v [L, B, Hkv, S, Dh] with logical axes
+- kv_cache:    the sampler's cache k, v (L x [B, Hkv, S, Dh], k stored as [B, Hkv, Dh, S]: the
+               same bytes) with logical axes
                ("layers", "batch", "cache_seq", "kv_heads", "head_dim") and kv_valid [B, S]:
                rows over (data, fsdp), KV heads over tp.
 - activations: a rough *estimate* for one forward + backward of `train_batch` rows of
