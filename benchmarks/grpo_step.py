@@ -1,12 +1,14 @@
 """One full GRPO step of grpo_jax vs TRL's GRPOTrainer (PyTorch CPU), same weights and shapes.
 
-    python benchmarks/grpo_step.py [--steps 3] [--trl-steps 2] [--quick]
+    python benchmarks/grpo_step.py [--steps 3] [--trl-steps 2] [--micro-batch-size 8] [--quick]
 
 A random Qwen2-style checkpoint (hidden 512, 8 layers, 8 heads / 2 KV heads, intermediate 1408,
 vocab 8192), 4 prompts x 8 completions, prompts of 64 tokens, completions of exactly 128 tokens,
-for beta 0.04 (reference model on) and beta 0. One JSON line per beta with the median step time
-of each side, the ratio, our step split into sampling / reference / update, and the compute floor
-(the step's matmul FLOPs over a float32 matmul peak measured in the same run).
+for beta 0.04 (reference model on) and beta 0, the update in micro-batches of 8 rows on both
+sides (gradient accumulation; on CPU a smaller working set runs faster). One JSON line per beta
+with the median step time of each side, the ratio, our step split into sampling / reference /
+update, and the compute floor (the step's matmul FLOPs over a float32 matmul peak measured in
+the same run).
 
 Our step, as the trainer runs it: `sampling.generate` (one prefill per prompt shared by its
 group of 8, 128 decode steps) -> rewards on the host -> `group_advantages` -> the compiled train
@@ -43,23 +45,31 @@ from grpo_jax.models.logprobs import token_logprobs  # noqa: E402
 PROMPTS, GROUP, PROMPT_LEN, NEW = 4, 8, 64, 128
 
 
-def our_step(model, cfg, prompt_ids, beta: float, steps: int):
+def our_step(model, cfg, prompt_ids, beta: float, steps: int, micro_batch_size: int | None):
     """Median seconds of a whole step and of its parts over `steps` steps (after one warm-up)."""
     optimizer = optim.make_optimizer(1e-6)
     state = ts.init_train_state(model, optimizer, jax.random.key(0))
     graphdef, _, rest = ts.split_params(model)
     ref_params = jax.tree.map(jnp.copy, state.params) if beta > 0 else None
-    tcfg = ts.TrainConfig(loss_type="grpo", beta=beta, temperature=1.0)
+    tcfg = ts.TrainConfig(loss_type="grpo", beta=beta, temperature=1.0, micro_batch_size=micro_batch_size)
     step_fn = ts.make_train_step(model, optimizer, tcfg)
     sc = sampling.SamplingConfig(max_new_tokens=NEW, temperature=1.0, n=GROUP, prompt_bucket=PROMPT_LEN,
                                  batch_bucket=PROMPTS)
     advantages_fn = jax.jit(group_advantages, static_argnums=(1,))
 
+    rows = PROMPTS * GROUP
+    micro = micro_batch_size or rows
+
     @jax.jit
-    def reference(params, tokens, positions):
+    def reference(params, tokens, positions):  # as the step runs it: micro-batch by micro-batch
         policy = nnx.merge(graphdef, params, rest)
-        hidden = policy.hidden_states(tokens, positions, None, fuse=True)  # as the step runs it
-        return token_logprobs(hidden[:, :-1], policy.unembedding(), tokens[:, 1:])
+
+        def score(tp):
+            hidden = policy.hidden_states(tp[0], tp[1], None, fuse=True)
+            return token_logprobs(hidden[:, :-1], policy.unembedding(), tp[0][:, 1:])
+
+        split = lambda x: x.reshape((rows // micro, micro) + x.shape[1:])  # noqa: E731
+        return jax.lax.map(score, (split(tokens), split(positions)))
 
     times = {"step": [], "sampling": [], "train_step": [], "reference": []}
     for i in range(steps + 1):
@@ -110,6 +120,8 @@ def main():
     parser.add_argument("--trl-warmup", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2 layers (smoke test)")
     parser.add_argument("--betas", default="0.04,0")
+    parser.add_argument("--micro-batch-size", type=int, default=8,
+                        help="rows per forward/backward, both sides (gradient accumulation); 0: all 32")
     args = parser.parse_args()
 
     cfg = MODEL.replace(n_layers=2, vocab_size=1024) if args.quick else MODEL
@@ -121,16 +133,18 @@ def main():
         save_hf(model, checkpoint)
         for beta in (float(b) for b in args.betas.split(",")):
             peak = matmul_peak_flops()
-            ours = our_step(model, cfg, prompt_sets, beta, args.steps)
+            micro = args.micro_batch_size or None
+            ours = our_step(model, cfg, prompt_sets, beta, args.steps, micro)
             trl = measure_trl_grpo_step(
                 checkpoint, num_prompts=PROMPTS, group_size=GROUP, prompt_len=PROMPT_LEN, completion_len=NEW,
                 beta=beta, steps=args.trl_steps, warmup=args.trl_warmup,
-                prompt_ids=[p for s in prompt_sets[: args.trl_steps + args.trl_warmup] for p in s])
+                prompt_ids=[p for s in prompt_sets[: args.trl_steps + args.trl_warmup] for p in s],
+                micro_batch_size=micro)
             flops = step_flops(cfg, beta)
             floor_s = flops / peak
             print(json.dumps({
                 "benchmark": "grpo_step", "beta": beta, "prompts": PROMPTS, "group_size": GROUP,
-                "prompt_len": PROMPT_LEN, "completion_len": NEW,
+                "prompt_len": PROMPT_LEN, "completion_len": NEW, "micro_batch_size": micro or PROMPTS * GROUP,
                 "grpo_jax_step_s": round(ours["step"], 3), "trl_step_s": round(trl["median_step_s"], 3),
                 "speedup_vs_trl": round(trl["median_step_s"] / ours["step"], 2),
                 "grpo_jax_split_s": {"sampling": round(ours["sampling"], 3),

@@ -175,7 +175,9 @@ def main():
                                             "interleaved": round(peak_interleaved / 1e9, 1),
                                             "after": round(peak_after / 1e9, 1)},
             "model": "qwen2 d512 L8 H8/2 Dh64 F1408 V8192 float32", "batch": f"{rows}x{LENGTH}",
-            "micro_batch_size": args.micro_batch_size, "chunk_size": args.chunk_size,
+            # The plain peer always runs the whole batch in one forward/backward.
+            "micro_batch_size": None if name == "plain" else args.micro_batch_size,
+            "chunk_size": args.chunk_size,
             "remat": args.remat, "repeats": args.repeats, **env}), flush=True)
 
 

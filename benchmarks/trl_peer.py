@@ -20,9 +20,10 @@ just before ``on_step_begin`` and is left out (microseconds).
 
 Shapes match one step of ours: ``num_prompts`` prompts of ``prompt_len`` tokens, ``group_size``
 completions each, all exactly ``completion_len`` tokens (``min_new_tokens`` keeps EOS out), one
-micro-batch (``per_device_train_batch_size = num_prompts * group_size``), one optimizer step per
-generation (``num_iterations = 1``, ``steps_per_generation = 1``, so TRL skips the separate
-old-policy forward and uses the detached current log-probs). Gradient checkpointing (on by default
+``generate`` call of all num_prompts * group_size rows and one optimizer step per generation
+(``num_iterations = 1``; with ``micro_batch_size``, ``per_device_train_batch_size`` is the
+micro-batch and ``gradient_accumulation_steps = steps_per_generation`` the number of micro-batches;
+TRL skips the separate old-policy forward and uses the detached current log-probs). Gradient checkpointing (on by default
 in TRL) is turned off and float32 is used, as on our side. TRL repeats each prompt ``group_size``
 times in the ``generate`` batch (32 rows prefilled, no shared prefix), with transformers' default
 attention (sdpa) and dynamic KV cache.
@@ -87,7 +88,7 @@ def measure_trl_grpo_step(checkpoint_dir: str, *, num_prompts: int = 4, group_si
                           prompt_len: int = 64, completion_len: int = 128, beta: float = 0.04,
                           steps: int = 3, warmup: int = 1, prompt_ids: list[list[int]] | None = None,
                           loss_type: str = "grpo", torch_threads: int | None = None,
-                          seed: int = 0) -> dict:
+                          seed: int = 0, micro_batch_size: int | None = None) -> dict:
     """Median wall time of one TRL ``GRPOTrainer`` optimizer step on CPU, with its split.
 
     Runs ``warmup + steps`` optimizer steps; the first ``warmup`` are dropped. ``prompt_ids``
@@ -116,6 +117,10 @@ def measure_trl_grpo_step(checkpoint_dir: str, *, num_prompts: int = 4, group_si
                                   size=(num_prompts * total_steps, prompt_len)).tolist()
     if len(prompt_ids) < num_prompts * total_steps:
         raise ValueError(f"need {num_prompts * total_steps} prompts, got {len(prompt_ids)}")
+    rows = num_prompts * group_size
+    micro = micro_batch_size or rows
+    if rows % micro:
+        raise ValueError(f"micro_batch_size={micro} must divide the {rows} rows of a step")
     tokenizer = word_tokenizer(vocab, eos_id, pad_id)
     dataset = datasets.Dataset.from_dict({"prompt": prompts_as_text(prompt_ids)})
 
@@ -131,7 +136,7 @@ def measure_trl_grpo_step(checkpoint_dir: str, *, num_prompts: int = 4, group_si
         warnings.simplefilter("ignore", FutureWarning)  # TRL's own use of renamed arguments
         config = trl.GRPOConfig(
             output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-            per_device_train_batch_size=num_prompts * group_size, gradient_accumulation_steps=1,
+            per_device_train_batch_size=micro, gradient_accumulation_steps=rows // micro,
             num_generations=group_size, num_iterations=1, max_completion_length=completion_len,
             generation_kwargs={"min_new_tokens": completion_len},  # exactly completion_len tokens
             temperature=1.0, top_p=1.0, top_k=0, beta=beta, loss_type=loss_type,
