@@ -1,0 +1,46 @@
+"""Smoke tests of the benchmark scripts (`--quick`: 2 layers, few tokens): they run end to end,
+print one JSON line per configuration with the fields the README's table is built from, and the
+figures are positive and consistent with each other. Speed itself is never asserted here.
+
+The GRPO-step benchmark needs TRL (the `bench` extra), which the test extra does not install.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(script: str, *args: str) -> list[dict]:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", *args],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_sampler_benchmark_prints_both_shapes():
+    rows = run_benchmark("sampler.py", "--repeats", "1")
+    assert [r["shape"] for r in rows] == ["32x128", "4x8x128"]
+    for r in rows:
+        assert r["grpo_jax_s"] > 0 and r["transformers_s"] > 0
+        assert r["speedup_vs_transformers"] == pytest.approx(r["transformers_s"] / r["grpo_jax_s"], rel=0.02)
+        assert r["roofline_fraction"] == pytest.approx(
+            r["grpo_jax_gflops"] / r["matmul_peak_gflops"], rel=0.02)
+        assert r["prompts"] * r["samples_per_prompt"] == 32
+
+
+def test_train_step_benchmark_prints_every_runner():
+    rows = run_benchmark("train_step.py", "--repeats", "1", "--micro-batch-size", "4")
+    by_name = {r["config"]: r for r in rows}
+    assert set(by_name) == {"plain", "policy", "policy+ref"}
+    assert by_name["policy"]["micro_batch_size"] == 4 and by_name["plain"]["micro_batch_size"] is None
+    # The reference forward adds one forward's FLOPs (a third of forward + backward).
+    ratio = by_name["policy+ref"]["model_tflops"] / by_name["policy"]["model_tflops"]
+    assert ratio == pytest.approx(4 / 3, rel=1e-3)
+    for r in rows:
+        assert r["step_time_s"] > 0 and 0 < r["mfu"]
