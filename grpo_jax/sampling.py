@@ -95,6 +95,7 @@ class Samples(NamedTuple):
     lengths: np.ndarray        # [N] generated tokens, the stop token included
     stop_reason: np.ndarray    # [N] STOP_TOKEN or STOP_LENGTH
     prompt_index: np.ndarray   # [N] which prompt each row continues
+    decode_steps: int = -1     # tokens the decode loop generated per row (the longest row's length)
 
     def completion(self, i: int) -> list[int]:
         return self.tokens[i, : self.lengths[i]].tolist()
@@ -197,7 +198,8 @@ class _LoopState(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "cache_length"))
-def _prefill(graphdef, state, tokens_BP, valid_BP, row_ids_N, key, *, cfg: SamplingConfig, cache_length: int):
+def _prefill(graphdef, state, tokens_BP, valid_BP, row_ids_N, real_N, key, *, cfg: SamplingConfig,
+             cache_length: int):
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, state)
     b, p = tokens_BP.shape
@@ -213,8 +215,10 @@ def _prefill(graphdef, state, tokens_BP, valid_BP, row_ids_N, key, *, cfg: Sampl
     stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
     tokens = jnp.full((n_rows, cfg.max_new_tokens), cfg.pad_id, jnp.int32).at[:, 0].set(first)
     logprobs = jnp.zeros((n_rows, cfg.max_new_tokens), jnp.float32).at[:, 0].set(first_lp)
+    # Bucket-padding rows start done: their output is dropped, and a row that never samples a
+    # stop token would otherwise keep the loop running to max_new_tokens for everyone.
     return _LoopState(cache=cache, last_token=first, position=positions[:, -1] + 1,
-                      done=jnp.isin(first, stop_ids), tokens=tokens, logprobs=logprobs,
+                      done=jnp.isin(first, stop_ids) | ~real_N, tokens=tokens, logprobs=logprobs,
                       step=jnp.ones((), jnp.int32))
 
 
@@ -313,16 +317,17 @@ def generate(model, prompts: Sequence[Sequence[int]], key, config, *, row_ids=No
         raise SamplingError(f"row_ids must hold {rows} ids (prompts x n), got shape {real.shape}")
     filler = real.max() + 1 + np.arange(tokens.shape[0] * cfg.n - rows)  # bucket padding rows
     row_ids_N = jnp.asarray(np.concatenate([real, filler]), jnp.int32)
-    loop = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), row_ids_N, key, cfg=cfg,
+    real_N = jnp.asarray(np.arange(tokens.shape[0] * cfg.n) < rows)
+    loop = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), row_ids_N, real_N, key, cfg=cfg,
                     cache_length=cache_length)
     # Fusing q/k/v and gate/up concatenates weights along their head / MLP axes, which would
     # regather them when those axes are sharded: fuse only unsharded weights.
     fuse = sharding_lib.on_one_device(state)
     loop = _decode(graphdef, state, loop, row_ids_N, key, cfg=cfg, fuse=fuse)
-    out_tokens, out_logprobs, done = jax.device_get((loop.tokens, loop.logprobs, loop.done))
+    out_tokens, out_logprobs, done, steps = jax.device_get((loop.tokens, loop.logprobs, loop.done, loop.step))
     out_tokens, out_logprobs, done = out_tokens[:rows], out_logprobs[:rows], done[:rows]
     stopped = np.isin(out_tokens, np.asarray(cfg.stop_token_ids or (-1,)))
     first_stop = np.where(stopped.any(1), stopped.argmax(1) + 1, cfg.max_new_tokens)
     return Samples(tokens=out_tokens, logprobs=out_logprobs, lengths=first_stop.astype(np.int32),
                    stop_reason=np.where(done, STOP_TOKEN, STOP_LENGTH).astype(np.int32),
-                   prompt_index=np.repeat(np.arange(count), cfg.n))
+                   prompt_index=np.repeat(np.arange(count), cfg.n), decode_steps=int(steps))

@@ -1,5 +1,7 @@
 """The sampler against transformers' generate and against a teacher-forced forward."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,3 +242,21 @@ def test_a_row_samples_the_same_in_any_batch(pair):
     half = sampling.generate(model, prompts[2:], jax.random.key(5), cfg, row_ids=np.arange(4, 8))
     np.testing.assert_array_equal(half.tokens, whole.tokens[4:])
     np.testing.assert_allclose(half.logprobs, whole.logprobs[4:], atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_bucket_padding_rows_do_not_keep_the_loop_running(pair, n):
+    # 3 prompts in a batch bucket of 8: 5 filler prompts (x n rows). Stop tokens = the tokens the
+    # real rows draw first, so every real row stops at once; the filler rows' output is dropped
+    # and must not keep the decode loop going to max_new_tokens.
+    _, model = pair
+    prompts = _prompts(seed=3, lengths=(4, 7, 2))
+    cfg = sampling.SamplingConfig(max_new_tokens=12, temperature=1.0, n=n, prompt_bucket=8, batch_bucket=8)
+    free = sampling.generate(model, prompts, jax.random.key(5), cfg)
+    assert free.decode_steps == 12 and (free.lengths == 12).all()
+    stops = tuple(sorted(set(free.tokens[:, 0].tolist())))
+    stopped = sampling.generate(model, prompts, jax.random.key(5),
+                                dataclasses.replace(cfg, stop_token_ids=stops))
+    np.testing.assert_array_equal(stopped.tokens[:, 0], free.tokens[:, 0])  # same draws
+    assert (stopped.lengths == 1).all() and (stopped.stop_reason == sampling.STOP_TOKEN).all()
+    assert stopped.decode_steps == 1
