@@ -128,7 +128,8 @@ def sampling_config(config, tokenizer, model) -> SamplingConfig:
     return SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                           top_p=s.top_p, min_p=s.min_p, stop_token_ids=tuple(tokenizer.stop_ids),
                           pad_id=tokenizer.pad_id, max_length=model.config.max_position_embeddings,
-                          prompt_bucket=s.prompt_bucket, batch_bucket=s.batch_bucket)
+                          prompt_bucket=s.prompt_bucket, batch_bucket=s.batch_bucket,
+                          geometric_batch_buckets=s.geometric_batch_buckets)
 
 
 def rollout_config(config, tokenizer) -> RolloutConfig:

@@ -70,6 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.sampling.max_new_tokens = 32     # tokens per assistant turn
     c.sampling.prompt_bucket = 32      # prompt lengths rounded up to a multiple (fewer compiles)
     c.sampling.batch_bucket = 8        # prompt counts rounded up to a multiple (fewer compiles)
+    # ... and then to batch_bucket x a power of two: a multi-turn rollout's later turns carry
+    # however many episodes are still running, which would compile one sampler per multiple.
+    c.sampling.geometric_batch_buckets = True
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.group_size = 8           # completions per prompt (G)

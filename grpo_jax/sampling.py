@@ -54,6 +54,7 @@ class SamplingConfig:
     max_length: int | None = None     # context limit; default: the model's max_position_embeddings
     prompt_bucket: int = 32           # prompt lengths are rounded up to a multiple of this
     batch_bucket: int = 8             # prompt counts are rounded up to a multiple of this
+    geometric_batch_buckets: bool = False  # ... and then to batch_bucket x a power of two
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -281,6 +282,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], cfg: SamplingConfig):
     """Left-pads to [B, P] with B, P rounded up to the buckets; returns tokens, valid, count."""
     count = len(prompts)
     b = _round_up(count, cfg.batch_bucket)
+    if cfg.geometric_batch_buckets:  # log2 as many shapes when counts vary (later turns of episodes)
+        b = cfg.batch_bucket * 2 ** math.ceil(math.log2(b // cfg.batch_bucket))
     p = _round_up(max(len(x) for x in prompts), cfg.prompt_bucket)
     tokens = np.full((b, p), cfg.pad_id, np.int32)
     valid = np.zeros((b, p), bool)

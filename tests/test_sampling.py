@@ -260,3 +260,15 @@ def test_bucket_padding_rows_do_not_keep_the_loop_running(pair, n):
     np.testing.assert_array_equal(stopped.tokens[:, 0], free.tokens[:, 0])  # same draws
     assert (stopped.lengths == 1).all() and (stopped.stop_reason == sampling.STOP_TOKEN).all()
     assert stopped.decode_steps == 1
+
+
+def test_geometric_batch_buckets():
+    def rows(count, geometric):
+        cfg = sampling.SamplingConfig(batch_bucket=4, geometric_batch_buckets=geometric, prompt_bucket=8)
+        tokens, valid, n = sampling.pad_prompts([[5, 6]] * count, cfg)
+        assert n == count and valid[:count, -2:].all() and valid[count:, -1].all()
+        return tokens.shape[0]
+
+    assert sorted({rows(c, False) for c in range(1, 21)}) == [4, 8, 12, 16, 20]
+    assert sorted({rows(c, True) for c in range(1, 21)}) == [4, 8, 16, 32]
+    assert [rows(c, True) for c in (4, 5, 9, 16, 17)] == [4, 8, 16, 16, 32]
