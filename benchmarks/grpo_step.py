@@ -40,7 +40,6 @@ from grpo_jax import optim, sampling  # noqa: E402
 from grpo_jax import train_step as ts  # noqa: E402
 from grpo_jax.advantages import group_advantages  # noqa: E402
 from grpo_jax.models import create_model, save_hf  # noqa: E402
-from grpo_jax.models.logprobs import token_logprobs  # noqa: E402
 
 PROMPTS, GROUP, PROMPT_LEN, NEW = 4, 8, 64, 128
 
@@ -62,14 +61,10 @@ def our_step(model, cfg, prompt_ids, beta: float, steps: int, micro_batch_size: 
 
     @jax.jit
     def reference(params, tokens, positions):  # as the step runs it: micro-batch by micro-batch
-        policy = nnx.merge(graphdef, params, rest)
-
-        def score(tp):
-            hidden = policy.hidden_states(tp[0], tp[1], None, fuse=True)
-            return token_logprobs(hidden[:, :-1], policy.unembedding(), tp[0][:, 1:])
-
+        ref_model = nnx.merge(graphdef, params, rest)
         split = lambda x: x.reshape((rows // micro, micro) + x.shape[1:])  # noqa: E731
-        return jax.lax.map(score, (split(tokens), split(positions)))
+        micro_batches = {"tokens": split(tokens), "positions": split(positions), "segment_ids": None}
+        return jax.lax.map(lambda m: ts.score_tokens(ref_model, m, tcfg, fuse=True), micro_batches)
 
     times = {"step": [], "sampling": [], "train_step": [], "reference": []}
     for i in range(steps + 1):

@@ -23,10 +23,10 @@ completions each, all exactly ``completion_len`` tokens (``min_new_tokens`` keep
 ``generate`` call of all num_prompts * group_size rows and one optimizer step per generation
 (``num_iterations = 1``; with ``micro_batch_size``, ``per_device_train_batch_size`` is the
 micro-batch and ``gradient_accumulation_steps = steps_per_generation`` the number of micro-batches;
-TRL skips the separate old-policy forward and uses the detached current log-probs). Gradient checkpointing (on by default
-in TRL) is turned off and float32 is used, as on our side. TRL repeats each prompt ``group_size``
-times in the ``generate`` batch (32 rows prefilled, no shared prefix), with transformers' default
-attention (sdpa) and dynamic KV cache.
+TRL skips the separate old-policy forward and uses the detached current log-probs). Gradient
+checkpointing (on by default in TRL) is turned off and float32 is used, as on our side. TRL repeats
+each prompt ``group_size`` times in the ``generate`` batch (32 rows prefilled, no shared prefix),
+with transformers' default attention (sdpa) and dynamic KV cache.
 
 Prompts are given to TRL as text: a word-level tokenizer maps the word ``t<i>`` to token id ``i``,
 so a prompt of 64 words is exactly 64 tokens and any token-id prompt can be passed through.

@@ -47,16 +47,23 @@ def token_logprobs(hidden_BTD, unembed_VD, targets_BT, *, temperature: float = 1
     return (logps, entropy) if return_entropy else logps
 
 
-def _chunk_logits(hidden_BTD, unembed_VD, k, chunk: int, inv_tau: float):
-    """Chunk k's logits z / tau [B, T, C] (float32), its first column and which columns are new
-    (the last chunk is shifted left to end at the vocabulary's end; its overlap is not new)."""
+def _chunk_weights(unembed_VD, k, chunk: int, dtype):
+    """Chunk k's rows of the output projection [C, D] and their vocabulary ids [C]. The last
+    chunk is shifted left to end at the vocabulary's end; its ids below k * chunk were already
+    counted by the previous chunk (`vocab % chunk != 0` only)."""
     vocab = unembed_VD.shape[0]
     start = jnp.minimum(k * chunk, vocab - chunk)
-    w_CD = jax.lax.dynamic_slice_in_dim(unembed_VD, start, chunk, axis=0).astype(hidden_BTD.dtype)
+    w_CD = jax.lax.dynamic_slice_in_dim(unembed_VD, start, chunk, axis=0).astype(dtype)
+    return w_CD, start + jnp.arange(chunk)
+
+
+def _chunk_logits(hidden_BTD, unembed_VD, k, chunk: int, inv_tau: float):
+    """Chunk k's logits z / tau [B, T, C] (float32), its vocabulary ids and which of them are new
+    (None when every column is)."""
+    w_CD, cols = _chunk_weights(unembed_VD, k, chunk, hidden_BTD.dtype)
     z = jnp.einsum("btd,cd->btc", hidden_BTD, w_CD, preferred_element_type=jnp.float32) * inv_tau
-    cols = start + jnp.arange(chunk)
-    fresh = None if vocab % chunk == 0 else cols >= k * chunk   # None: every column is new
-    return z, w_CD, cols, fresh
+    fresh = None if unembed_VD.shape[0] % chunk == 0 else cols >= k * chunk
+    return z, cols, fresh
 
 
 def _forward_stats(hidden_BTD, unembed_VD, targets_BT, inv_tau, chunk, with_entropy):
@@ -66,7 +73,7 @@ def _forward_stats(hidden_BTD, unembed_VD, targets_BT, inv_tau, chunk, with_entr
 
     def body(carry, k):
         m, s, u, target_logit = carry
-        z, _, cols, fresh = _chunk_logits(hidden_BTD, unembed_VD, k, chunk, inv_tau)
+        z, cols, fresh = _chunk_logits(hidden_BTD, unembed_VD, k, chunk, inv_tau)
         z_fresh = z if fresh is None else jnp.where(fresh, z, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(z_fresh, axis=-1))
         rescale = jnp.exp(m - m_new)
@@ -117,10 +124,9 @@ def _chunked_logprobs_bwd(inv_tau, chunk, with_entropy, residuals, cotangents):
     targets_N, lse_N, g_logp_N = targets_BT.reshape(-1), lse.reshape(-1), g_logp.reshape(-1)
 
     def body(dh_ND, k):
-        start = jnp.minimum(k * chunk, vocab - chunk)
-        w_CD = jax.lax.dynamic_slice_in_dim(unembed_VD, start, chunk, axis=0).astype(h_ND.dtype)
+        w_CD, cols = _chunk_weights(unembed_VD, k, chunk, h_ND.dtype)
         z_CN = jnp.einsum("cd,nd->cn", w_CD, h_ND, preferred_element_type=jnp.float32) * inv_tau
-        cols_C1 = (start + jnp.arange(chunk))[:, None]
+        cols_C1 = cols[:, None]
         p_CN = jnp.exp(z_CN - lse_N)
         dz_CN = jnp.where(cols_C1 == targets_N, g_logp_N, 0.0) - g_logp_N * p_CN
         if with_entropy:
