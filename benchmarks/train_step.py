@@ -1,7 +1,8 @@
 """Train-step speed: tokens/s and model FLOPs utilisation, against a plain forward+backward.
 
     python benchmarks/train_step.py [--repeats 3] [--micro-batch-size 32] [--chunk-size 8192]
-                                    [--only policy,policy+ref,plain] [--quick]
+                                    [--remat none|dots|full] [--only policy,policy+ref,plain]
+                                    [--quick]
 
 Model: Qwen2-style, hidden 512, 8 layers, 8 heads / 2 KV heads (head_dim 64), intermediate 1408,
 vocab 8192, float32, random weights. Batch: 32 sequences of 192 tokens (64 prompt + 128 trained
@@ -41,6 +42,8 @@ from common import environment_info, matmul_peak_flops  # noqa: E402
 from grpo_jax import optim  # noqa: E402
 from grpo_jax import train_step as ts  # noqa: E402
 from grpo_jax.models import ModelConfig, create_model  # noqa: E402
+from grpo_jax.models.config import REMAT_MODES  # noqa: E402
+from grpo_jax.models.logprobs import default_chunk_size  # noqa: E402
 
 MODEL = ModelConfig(model_type="qwen2", vocab_size=8192, d_model=512, n_layers=8, n_heads=8,
                     n_kv_heads=2, head_dim=64, d_ff=1408, qkv_bias=True, tie_embeddings=False,
@@ -125,13 +128,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--micro-batch-size", type=int, default=None)
-    parser.add_argument("--chunk-size", type=int, default=8192)
-    parser.add_argument("--remat", action="store_true", help="rematerialise each layer")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="log-prob vocabulary chunk (default: by platform)")
+    parser.add_argument("--remat", choices=REMAT_MODES, default=ModelConfig.remat,
+                        help="what each layer keeps for the backward pass (the peer: none)")
     parser.add_argument("--only", default="policy,policy+ref,plain")
     parser.add_argument("--quick", action="store_true", help="2 layers, 8 rows (smoke test)")
     args = parser.parse_args()
 
     cfg = MODEL.replace(remat=args.remat)
+    chunk = args.chunk_size or default_chunk_size()
     rows = ROWS
     if args.quick:
         cfg, rows = cfg.replace(n_layers=2), 8
@@ -141,10 +147,12 @@ def main():
     wanted = args.only.split(",")
     runners, model_flops = {"matmul_peak": peak_runner()}, {"matmul_peak": 2.0 * 2048 ** 3}
     if "plain" in wanted:
-        runners["plain"], model_flops["plain"] = plain_runner(cfg, batch), 3 * forward_flops
+        # The peer as a user would first write it: no rematerialisation.
+        runners["plain"] = plain_runner(cfg.replace(remat="none"), batch)
+        model_flops["plain"] = 3 * forward_flops
     for name, beta in (("policy", 0.0), ("policy+ref", 0.04)):
         if name in wanted:
-            tcfg = ts.TrainConfig(loss_type="grpo", beta=beta, chunk_size=args.chunk_size,
+            tcfg = ts.TrainConfig(loss_type="grpo", beta=beta, chunk_size=chunk,
                                   micro_batch_size=args.micro_batch_size)
             runners[name] = train_step_runner(cfg, batch, tcfg)
             model_flops[name] = (3 + (beta > 0)) * forward_flops
@@ -177,8 +185,8 @@ def main():
             "model": "qwen2 d512 L8 H8/2 Dh64 F1408 V8192 float32", "batch": f"{rows}x{LENGTH}",
             # The plain peer always runs the whole batch in one forward/backward.
             "micro_batch_size": None if name == "plain" else args.micro_batch_size,
-            "chunk_size": args.chunk_size,
-            "remat": args.remat, "repeats": args.repeats, **env}), flush=True)
+            "chunk_size": None if name == "plain" else chunk,
+            "remat": "none" if name == "plain" else args.remat, "repeats": args.repeats, **env}), flush=True)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def get_config(arg: str = ""):
     c.seed = 0
     c.model.hf_path = args.get("model_dir", "")
     c.model.dtype = "bfloat16"
-    c.model.remat = True
+    c.model.remat = "full"
 
     c.env.name = "gsm8k"
     c.env.kwargs.data_dir = args.get("data_dir", "")
@@ -78,7 +78,7 @@ def get_config(arg: str = ""):
 
     if args.get("runlocal"):
         c.model.dtype = "float32"
-        c.model.remat = False
+        c.model.remat = "dots"
         c.env.num_train = 4
         c.sampling.max_new_tokens = 8
         c.sampling.prompt_bucket = 32

@@ -6,7 +6,7 @@ the logical-axis rules on an abstract mesh, so a 256-device plan runs on a lapto
     python experiments/plan_memory.py --model qwen2.5-7b --mesh fsdp=8 --beta 0.04 \
         --kv_batch 64 --kv_length 2048 --dtype bfloat16
     python experiments/plan_memory.py --hf_config path/to/config.json --mesh data=2,fsdp=4,tp=2 \
-        --train_batch 16 --train_seq 2048 --remat --device_memory_gib 80 --json
+        --train_batch 16 --train_seq 2048 --remat full --device_memory_gib 80 --json
 """
 
 import json
@@ -15,6 +15,7 @@ from absl import app, flags
 
 from grpo_jax import memory
 from grpo_jax.models import PRESETS, from_hf_config, preset
+from grpo_jax.models.config import REMAT_MODES
 
 _MODEL = flags.DEFINE_enum("model", "qwen2.5-7b", sorted(PRESETS), "Model preset.")
 _HF_CONFIG = flags.DEFINE_string("hf_config", None, "An HF config.json (replaces --model).")
@@ -30,7 +31,8 @@ _KV_LENGTH = flags.DEFINE_integer("kv_length", 0, "Cache slots per row (prompt +
 _TRAIN_BATCH = flags.DEFINE_integer("train_batch", None,
                                     "Rows per forward/backward (micro-batch, global).")
 _TRAIN_SEQ = flags.DEFINE_integer("train_seq", None, "Tokens per training row.")
-_REMAT = flags.DEFINE_bool("remat", False, "Rematerialise layers in the backward pass.")
+_REMAT = flags.DEFINE_enum("remat", "dots", list(REMAT_MODES),
+                           "What each layer keeps for the backward pass (ModelConfig.remat).")
 _DEVICE_GIB = flags.DEFINE_float("device_memory_gib", 80.0, "Memory of one device (GiB).")
 _JSON = flags.DEFINE_bool("json", False, "Print the plan as one JSON line instead of a table.")
 

@@ -148,7 +148,8 @@ def train_config(config) -> TrainConfig:
                        max_completion_length=config.sampling.max_new_tokens * config.rollout.max_turns,
                        importance_sampling_level=g.importance_sampling_level,
                        temperature=config.sampling.temperature, num_iterations=g.num_iterations,
-                       micro_batch_size=_positive_or_none(g.micro_batch_size), chunk_size=g.chunk_size,
+                       micro_batch_size=_positive_or_none(g.micro_batch_size),
+                       chunk_size=_positive_or_none(g.chunk_size),
                        # With TIS the old log-probs are the trainer's own and the sampler's
                        # reweight them; without, the sampler's log-probs are the old policy.
                        use_sampler_logps_as_old=tis is None, tis_cap=tis)

@@ -26,7 +26,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.hf_path = ""               # HF checkpoint directory; "" = build from the fields below
     c.model.dtype = "float32"          # parameter and compute dtype ("bfloat16" on accelerators)
-    c.model.remat = False              # rematerialise layers in the backward pass (less memory)
+    c.model.remat = "dots"             # what a layer keeps for the backward: none | dots | full
     c.model.model_type = "qwen2"       # from-scratch architecture: llama | qwen2 | qwen3
     c.model.vocab_size = 0             # 0 = the tokenizer's vocabulary size
     c.model.d_model = 128              # hidden size
@@ -91,7 +91,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.grpo.importance_sampling_level = "token"  # token | sequence (GSPO)
     c.grpo.num_iterations = 1          # mu: updates per batch of rollouts
     c.grpo.micro_batch_size = 0        # rows per gradient-accumulation step; 0 = the whole batch
-    c.grpo.chunk_size = 8192           # vocabulary chunk of the log-prob computation
+    c.grpo.chunk_size = 0              # vocabulary chunk of the log-prob computation; 0 = by
+    #                                    platform (1024 on CPU, 8192 on accelerators)
     c.grpo.tis_cap = 0.0               # truncated importance sampling cap; 0 = off
 
     c.optim = ml_collections.ConfigDict()

@@ -49,6 +49,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from grpo_jax import sharding as sharding_lib
 from grpo_jax.models import ModelConfig, abstract_model
+from grpo_jax.models.config import remat_mode
 
 GIB = 2 ** 30
 CATEGORIES = ("params", "gradients", "optimizer", "reference", "kv_cache", "activations")
@@ -156,7 +157,7 @@ def _cast(params, dtype):
 # ---------------------------------------------------------------------------------------------
 # Activations (estimate).
 # ---------------------------------------------------------------------------------------------
-def activation_bytes(cfg: ModelConfig, mesh, sizes, *, batch: int, seq: int, remat: bool,
+def activation_bytes(cfg: ModelConfig, mesh, sizes, *, batch: int, seq: int, remat: bool | str,
                      chunk_size: int = 8192, rules=sharding_lib.DEFAULT_RULES) -> int:
     """Rough per-device bytes of activations for one forward + backward of [batch, seq] tokens.
 
@@ -166,9 +167,11 @@ def activation_bytes(cfg: ModelConfig, mesh, sizes, *, batch: int, seq: int, rem
     float32 plus probabilities in c: [B, H, T, T] (no flash attention in this codebase);
     gate, up, silu(gate) * up: 3 [B, T, F].
 
-        remat off: L * layer + layer (the cotangents of the layer being differentiated)
-        remat on:  L * [B, T, D] (the saved layer inputs) + 2 * layer (one recomputed layer and
-                   its cotangents)
+        remat "none": L * layer + layer (the cotangents of the layer being differentiated)
+        remat "dots": L * (3 [B, T, D] + [B, T, H + 2 Hkv, Dh] + 2 [B, T, F]) (the layer input
+                   and the weight matmuls' outputs) + 2 * layer (one recomputed layer and its
+                   cotangents)
+        remat "full": L * [B, T, D] (the saved layer inputs) + 2 * layer
 
     plus the chunked log-prob head: 3 float32 [B, T, chunk] (logits, exponentials, cotangent).
     XLA fuses and reorders, so treat the figure as an order of magnitude, not a bound.
@@ -190,8 +193,12 @@ def activation_bytes(cfg: ModelConfig, mesh, sizes, *, batch: int, seq: int, rem
     layer = (nbytes(btd, c, 5) + nbytes(q, c, 3) + nbytes(kv, c, 3) + nbytes(scores, "float32")
              + nbytes(scores, c) + nbytes(mlp, c, 3))
     head = nbytes(logits, "float32", 3)
-    if remat:
+    mode = remat_mode(remat)
+    if mode == "full":
         return cfg.n_layers * nbytes(btd, c) + 2 * layer + head
+    if mode == "dots":
+        saved = nbytes(btd, c, 3) + nbytes(q, c) + nbytes(kv, c, 2) + nbytes(mlp, c, 2)
+        return cfg.n_layers * saved + 2 * layer + head
     return (cfg.n_layers + 1) * layer + head
 
 
@@ -281,7 +288,7 @@ class MemoryPlan:
             if not self.fits:
                 lines.append(f"WARNING: peak {_gib(self.peak)} exceeds the {_gib(self.device_memory)} "
                              "of one device: shard more (fsdp/tp), shrink kv_batch/kv_length or "
-                             "the micro-batch, or turn on remat")
+                             "the micro-batch, or use remat=\"full\"")
             elif self.total > self.device_memory:
                 lines.append(f"WARNING: total {_gib(self.total)} exceeds one device; this relies on "
                              "the KV cache being freed before the train step")
@@ -312,7 +319,7 @@ def plan_memory(model_cfg: ModelConfig, mesh: Any, *, param_dtype: str | None = 
                 with_reference: bool = False, reference_dtype: str | None = None,
                 kv_batch: int = 0, kv_length: int = 0, kv_dtype: str | None = None,
                 train_batch: int | None = None, train_seq: int | None = None,
-                remat: bool | None = None, chunk_size: int = 8192,
+                remat: bool | str | None = None, chunk_size: int = 8192,
                 device_memory_gib: float | None = None, rules=sharding_lib.DEFAULT_RULES,
                 label: str | None = None) -> MemoryPlan:
     """The per-device memory of a GRPO run (see the module docstring for each category).
@@ -380,13 +387,13 @@ def plan_memory(model_cfg: ModelConfig, mesh: Any, *, param_dtype: str | None = 
     else:
         notes["kv_cache"] = "none (give kv_batch and kv_length)"
 
-    remat = cfg.remat if remat is None else bool(remat)
+    remat = cfg.remat if remat is None else remat_mode(remat)
     activations = None
     if train_batch and train_seq:
         activations = activation_bytes(cfg, amesh, sizes, batch=train_batch, seq=train_seq,
                                        remat=remat, chunk_size=chunk_size, rules=rules)
         notes["activations"] = (f"ESTIMATE for {train_batch} x {train_seq} tokens, "
-                                f"remat {'on' if remat else 'off'}")
+                                f"remat {remat}")
         dtypes["activations"] = np.dtype(cfg.dtype).name
     else:
         notes["activations"] = "not estimated (give train_batch and train_seq)"

@@ -92,11 +92,12 @@ class SFTConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    chunk_size: int = 8192
+    chunk_size: int | None = None  # log-prob vocabulary chunk; None: by platform
     log_every: int = 50
 
 
-def make_sft_step(model: nnx.Module, optimizer: optax.GradientTransformation, chunk_size: int):
+def make_sft_step(model: nnx.Module, optimizer: optax.GradientTransformation,
+                  chunk_size: int | None = None):
     """A jitted `(state, batch) -> (state, metrics)` minimising the masked token NLL."""
     graphdef, params, rest = split_params(model)
     fuse = on_one_device(params)  # fused projections would regather sharded weights

@@ -79,7 +79,8 @@ class TrainConfig:
     temperature: float = 1.0                  # the sampler's temperature (greedy sampling: 1)
     num_iterations: int = 1                   # mu: optimizer updates on each batch
     micro_batch_size: int | None = None       # rows per gradient-accumulation step; None: all
-    chunk_size: int = 8192                    # vocabulary columns per log-prob chunk
+    chunk_size: int | None = None             # vocabulary columns per log-prob chunk; None:
+    #                                           `models.logprobs.default_chunk_size()` (by platform)
     use_sampler_logps_as_old: bool = True     # False: old log-probs from the policy in-step
     tis_cap: float | None = None              # truncated importance sampling cap (needs False above)
     cispo_clip_low: bool = False              # cispo: also clip its weight below at 1 - epsilon
@@ -95,8 +96,8 @@ class TrainConfig:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 (use 1 for greedy samples), got {self.temperature}")
         if self.beta < 0:

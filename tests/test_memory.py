@@ -168,12 +168,21 @@ def test_activation_estimate_by_hand_on_a_tiny_model():
     on = memory.plan_memory(cfg, "fsdp=8", remat=True, **plan_kw).per_device["activations"]
     assert off == (2 + 1) * layer + head
     assert on == 2 * rows * T * 64 * c + 2 * layer + head
+    assert memory.plan_memory(cfg, "fsdp=8", remat="full", **plan_kw).per_device["activations"] == on
+    assert memory.plan_memory(cfg, "fsdp=8", remat="none", **plan_kw).per_device["activations"] == off
+    # "dots": the layer input, the attention output and down projections [B, T, D], q, k, v and
+    # gate/up, per layer.
+    dots = memory.plan_memory(cfg, "fsdp=8", remat="dots", **plan_kw).per_device["activations"]
+    assert dots == 2 * rows * T * (3 * 64 + 4 * 16 + 2 * 2 * 16 + 2 * 128) * c + 2 * layer + head
     # Halving the devices that split rows doubles the per-device estimate.
     assert memory.plan_memory(cfg, "fsdp=4", remat=True, **plan_kw).per_device["activations"] == 2 * on
-    # On a real model remat saves memory.
+    # On a real model each mode keeps less than the one before it.
     big = dict(train_batch=8, train_seq=2048)
-    assert (_plan_7b("fsdp=8", remat=True, **big).per_device["activations"]
-            < _plan_7b("fsdp=8", remat=False, **big).per_device["activations"])
+    kept = [_plan_7b("fsdp=8", remat=mode, **big).per_device["activations"]
+            for mode in ("none", "dots", "full")]
+    assert kept[0] > kept[1] > kept[2]
+    with pytest.raises(ValueError, match="remat"):
+        memory.plan_memory(cfg, "fsdp=8", remat="some", **plan_kw)
     assert "ESTIMATE" in _plan_7b("fsdp=8", **big).table()
 
 

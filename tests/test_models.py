@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from hf_fixtures import hf_config, hf_logits, left_padded_batch, make_hf_model, save_hf_model
 
 from grpo_jax.models import (CheckpointError, ConfigError, ModelConfig, create_model, from_hf_config,
@@ -187,6 +188,29 @@ def test_chunked_logprobs_equal_log_softmax():
                      argnums=(0, 1))(hidden, w)
     for a, b in zip(g_got, g_ref):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_remat_modes_give_the_same_gradients():
+    """What a layer keeps for the backward pass changes memory and speed, never the result."""
+    assert ModelConfig(remat=True).remat == "full" and ModelConfig(remat=False).remat == "none"
+    with pytest.raises(ConfigError, match="remat"):
+        ModelConfig(remat="everything")
+    tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 250)
+    grads, saved = {}, {}
+    for mode in ("none", "dots", "full"):
+        cfg = ModelConfig(vocab_size=250, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64, remat=mode)
+        graphdef, params = nnx.split(create_model(cfg, seed=3))
+
+        def loss(params):
+            logps = sequence_logprobs(nnx.merge(graphdef, params), tokens, chunk_size=64)
+            return jnp.sum(logps * jnp.linspace(-1.0, 1.0, logps.shape[1]))
+
+        grads[mode] = jax.jit(jax.grad(loss))(params)
+        # Residuals the forward keeps for the backward (jax.linearize's constants).
+        saved[mode] = sum(x.size for x in jax.tree.leaves(jax.linearize(loss, params)[1]))
+    for mode in ("dots", "full"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads[mode], grads["none"])
+    assert saved["none"] > saved["dots"] > saved["full"]
 
 
 def test_errors_name_the_problem(tmp_path, checkpoint):

@@ -132,7 +132,7 @@ def load_hf(path: str, dtype: str | None = "float32", *, mesh=None, rules=shardi
         `model.safetensors.index.json`.
       dtype: parameter and compute dtype ('float32', 'bfloat16'); None keeps the checkpoint's.
       mesh: optional `jax.sharding.Mesh`; each tensor is placed straight into its sharding.
-      config_overrides: `ModelConfig` fields to change (e.g. remat=True).
+      config_overrides: `ModelConfig` fields to change (e.g. remat="full").
     """
     hf_cfg = read_config(path)
     if dtype is None:

@@ -25,15 +25,26 @@ import jax
 import jax.numpy as jnp
 
 
+def default_chunk_size() -> int:
+    """Vocabulary columns per chunk when none is given: 1024 on CPU, 8192 elsewhere.
+
+    On CPU a [N, 1024] float32 chunk of logits stays in cache while it is exponentiated and
+    reduced; measured on a 2-core CPU (V 8192, D 512, N = 764 / 1528 / 6112 rows), the log-prob
+    forward + backward ran 1.3 / 1.4 / 1.5x faster than with 8192 columns and the forward alone
+    1.9-2.2x. Accelerators prefer fewer, wider matmuls.
+    """
+    return 1024 if jax.default_backend() == "cpu" else 8192
+
+
 def token_logprobs(hidden_BTD, unembed_VD, targets_BT, *, temperature: float = 1.0,
-                   chunk_size: int = 8192, return_entropy: bool = False):
+                   chunk_size: int | None = None, return_entropy: bool = False):
     """log softmax(hidden @ unembed.T / temperature)[targets], float32 [B, T] (and entropy [B, T]).
 
     `unembed_VD` is the output projection [V, D] (`Transformer.unembedding()`).
 
     `temperature` is the sampling temperature: the sampler draws from softmax(z / tau) and
     reports these same log-probs, so the ratio new/old is exactly 1 on-policy.
-    Chunks are `chunk_size` columns; the last chunk is shifted left to stay inside the vocabulary
+    Chunks are `chunk_size` columns (None: `default_chunk_size()`); the last chunk is shifted left to stay inside the vocabulary
     (its overlap with the previous chunk is masked), so no weight padding or copy is needed.
 
     Differentiable in `hidden_BTD` and `unembed_VD` through a hand-written backward pass (module
@@ -41,7 +52,7 @@ def token_logprobs(hidden_BTD, unembed_VD, targets_BT, *, temperature: float = 1
     gradient matmuls.
     """
     vocab = unembed_VD.shape[0]
-    chunk = min(int(chunk_size), vocab)
+    chunk = min(int(chunk_size or default_chunk_size()), vocab)
     logps, entropy = _chunked_logprobs(hidden_BTD, unembed_VD, targets_BT.astype(jnp.int32),
                                        1.0 / float(temperature), chunk, bool(return_entropy))
     return (logps, entropy) if return_entropy else logps
@@ -151,7 +162,7 @@ _chunked_logprobs.defvjp(_chunked_logprobs_fwd, _chunked_logprobs_bwd)
 
 
 def sequence_logprobs(model, tokens_BT, positions_BT=None, segment_ids_BT=None, *,
-                      temperature: float = 1.0, chunk_size: int = 8192, return_entropy: bool = False):
+                      temperature: float = 1.0, chunk_size: int | None = None, return_entropy: bool = False):
     """Log-prob of each next token under `model`: out[:, t] = log p(tokens[:, t + 1] | tokens[:, :t+1]).
 
     Returns [B, T - 1] (and entropy [B, T - 1]); index t scores token t + 1.

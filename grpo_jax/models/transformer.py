@@ -108,6 +108,15 @@ def attention(q_BTHD, k, v, mask_BTS, *, cache_layout: bool = False):
 
 INIT_STD = 0.02
 
+# `ModelConfig.remat` -> what `jax.checkpoint` may save of a layer (None: no checkpoint at all).
+# "dots": the weight matmuls have no batch dimensions, attention's two products do, so the
+# attention scores and probabilities [B, H, T, S] are recomputed, never stored per layer.
+_REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
 
 def _param(rngs, shape, axes, dtype, init="normal"):
     """A parameter with its logical axes and its initialiser's name as metadata."""
@@ -241,8 +250,11 @@ class Transformer(nnx.Module):
             x, extra = _layer(cfg, params, x, cos, sin, attend)
             return (x, extra, layer + 1), None
 
-        if cfg.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        policy = _REMAT_POLICIES[cfg.remat]
+        if policy is not None:
+            # prevent_cse=False: inside a scan the recomputation cannot be merged with the
+            # forward pass anyway, and the barriers it would add only block fusion.
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         init = (x_BTD, carry_extra, jnp.zeros((), jnp.int32))
         (x_BTD, carry_extra, _), _ = jax.lax.scan(body, init, (self.layers.stacked(), xs_extra))
         return rms_norm(x_BTD, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps), carry_extra
