@@ -17,8 +17,8 @@ tool used 0.1.
    group-relative advantages move the policy to call the calculator.
 
 Held-out greedy accuracy and tool-call rate (200 problems) are printed before and after GRPO.
-Measured on 2 CPU cores (3 seeds, README): 3.6 minutes in all; accuracy 0.00 -> 1.00 and
-tool-call rate 0.00 -> 1.00 for seed 0.
+Measured on 2 CPU cores (seeds 0, 1, 2; README): 67-83 s per run; accuracy 0.00 -> 0.985 /
+1.00 / 1.00 and tool-call rate 0.00 -> 1.00.
 
 `:runlocal` is a seconds-long smoke variant (tests).
 """
