@@ -44,8 +44,9 @@ def token_logprobs(hidden_BTD, unembed_VD, targets_BT, *, temperature: float = 1
 
     `temperature` is the sampling temperature: the sampler draws from softmax(z / tau) and
     reports these same log-probs, so the ratio new/old is exactly 1 on-policy.
-    Chunks are `chunk_size` columns (None: `default_chunk_size()`); the last chunk is shifted left to stay inside the vocabulary
-    (its overlap with the previous chunk is masked), so no weight padding or copy is needed.
+    Chunks are `chunk_size` columns (None: `default_chunk_size()`); the last chunk is shifted
+    left to stay inside the vocabulary (its overlap with the previous chunk is masked), so no
+    weight padding or copy is needed.
 
     Differentiable in `hidden_BTD` and `unembed_VD` through a hand-written backward pass (module
     docstring): per chunk one recomputed logits matmul, one fused elementwise pass and the two
