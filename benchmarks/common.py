@@ -30,6 +30,23 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> li
     return times
 
 
+def interleaved_times(runners: dict, repeats: int) -> dict:
+    """Wall and process-CPU seconds per call, the runners called round-robin `repeats` times
+    (after one warm-up call each), so a change in the machine's load hits all of them alike."""
+    for run in runners.values():
+        jax.block_until_ready(run())
+    wall = {name: [] for name in runners}
+    cpu = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            jax.block_until_ready(run())
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name]), wall[name])
+            for name in runners}
+
+
 def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
     """FLOP/s of a jitted n x n x n matmul (2 n^3 FLOPs), the median of `repeats` runs."""
     key_a, key_b = jax.random.split(jax.random.key(0))

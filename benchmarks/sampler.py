@@ -6,8 +6,10 @@ Prints one JSON line per shape:
 - "32x128": 32 prompts of 64 tokens, 128 new tokens each, temperature 1;
 - "4x8x128": 4 prompts x 8 samples (the GRPO shape), 128 new tokens.
 Both sides generate exactly 128 tokens (no stop token) from a random Qwen2-style model (hidden
-512, 8 layers, 8 heads / 2 KV heads, intermediate 1408, vocab 8192). The roofline fraction is the
-model's matmul FLOPs per second over a float32 matmul peak measured in the same run.
+512, 8 layers, 8 heads / 2 KV heads, intermediate 1408, vocab 8192). The two sides are called in
+turn (`--repeats` times each, after a warm-up), each reporting its median. The roofline fraction
+is the model's matmul FLOPs per second over a float32 matmul peak measured in the same run (the
+best of the measurements before and after each shape).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment_info, matmul_peak_flops, time_call  # noqa: E402
+from common import environment_info, interleaved_times, matmul_peak_flops  # noqa: E402
 
 from grpo_jax import sampling  # noqa: E402
 from grpo_jax.models import ModelConfig, create_model, save_hf  # noqa: E402
@@ -42,10 +43,6 @@ def generation_flops(cfg: ModelConfig, rows: int, prompt_len: int, new: int, pro
     prefill = prompt_rows * (prompt_len * dense + head + sum(attn(t + 1) for t in range(prompt_len)))
     decode = rows * sum(dense + head + attn(prompt_len + t + 1) for t in range(new - 1))
     return float(prefill + decode)
-
-
-def time_it(fn, repeats: int) -> float:
-    return statistics.median(time_call(fn, warmup=1, repeats=repeats))
 
 
 def main():
@@ -86,8 +83,9 @@ def main():
                                   min_new_tokens=new, num_return_sequences=n, pad_token_id=0)
             assert out.shape == (n_prompts * n, 64 + new)
 
-        t_ours = time_it(ours, args.repeats)
-        t_peer = time_it(peer, args.repeats)
+        # Called in turn (ours, peer, ours, ...) so a drift of the machine's speed hits both.
+        times = interleaved_times({"ours": ours, "peer": peer}, args.repeats)
+        t_ours, t_peer = times["ours"][0], times["peer"][0]
         # The VM's matmul rate drifts: the best of the measurements so far (a conservative
         # roofline fraction).
         peak = max(peak, matmul_peak_flops())

@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment_info, matmul_peak_flops  # noqa: E402
+from common import environment_info, interleaved_times, matmul_peak_flops  # noqa: E402
 
 from grpo_jax import optim  # noqa: E402
 from grpo_jax import train_step as ts  # noqa: E402
@@ -105,23 +103,6 @@ def peak_runner(n: int = 2048):
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     matmul = jax.jit(jnp.matmul)
     return lambda: matmul(a, b)
-
-
-def interleaved_times(runners: dict, repeats: int) -> dict:
-    """Wall and process-CPU seconds per call, the runners called round-robin `repeats` times
-    (after one warm-up call each), so a change in the machine's load hits all of them alike."""
-    for run in runners.values():
-        jax.block_until_ready(run())
-    wall = {name: [] for name in runners}
-    cpu = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            jax.block_until_ready(run())
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    return {name: (statistics.median(wall[name]), statistics.median(cpu[name]), wall[name])
-            for name in runners}
 
 
 def main():
