@@ -50,7 +50,10 @@ def our_step(model, cfg, prompt_ids, beta: float, steps: int, micro_batch_size: 
     state = ts.init_train_state(model, optimizer, jax.random.key(0))
     graphdef, _, rest = ts.split_params(model)
     ref_params = jax.tree.map(jnp.copy, state.params) if beta > 0 else None
-    tcfg = ts.TrainConfig(loss_type="grpo", beta=beta, temperature=1.0, micro_batch_size=micro_batch_size)
+    # max_loss_tokens as the trainer sets it (the completion budget): the head runs at the
+    # completion's positions only, as TRL's logits_to_keep does.
+    tcfg = ts.TrainConfig(loss_type="grpo", beta=beta, temperature=1.0, micro_batch_size=micro_batch_size,
+                          max_loss_tokens=NEW)
     step_fn = ts.make_train_step(model, optimizer, tcfg)
     sc = sampling.SamplingConfig(max_new_tokens=NEW, temperature=1.0, n=GROUP, prompt_bucket=PROMPT_LEN,
                                  batch_bucket=PROMPTS)
@@ -60,10 +63,11 @@ def our_step(model, cfg, prompt_ids, beta: float, steps: int, micro_batch_size: 
     micro = micro_batch_size or rows
 
     @jax.jit
-    def reference(params, tokens, positions):  # as the step runs it: micro-batch by micro-batch
+    def reference(params, tokens, positions, loss_mask):  # as the step runs it: by micro-batch
         ref_model = nnx.merge(graphdef, params, rest)
         split = lambda x: x.reshape((rows // micro, micro) + x.shape[1:])  # noqa: E731
-        micro_batches = {"tokens": split(tokens), "positions": split(positions), "segment_ids": None}
+        micro_batches = {"tokens": split(tokens), "positions": split(positions), "segment_ids": None,
+                         "mask": split(loss_mask[:, 1:])}
         return jax.lax.map(lambda m: ts.score_tokens(ref_model, m, tcfg, fuse=True), micro_batches)
 
     times = {"step": [], "sampling": [], "train_step": [], "reference": []}
@@ -88,7 +92,8 @@ def our_step(model, cfg, prompt_ids, beta: float, steps: int, micro_batch_size: 
         end = time.perf_counter()
         if beta > 0:  # the reference forward on its own, for the split
             r0 = time.perf_counter()
-            jax.block_until_ready(reference(ref_params, jnp.asarray(tokens), jnp.asarray(batch["positions"])))
+            jax.block_until_ready(reference(ref_params, jnp.asarray(tokens), jnp.asarray(batch["positions"]),
+                                            jnp.asarray(mask)))
             ref_s = time.perf_counter() - r0
         else:
             ref_s = 0.0
@@ -102,9 +107,12 @@ def our_step(model, cfg, prompt_ids, beta: float, steps: int, micro_batch_size: 
 
 
 def step_flops(cfg, beta: float) -> float:
-    """Matmul FLOPs of one step: generation + policy forward/backward (3x forward) + reference."""
+    """Matmul FLOPs of one step: generation + policy forward/backward (3x forward) + reference;
+    the training forward's output head at the NEW completion positions of each row only (what
+    both sides compute: `max_loss_tokens` here, `logits_to_keep` in TRL)."""
     length = PROMPT_LEN + NEW
-    train_forward = cfg.flops_per_token(length) * PROMPTS * GROUP * length
+    head = 2 * cfg.d_model * cfg.vocab_size
+    train_forward = (cfg.flops_per_token(length) * length - head * (length - NEW)) * PROMPTS * GROUP
     return generation_flops(cfg, PROMPTS * GROUP, PROMPT_LEN, NEW, PROMPTS) + (3 + (beta > 0)) * train_forward
 
 

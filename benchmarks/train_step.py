@@ -14,7 +14,9 @@ completion tokens). Prints one JSON line per configuration:
   same model and batch (forward + backward only: no optimizer, full [B, T, V] logits).
 
 Model FLOPs are matmul FLOPs (`ModelConfig.flops_per_token`, attention included): 3x the forward
-for forward + backward, plus 1x for the reference forward. MFU is achieved model FLOP/s over a
+for forward + backward, plus 1x for the reference forward. The GRPO step's output head runs at
+the 128 completion positions of each row only (`TrainConfig.max_loss_tokens`, as the trainer sets
+it) and is counted there; the plain peer's head runs, and is counted, at all 192. MFU is achieved model FLOP/s over a
 float32 2048^3 matmul's FLOP/s measured in the same run (the best of: before the runners, among
 them, after them). All runners (the matmul included) are
 called round-robin `--repeats` times after one warm-up (compile) call each, and each reports
@@ -125,6 +127,10 @@ def main():
     batch = make_batch(cfg, rows, LENGTH, PROMPT)
     tokens = rows * LENGTH
     forward_flops = cfg.flops_per_token(LENGTH) * tokens
+    # The step's output head runs at the completion's positions only (max_loss_tokens, as the
+    # trainer sets it); the plain peer's at every position.
+    completion = LENGTH - PROMPT
+    step_forward_flops = forward_flops - 2 * cfg.d_model * cfg.vocab_size * rows * PROMPT
     wanted = args.only.split(",")
     runners, model_flops = {"matmul_peak": peak_runner()}, {"matmul_peak": 2.0 * 2048 ** 3}
     if "plain" in wanted:
@@ -134,9 +140,9 @@ def main():
     for name, beta in (("policy", 0.0), ("policy+ref", 0.04)):
         if name in wanted:
             tcfg = ts.TrainConfig(loss_type="grpo", beta=beta, chunk_size=chunk,
-                                  micro_batch_size=args.micro_batch_size)
+                                  micro_batch_size=args.micro_batch_size, max_loss_tokens=completion)
             runners[name] = train_step_runner(cfg, batch, tcfg)
-            model_flops[name] = (3 + (beta > 0)) * forward_flops
+            model_flops[name] = (3 + (beta > 0)) * step_forward_flops
     peak_before = matmul_peak_flops()
     times = interleaved_times(runners, args.repeats)
     peak_after = matmul_peak_flops()

@@ -53,13 +53,14 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from grpo_jax import grpo
 from grpo_jax import sharding as sharding_lib
-from grpo_jax.models.logprobs import token_logprobs
+from grpo_jax.models.logprobs import loss_columns, token_logprobs_at
 from grpo_jax.optim import current_learning_rate
 
 _REQUIRED_KEYS = ("tokens", "loss_mask", "advantages")
@@ -75,6 +76,10 @@ class TrainConfig:
     delta: float | None = None                # INTELLECT-2 two-sided clip of the ratio, > 1 + eps_high
     beta: float = 0.0                         # k3 KL weight; > 0 needs reference params
     max_completion_length: int | None = None  # dr_grpo's constant L
+    # At most this many loss tokens (loss_mask != 0) per row, e.g. max_new_tokens x max_turns:
+    # when fewer than the row's positions, the output head runs at each row's first
+    # `max_loss_tokens` loss positions only (a row with more raises in `step`). None: everywhere.
+    max_loss_tokens: int | None = None
     importance_sampling_level: str = "token"  # "token" or "sequence" (GSPO)
     temperature: float = 1.0                  # the sampler's temperature (greedy sampling: 1)
     num_iterations: int = 1                   # mu: optimizer updates on each batch
@@ -96,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
+        if self.max_loss_tokens is not None and self.max_loss_tokens < 1:
+            raise ValueError(f"max_loss_tokens must be >= 1 or None, got {self.max_loss_tokens}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
         if not self.temperature > 0:
@@ -229,13 +236,23 @@ def prepare_batch(batch: Mapping[str, jax.Array], cfg: TrainConfig) -> dict[str,
     return prepared
 
 
+def scored_columns(micro: Mapping[str, jax.Array], cfg: TrainConfig):
+    """[B, K] columns of the shifted [B, T - 1] arrays where the output head runs (each row's
+    loss positions first, `models.logprobs.loss_columns`), or None for all of them."""
+    mask = micro.get("mask")
+    if cfg.max_loss_tokens is None or mask is None or cfg.max_loss_tokens >= mask.shape[1]:
+        return None
+    return loss_columns(mask, cfg.max_loss_tokens)
+
+
 def score_tokens(model, micro: Mapping[str, jax.Array], cfg: TrainConfig, *, return_entropy=False,
                  fuse: bool = False):
-    """log pi(tokens[:, t+1] | tokens[:, :t+1]) at the temperature: [B, T - 1] (and entropy)."""
+    """log pi(tokens[:, t+1] | tokens[:, :t+1]) at the temperature: [B, T - 1] (and entropy);
+    0 outside the loss positions when `cfg.max_loss_tokens` applies (`scored_columns`)."""
     hidden_BTD = model.hidden_states(micro["tokens"], micro["positions"], micro["segment_ids"], fuse=fuse)
-    return token_logprobs(hidden_BTD[:, :-1], model.unembedding(), micro["tokens"][:, 1:],
-                          temperature=cfg.temperature, chunk_size=cfg.chunk_size,
-                          return_entropy=return_entropy)
+    return token_logprobs_at(hidden_BTD[:, :-1], model.unembedding(), micro["tokens"][:, 1:],
+                             scored_columns(micro, cfg), temperature=cfg.temperature,
+                             chunk_size=cfg.chunk_size, return_entropy=return_entropy)
 
 
 def loss_from_hidden(hidden_BTD, unembed_VD, micro: Mapping[str, jax.Array], cfg: TrainConfig, *,
@@ -252,9 +269,9 @@ def loss_from_hidden(hidden_BTD, unembed_VD, micro: Mapping[str, jax.Array], cfg
 
     Returns `(loss, (metric_sums, logps_BT))`; the metric sums include `entropy`.
     """
-    logps_BT, entropy_BT = token_logprobs(
-        hidden_BTD[:, :-1], unembed_VD, micro["tokens"][:, 1:], temperature=cfg.temperature,
-        chunk_size=cfg.chunk_size, return_entropy=True)
+    logps_BT, entropy_BT = token_logprobs_at(
+        hidden_BTD[:, :-1], unembed_VD, micro["tokens"][:, 1:], scored_columns(micro, cfg),
+        temperature=cfg.temperature, chunk_size=cfg.chunk_size, return_entropy=True)
     current = jax.lax.stop_gradient(logps_BT)
     if old_logps_BT is None:
         old_BT = current
@@ -319,6 +336,17 @@ def projections_unsharded(mesh, rules=sharding_lib.DEFAULT_RULES) -> bool:
     return all(spec == PartitionSpec(None) or spec == PartitionSpec()
                for spec in (sharding_lib.logical_to_spec((axis,), None, mesh, rules)
                             for axis in ("heads", "kv_heads", "mlp")))
+
+
+def _check_loss_tokens(loss_mask, max_loss_tokens):
+    """A host (numpy) mask with a row of more than `max_loss_tokens` loss tokens would lose some
+    of them silently: raise. Device arrays are not read back (no sync in the step's path)."""
+    if max_loss_tokens is None or not isinstance(loss_mask, np.ndarray) or loss_mask.ndim != 2:
+        return
+    most = int((loss_mask[:, 1:] != 0).sum(axis=1).max(initial=0))
+    if most > max_loss_tokens:
+        raise ValueError(f"a row has {most} loss tokens, more than max_loss_tokens="
+                         f"{max_loss_tokens}: raise it (or None) so none is dropped")
 
 
 def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, cfg: TrainConfig,
@@ -442,6 +470,7 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
         if uses_ref and ref_params is None:
             raise ValueError(f"beta={cfg.beta} > 0: pass ref_params (the reference model's params)")
         batch = {k: v for k, v in batch.items() if v is not None}
+        _check_loss_tokens(batch.get("loss_mask"), cfg.max_loss_tokens)
         rows = jnp.shape(batch["tokens"])[0] if "tokens" in batch else 0
         if mesh is not None and rows % batch_shards:
             raise ValueError(f"the batch has {rows} rows, not a multiple of the {batch_shards} "

@@ -15,7 +15,7 @@ from flax import nnx
 from grpo_jax import grpo, optim, sampling, sharding
 from grpo_jax import train_step as ts
 from grpo_jax.models import ModelConfig, abstract_model, create_model
-from grpo_jax.models.logprobs import sequence_logprobs
+from grpo_jax.models.logprobs import loss_columns, sequence_logprobs, token_logprobs_at
 
 
 def _fast_compiler_options():
@@ -126,6 +126,53 @@ def test_fused_projections_give_the_same_update():
     np.testing.assert_allclose(m_fused["grad_norm"], m_plain["grad_norm"], rtol=1e-5)
     assert not ts.projections_unsharded(sharding.make_mesh(data=1, fsdp=2, tp=4))
     assert ts.projections_unsharded(sharding.make_mesh(data=1, fsdp=8, tp=1))
+
+
+def test_head_at_loss_positions_only_gives_the_same_update():
+    """max_loss_tokens: the output head runs at each row's loss positions only (7 of 13 columns
+    here, rows with fewer filled up with other columns), reference log-probs too; the update,
+    the loss and the metrics are those of the head at every position."""
+    batch = _synthetic_batch(seed=4)
+    most = int(batch["loss_mask"][:, 1:].sum(axis=1).max())
+    assert most == 7 < batch["tokens"].shape[1] - 1
+    ref_params = nnx.split(create_model(MODEL, seed=5), nnx.Param, ...)[1]
+    for kwargs in (dict(), dict(beta=0.1, micro_batch_size=4)):
+        every, m_every = _one_step(ts.TrainConfig(**kwargs), batch, SGD, ref_params=ref_params)
+        loss_only, m_loss = _one_step(ts.TrainConfig(max_loss_tokens=most, **kwargs), batch, SGD,
+                                      ref_params=ref_params)
+        assert _max_diff(every.params, loss_only.params) < 1e-6
+        for name in ("loss", "grad_norm", "entropy", "kl", "ratio/min", "ratio/max", "num_tokens"):
+            if name in m_every:
+                np.testing.assert_allclose(m_loss[name], m_every[name], rtol=1e-5, err_msg=name)
+    # A row with more loss tokens than the bound would lose some: refused before the step runs.
+    with pytest.raises(ValueError, match="max_loss_tokens"):
+        _one_step(ts.TrainConfig(max_loss_tokens=most - 1), batch, SGD)
+    with pytest.raises(ValueError, match="max_loss_tokens"):
+        ts.TrainConfig(max_loss_tokens=0)
+
+
+def test_logprobs_at_columns_equal_the_full_computation():
+    hidden = jax.random.normal(jax.random.key(0), (3, 9, 16))
+    unembed = jax.random.normal(jax.random.key(1), (40, 16))
+    targets = jax.random.randint(jax.random.key(2), (3, 9), 0, 40)
+    mask = np.zeros((3, 9), np.float32)
+    mask[0, 2:5] = mask[1, 6:] = mask[2, [1, 4, 7]] = 1
+    columns = loss_columns(jnp.asarray(mask), 4)
+    np.testing.assert_array_equal(columns[0], [2, 3, 4, 0])  # loss positions first, in order
+    weights = jax.random.normal(jax.random.key(3), (3, 9)) * mask
+
+    def loss(h, w, cols):
+        lp, ent = token_logprobs_at(h, w, targets, cols, chunk_size=16, return_entropy=True)
+        return jnp.sum(lp * weights + 0.3 * ent * weights), (lp, ent)
+
+    (_, (lp_all, ent_all)), g_all = jax.value_and_grad(loss, (0, 1), has_aux=True)(hidden, unembed, None)
+    (_, (lp_at, ent_at)), g_at = jax.value_and_grad(loss, (0, 1), has_aux=True)(hidden, unembed, columns)
+    selected = np.zeros((3, 9), bool)
+    selected[np.arange(3)[:, None], np.asarray(columns)] = True
+    np.testing.assert_allclose(lp_at, np.where(selected, lp_all, 0.0), atol=1e-6)
+    np.testing.assert_allclose(ent_at, np.where(selected, ent_all, 0.0), atol=1e-6)
+    for a, b in zip(g_at, g_all):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_sharded_step_matches_one_device():

@@ -162,6 +162,30 @@ def _chunked_logprobs_bwd(inv_tau, chunk, with_entropy, residuals, cotangents):
 _chunked_logprobs.defvjp(_chunked_logprobs_fwd, _chunked_logprobs_bwd)
 
 
+def loss_columns(mask_BT, width: int):
+    """[B, width] int32: per row, the columns where `mask_BT` != 0 in order, then the other
+    columns in order (a row with fewer than `width` such columns is filled up with others)."""
+    return jnp.argsort(mask_BT == 0, axis=1, stable=True)[:, :width].astype(jnp.int32)
+
+
+def token_logprobs_at(hidden_BTD, unembed_VD, targets_BT, columns_BK=None, **kwargs):
+    """`token_logprobs` computed at `columns_BK` ([B, K] column indices) only, scattered back to
+    [B, T] with 0 elsewhere; all columns when None.
+
+    The output head is the widest matmul of a small model and RL trains on completion tokens
+    only: with K = the completion budget, prompt positions cost no head work (for prompts as
+    long as their completions, a third of the head's FLOPs).
+    """
+    if columns_BK is None:
+        return token_logprobs(hidden_BTD, unembed_VD, targets_BT, **kwargs)
+    take = lambda x: jnp.take_along_axis(  # noqa: E731
+        x, columns_BK.reshape(columns_BK.shape + (1,) * (x.ndim - 2)), axis=1)
+    out = token_logprobs(take(hidden_BTD), unembed_VD, take(targets_BT), **kwargs)
+    rows = jnp.arange(targets_BT.shape[0])[:, None]
+    put = lambda v: jnp.zeros(targets_BT.shape, v.dtype).at[rows, columns_BK].set(v)  # noqa: E731
+    return tuple(map(put, out)) if isinstance(out, tuple) else put(out)
+
+
 def sequence_logprobs(model, tokens_BT, positions_BT=None, segment_ids_BT=None, *,
                       temperature: float = 1.0, chunk_size: int | None = None, return_entropy: bool = False):
     """Log-prob of each next token under `model`: out[:, t] = log p(tokens[:, t + 1] | tokens[:, :t+1]).
