@@ -175,12 +175,14 @@ def test_logprobs_at_columns_equal_the_full_computation():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_sharded_step_matches_one_device():
+@pytest.mark.parametrize("max_loss_tokens", [None, 7])
+def test_sharded_step_matches_one_device(max_loss_tokens):
     batch = _synthetic_batch(seed=1)
     # Unfused on both sides (a tp-sharded step never fuses): the same computation, laid out
     # differently; fusion itself is checked in test_fused_projections_give_the_same_update.
+    # max_loss_tokens=7: the head at the loss positions only (gathered per row), as the trainer runs it.
     cfg = ts.TrainConfig(loss_type="bnpo", micro_batch_size=4, num_iterations=2, beta=0.05,
-                         fuse_projections=False)
+                         fuse_projections=False, max_loss_tokens=max_loss_tokens)
     ref = nnx.split(create_model(MODEL, 5), nnx.Param, ...)[1]
     # SGD: the update is the gradient. (Adam's m / sqrt(v) turns float-rounding differences of
     # near-zero gradients into updates of up to the learning rate, so it cannot be compared tightly.)
