@@ -59,16 +59,15 @@ def our_step(model, cfg, prompt_ids, beta: float, steps: int, micro_batch_size: 
                                  batch_bucket=PROMPTS)
     advantages_fn = jax.jit(group_advantages, static_argnums=(1,))
 
-    rows = PROMPTS * GROUP
-    micro = micro_batch_size or rows
+    n_micro = PROMPTS * GROUP // (micro_batch_size or PROMPTS * GROUP)
 
     @jax.jit
-    def reference(params, tokens, positions, loss_mask):  # as the step runs it: by micro-batch
+    def reference(params, batch):  # as the step runs it: the same micro-batches, one by one
         ref_model = nnx.merge(graphdef, params, rest)
-        split = lambda x: x.reshape((rows // micro, micro) + x.shape[1:])  # noqa: E731
-        micro_batches = {"tokens": split(tokens), "positions": split(positions), "segment_ids": None,
-                         "mask": split(loss_mask[:, 1:])}
-        return jax.lax.map(lambda m: ts.score_tokens(ref_model, m, tcfg, fuse=True), micro_batches)
+        data = ts.prepare_batch(batch, tcfg)
+        micro = ts._to_micro({k: data[k] for k in ("tokens", "positions", "segment_ids", "mask")},
+                             n_micro, lambda x: x)
+        return jax.lax.map(lambda m: ts.score_tokens(ref_model, m, tcfg, fuse=True), micro)
 
     times = {"step": [], "sampling": [], "train_step": [], "reference": []}
     for i in range(steps + 1):
@@ -92,8 +91,7 @@ def our_step(model, cfg, prompt_ids, beta: float, steps: int, micro_batch_size: 
         end = time.perf_counter()
         if beta > 0:  # the reference forward on its own, for the split
             r0 = time.perf_counter()
-            jax.block_until_ready(reference(ref_params, jnp.asarray(tokens), jnp.asarray(batch["positions"]),
-                                            jnp.asarray(mask)))
+            jax.block_until_ready(reference(ref_params, batch))
             ref_s = time.perf_counter() - r0
         else:
             ref_s = 0.0

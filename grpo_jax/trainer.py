@@ -158,7 +158,8 @@ class Experiment:
         return plan_memory(self.model.config, dict(self.mesh.shape), optimizer=self.optimizer,
                            with_reference=c.grpo.beta > 0, kv_batch=rows, kv_length=c.rollout.max_seq_len,
                            train_batch=c.grpo.micro_batch_size or rows, train_seq=c.rollout.max_seq_len,
-                           chunk_size=c.grpo.chunk_size or default_chunk_size(), device_memory_gib=limit / GIB if limit else None,
+                           chunk_size=self.train_config.chunk_size or default_chunk_size(),
+                           device_memory_gib=limit / GIB if limit else None,
                            label=c.model.hf_path or f"{self.model.config.model_type} from the config")
 
     @property
@@ -269,7 +270,7 @@ class Experiment:
 
             sft.run_sft(self.model, data, sft.SFTConfig(
                 steps=steps, batch_size=c.batch_size, learning_rate=learning_rate,
-                warmup_steps=min(c.warmup_steps, steps // 2), chunk_size=self.config.grpo.chunk_size or None,
+                warmup_steps=min(c.warmup_steps, steps // 2), chunk_size=self.train_config.chunk_size,
                 log_every=c.log_every), seed=seed, log_fn=log_fn)
             done += steps
 
