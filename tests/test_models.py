@@ -15,6 +15,7 @@ from hf_fixtures import hf_config, hf_logits, left_padded_batch, make_hf_model, 
 from grpo_jax.models import (CheckpointError, ConfigError, ModelConfig, create_model, from_hf_config,
                              load_hf, save_hf)
 from grpo_jax.models.config import rope_inv_freq
+from grpo_jax.models.dense import dense
 from grpo_jax.models.logprobs import sequence_logprobs, token_logprobs
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
@@ -196,7 +197,7 @@ def test_remat_modes_give_the_same_gradients():
     with pytest.raises(ConfigError, match="remat"):
         ModelConfig(remat="everything")
     tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 250)
-    grads, saved = {}, {}
+    grads, saved, weight_matmuls = {}, {}, {}
     for mode in ("none", "dots", "full"):
         cfg = ModelConfig(vocab_size=250, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64, remat=mode)
         graphdef, params = nnx.split(create_model(cfg, seed=3))
@@ -206,11 +207,41 @@ def test_remat_modes_give_the_same_gradients():
             return jnp.sum(logps * jnp.linspace(-1.0, 1.0, logps.shape[1]))
 
         grads[mode] = jax.jit(jax.grad(loss))(params)
+        weight_matmuls[mode] = _count_dots(jax.make_jaxpr(jax.grad(loss))(params), batched=False)
         # Residuals the forward keeps for the backward (jax.linearize's constants).
         saved[mode] = sum(x.size for x in jax.tree.leaves(jax.linearize(loss, params)[1]))
     for mode in ("dots", "full"):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads[mode], grads["none"])
     assert saved["none"] > saved["dots"] > saved["full"]
+    # "dots" keeps every weight matmul's output: its backward recomputes none of them ("full"
+    # recomputes all), only attention's batched products.
+    assert weight_matmuls["dots"] == weight_matmuls["none"] < weight_matmuls["full"]
+
+
+def _count_dots(jaxpr, batched: bool) -> int:
+    """dot_general equations in a jaxpr and all its sub-jaxprs (a scan body counted once), with
+    or without batch dimensions."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    own = sum(bool(e.params["dimension_numbers"][1][0]) == batched
+              for e in jaxpr.eqns if e.primitive.name == "dot_general")
+    return own + sum(_count_dots(sub, batched) for sub in jax.extend.core.subjaxprs(jaxpr))
+
+
+@pytest.mark.parametrize("batch_shape", [(6,), (2, 3)])
+@pytest.mark.parametrize("k,n", [(8, 20), (20, 8)])
+def test_dense_gradients_equal_the_plain_matmul(batch_shape, k, n):
+    """The CPU weight-gradient form (transposed copy of the narrower operand) gives the plain
+    matmul's values and gradients, with either operand the narrower one."""
+    x = jax.random.normal(jax.random.key(0), (*batch_shape, k))
+    w = jax.random.normal(jax.random.key(1), (k, n))
+    g = jax.random.normal(jax.random.key(2), (*batch_shape, n))
+    results = {}
+    for cpu_form in (True, False):
+        f = lambda x, w: jnp.sum(dense(x, w, cpu_weight_grad=cpu_form) * g)  # noqa: E731
+        results[cpu_form] = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w)
+    plain = jax.value_and_grad(lambda x, w: jnp.sum(jnp.einsum("...k,kn->...n", x, w) * g), argnums=(0, 1))(x, w)
+    for got in results.values():
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, plain)
 
 
 def test_errors_name_the_problem(tmp_path, checkpoint):

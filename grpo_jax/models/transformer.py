@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from grpo_jax.models.config import ModelConfig, rope_inv_freq
+from grpo_jax.models.dense import DENSE_NAME, dense
 
 # Fills masked attention scores; finite so that a fully masked row (a padding query) gives a
 # uniform average instead of NaN.
@@ -109,11 +110,14 @@ def attention(q_BTHD, k, v, mask_BTS, *, cache_layout: bool = False):
 INIT_STD = 0.02
 
 # `ModelConfig.remat` -> what `jax.checkpoint` may save of a layer (None: no checkpoint at all).
-# "dots": the weight matmuls have no batch dimensions, attention's two products do, so the
-# attention scores and probabilities [B, H, T, S] are recomputed, never stored per layer.
+# "dots": the weight matmuls' outputs (named by `dense`; plain matmuls without batch dimensions
+# otherwise); attention's two products have batch dimensions, so the attention scores and
+# probabilities [B, H, T, S] are recomputed, never stored per layer.
 _REMAT_POLICIES = {
     "none": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(DENSE_NAME)),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
@@ -162,16 +166,15 @@ def _project_qkv(cfg: ModelConfig, p, h, dt):
     """q [B, T, H, Dh], k and v [B, T, K, Dh]: three matmuls, or one on the fused `wqkv`."""
     if "wqkv" in p:
         b, t, _ = h.shape
-        qkv = jnp.einsum("btd,de->bte", h, p["wqkv"].astype(dt))
+        qkv = dense(h, p["wqkv"].astype(dt))
         if cfg.qkv_bias:
             qkv = qkv + p["bqkv"].astype(dt)
         sizes = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
         q, k, v = jnp.split(qkv, (sizes[0], sizes[0] + sizes[1]), axis=-1)
         return (q.reshape(b, t, cfg.n_heads, cfg.head_dim), k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim),
                 v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim))
-    q = jnp.einsum("btd,dhk->bthk", h, p["wq"].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", h, p["wk"].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", h, p["wv"].astype(dt))
+    b, t, d = h.shape
+    q, k, v = (dense(h, p[n].astype(dt).reshape(d, -1)).reshape(b, t, *p[n].shape[1:]) for n in ("wq", "wk", "wv"))
     if cfg.qkv_bias:
         q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
     return q, k, v
@@ -199,14 +202,14 @@ def _layer(cfg: ModelConfig, p, x_BTD, cos, sin, attend):
         k = rms_norm(k, p["k_norm"].astype(dt), cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attn_out, extra = attend(q, k, v)
-    x_BTD = x_BTD + jnp.einsum("bthk,hkd->btd", attn_out, p["wo"].astype(dt))
+    b, t, d = x_BTD.shape
+    x_BTD = x_BTD + dense(attn_out.reshape(b, t, -1), p["wo"].astype(dt).reshape(-1, d))
     h = rms_norm(x_BTD, p["mlp_norm"].astype(dt), cfg.rms_norm_eps)
     if "w_gate_up" in p:
-        gate, up = jnp.split(jnp.einsum("btd,df->btf", h, p["w_gate_up"].astype(dt)), 2, axis=-1)
+        gate, up = jnp.split(dense(h, p["w_gate_up"].astype(dt)), 2, axis=-1)
     else:
-        gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
-        up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
-    x_BTD = x_BTD + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
+        gate, up = dense(h, p["w_gate"].astype(dt)), dense(h, p["w_up"].astype(dt))
+    x_BTD = x_BTD + dense(jax.nn.silu(gate) * up, p["w_down"].astype(dt))
     return x_BTD, extra
 
 
