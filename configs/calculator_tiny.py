@@ -8,7 +8,7 @@ episode ends with <answer>181288</answer>. Reward: correct answer 1.0 + strict f
 tool used 0.1.
 
 1. A sentencepiece tokenizer (320 pieces, digits split) is trained on the task's texts.
-2. Warm start (800 steps): a 0.4M-parameter Qwen2-style model is trained from scratch on
+2. Warm start (1200 steps): a 0.4M-parameter Qwen2-style model is trained from scratch on
    demonstrations of which 40% call the calculator and 60% skip it and restate the expression
    (`<answer>527*344</answer>`: well formed, never correct). It learns both ways and prefers
    the second: greedy decoding never calls the tool, sampling calls it ~40% of the time, and
@@ -17,8 +17,9 @@ tool used 0.1.
    group-relative advantages move the policy to call the calculator.
 
 Held-out greedy accuracy and tool-call rate (200 problems) are printed before and after GRPO.
-Measured on 2 CPU cores (seeds 0, 1, 2; README): about 83 s per run; accuracy 0.00 -> 0.875 /
-1.00 / 1.00 and tool-call rate 0.00 -> 1.00.
+Measured on 2 CPU cores (seeds 0-4; README): 75-96 s per run; accuracy 0.00 -> 1.00 / 0.995 /
+1.00 / 1.00 / 0.975 and tool-call rate 0.00 -> 1.00. The warm start's learning rate (2e-3) and
+length (1200 steps) are what made every seed learn the copy skill (README).
 
 `:runlocal` is a seconds-long smoke variant (tests).
 """
@@ -50,9 +51,9 @@ def get_config(arg: str = ""):
     c.env.num_train = 4000
 
     c.sft.steps = 0
-    c.sft.mixed_steps = 800
+    c.sft.mixed_steps = 1200
     c.sft.batch_size = 16
-    c.sft.mixed_learning_rate = 3e-3
+    c.sft.mixed_learning_rate = 2e-3
     c.sft.num_demos = 3000
     c.sft.direct_answer_fraction = 0.6
 
