@@ -174,7 +174,8 @@ def _project_qkv(cfg: ModelConfig, p, h, dt):
         return (q.reshape(b, t, cfg.n_heads, cfg.head_dim), k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim),
                 v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim))
     b, t, d = h.shape
-    q, k, v = (dense(h, p[n].astype(dt).reshape(d, -1)).reshape(b, t, *p[n].shape[1:]) for n in ("wq", "wk", "wv"))
+    q, k, v = (dense(h, p[n].astype(dt).reshape(d, -1)).reshape(b, t, *p[n].shape[1:])
+               for n in ("wq", "wk", "wv"))
     if cfg.qkv_bias:
         q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
     return q, k, v
