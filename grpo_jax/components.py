@@ -143,11 +143,12 @@ def rollout_config(config, tokenizer) -> RolloutConfig:
 def train_config(config) -> TrainConfig:
     g = config.grpo
     tis = _positive_or_none(g.tis_cap)
+    # The rollout appends at most max_new_tokens model tokens per turn: the most loss tokens a row
+    # can hold (dr_grpo's constant and the output head's bound).
+    completion_budget = config.sampling.max_new_tokens * config.rollout.max_turns
     return TrainConfig(loss_type=g.loss_type, epsilon=g.epsilon, epsilon_high=_positive_or_none(g.epsilon_high),
                        delta=_positive_or_none(g.delta), beta=g.beta,
-                       max_completion_length=config.sampling.max_new_tokens * config.rollout.max_turns,
-                       # The rollout appends at most max_new_tokens model tokens per turn.
-                       max_loss_tokens=config.sampling.max_new_tokens * config.rollout.max_turns,
+                       max_completion_length=completion_budget, max_loss_tokens=completion_budget,
                        importance_sampling_level=g.importance_sampling_level,
                        temperature=config.sampling.temperature, num_iterations=g.num_iterations,
                        micro_batch_size=_positive_or_none(g.micro_batch_size),

@@ -110,14 +110,12 @@ def attention(q_BTHD, k, v, mask_BTS, *, cache_layout: bool = False):
 INIT_STD = 0.02
 
 # `ModelConfig.remat` -> what `jax.checkpoint` may save of a layer (None: no checkpoint at all).
-# "dots": the weight matmuls' outputs (named by `dense`; plain matmuls without batch dimensions
-# otherwise); attention's two products have batch dimensions, so the attention scores and
+# "dots": the outputs of the weight matmuls, which all go through `dense` and carry its name (on
+# CPU its custom gradient hides the dot from a dots-based policy); attention's scores and
 # probabilities [B, H, T, S] are recomputed, never stored per layer.
 _REMAT_POLICIES = {
     "none": None,
-    "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(DENSE_NAME)),
+    "dots": jax.checkpoint_policies.save_only_these_names(DENSE_NAME),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
