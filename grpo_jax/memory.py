@@ -17,9 +17,10 @@ Categories and their assumptions (the table repeats them):
                (float32: `train_step` accumulates micro-batch gradients in float32). The
                transient gradient of one micro-batch (param dtype) is not counted.
 - optimizer:   `optimizer.init(params)` under `eval_shape`. "adamw"/"adam" keep mu and nu in
-               `optimizer_dtype` (float32 by default, i.e. 2 x 4 bytes a parameter). An optax
+               `optimizer_dtype` (float32 by default, i.e. 2 x 4 bytes a parameter, as
+               `grpo_jax.optim.make_optimizer` does for any param dtype). A given optax
                transformation is initialised on the params as stored, as `init_train_state`
-               does (optax's Adam then keeps its moments in the param dtype).
+               does (a raw `optax.adam` then keeps its moments in the param dtype).
                Moments shard like their parameters; counters and hyper-parameters are replicated.
 - reference:   the frozen reference policy for the KL term (beta > 0), sharded like the params.
 - kv_cache:    the sampler's cache k, v (L x [B, Hkv, S, Dh], k stored as [B, Hkv, Dh, S]: the

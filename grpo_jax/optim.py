@@ -2,8 +2,9 @@
 
 `make_optimizer` returns one `optax.GradientTransformation`:
 
-    chain(clip_by_global_norm(max_grad_norm),            # skipped when max_grad_norm is None
-          inject_hyperparams(adamw)(learning_rate=schedule, weight_decay, mask=decay_mask))
+    float32_state(
+        chain(clip_by_global_norm(max_grad_norm),        # skipped when max_grad_norm is None
+              inject_hyperparams(adamw)(learning_rate=schedule, weight_decay, mask=decay_mask)))
 
 AdamW is Loshchilov & Hutter (2019), "Decoupled weight decay regularization". The learning rate
 is injected as a hyper-parameter so the optimizer state carries the value used by the latest
@@ -13,6 +14,13 @@ schedule advances mu per step.
 
 Weight decay applies to the parameters that have an `embed` logical axis (every projection
 matrix, the embedding and the output head) and not to RMSNorm scales or biases.
+
+Low-precision parameters (bfloat16 / float16) get float32 optimizer state (`float32_state`):
+optax's Adam would create its moments in the parameter dtype and then promote them to the
+gradients' float32 on the first update, so the train step's output state would differ from its
+input (a recompilation, and no buffer reuse, on the second step). Moments kept in bfloat16 would
+also lose the second moment's decay: 0.999 * nu rounds back to nu with bfloat16's 8-bit
+significand. The parameters themselves stay in their dtype (`optax.apply_updates` casts).
 """
 
 from __future__ import annotations
@@ -78,21 +86,57 @@ def decay_mask(params):
     return jax.tree.map(wants_decay, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def _upcast(x):
+    """float32 for bfloat16 / float16 arrays, anything else as it is."""
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize < 4:
+        return x.astype(jnp.float32)
+    return x
+
+
+def float32_state(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` initialised and updated on float32 views of low-precision params and gradients.
+
+    Its state (e.g. Adam's mu and nu) is then created in float32 and stays float32; updates come
+    out in float32 and `optax.apply_updates` casts them to each parameter's dtype. For float32
+    parameters this is `tx` itself.
+    """
+    def init(params):
+        return tx.init(jax.tree.map(_upcast, params))
+
+    def update(updates, state, params=None):
+        params = None if params is None else jax.tree.map(_upcast, params)
+        return tx.update(jax.tree.map(_upcast, updates), state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
+def keep_state_dtypes(new_state, old_state):
+    """`new_state` cast leaf by leaf to the dtypes of `old_state` (same structure).
+
+    The train steps apply it after `optimizer.update`, so that any optax transformation (not
+    only `make_optimizer`'s) gives a state of the dtypes it was initialised with: a jitted step
+    then compiles once and can donate its input state to its output.
+    """
+    return jax.tree.map(lambda new, old: new.astype(old.dtype) if new.dtype != old.dtype else new,
+                        new_state, old_state)
+
+
 def make_optimizer(learning_rate: float, *, schedule: str = "constant", warmup_steps: int = 0,
                    total_steps: int | None = None, end_fraction: float = 0.0,
                    weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
                    eps: float = 1e-8, max_grad_norm: float | None = 1.0
                    ) -> optax.GradientTransformation:
-    """Clip-by-global-norm + AdamW on a `make_schedule` learning rate (see the module docstring)."""
+    """Clip-by-global-norm + AdamW on a `make_schedule` learning rate, its state in float32 (see
+    the module docstring)."""
     lr = make_schedule(learning_rate, schedule=schedule, warmup_steps=warmup_steps,
                        total_steps=total_steps, end_fraction=end_fraction)
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
         learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     if max_grad_norm is None:
-        return adamw
+        return float32_state(adamw)
     if max_grad_norm <= 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
+    return float32_state(optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw))
 
 
 def current_learning_rate(opt_state):

@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from grpo_jax.models.logprobs import token_logprobs
+from grpo_jax.optim import keep_state_dtypes
 from grpo_jax.sharding import on_one_device
 from grpo_jax.train_step import TrainState, init_train_state, split_params
 
@@ -118,6 +119,7 @@ def make_sft_step(model: nnx.Module, optimizer: optax.GradientTransformation,
     def step(state: TrainState, batch):
         (nll, confident), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        opt_state = keep_state_dtypes(opt_state, state.opt_state)
         params = optax.apply_updates(state.params, updates)
         metrics = {"sft/loss": nll, "sft/token_confident": confident,
                    "sft/grad_norm": optax.global_norm(grads)}

@@ -61,7 +61,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from grpo_jax import grpo
 from grpo_jax import sharding as sharding_lib
 from grpo_jax.models.logprobs import loss_columns, token_logprobs_at
-from grpo_jax.optim import current_learning_rate
+from grpo_jax.optim import current_learning_rate, keep_state_dtypes
 
 _REQUIRED_KEYS = ("tokens", "loss_mask", "advantages")
 
@@ -437,7 +437,8 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
             zeros = constrain_grads(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
             grads, (losses, sums, logps) = _scan(accumulate, zeros, (micro, old, ref_logps), n_micro)
             grad_norm = optax.tree_utils.tree_norm(grads)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
+            updates, new_opt_state = optimizer.update(grads, opt_state, params)
+            opt_state = keep_state_dtypes(new_opt_state, opt_state)
             params = optax.apply_updates(params, updates)
             if not keeps_sampler_old:
                 old = jnp.where(first, logps, old)

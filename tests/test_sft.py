@@ -63,3 +63,23 @@ def test_run_sft_learns_a_fixed_completion():
     assert logged[-1][1] < 0.1
     greedy = np.asarray(model(np.asarray([[1, 2, 3, 7, 8]], np.int32))).argmax(-1)[0, 2:]
     np.testing.assert_array_equal(greedy, [7, 8, 9])
+
+
+def test_sft_step_on_bfloat16_weights_keeps_its_state_and_compiles_once():
+    import jax
+
+    from grpo_jax import optim
+    from grpo_jax.train_step import init_train_state
+
+    cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                      d_ff=64, max_position_embeddings=16, dtype="bfloat16", param_dtype="bfloat16")
+    model = create_model(cfg, seed=0)
+    optimizer = optim.make_optimizer(1e-2)
+    state = init_train_state(model, optimizer, jax.random.key(0))
+    batch = sft.pack([([1, 2, 3, 7, 8, 9], [0, 0, 0, 1, 1, 1])] * 4, pad_id=0, length=8)
+    step = sft.make_sft_step(model, optimizer)
+    signature = jax.tree.map(lambda x: (x.dtype, x.shape), state)
+    for _ in range(2):
+        state, metrics = step(state, batch)
+    assert jax.tree.map(lambda x: (x.dtype, x.shape), state) == signature
+    assert step._cache_size() == 1 and np.isfinite(float(metrics["sft/loss"]))

@@ -393,3 +393,26 @@ def test_config_checks():
     del batch["old_logps"]
     with pytest.raises(ValueError, match="old_logps"):
         step(state, batch)
+
+
+@pytest.mark.parametrize("optimizer", [ADAM, optax.adam(1e-2)], ids=["make_optimizer", "optax.adam"])
+def test_low_precision_weights_keep_the_state_dtypes_and_compile_once(optimizer):
+    # optax's Adam creates its moments in the parameter dtype and promotes them to the float32
+    # gradients on the first update: without care the second step recompiles (and cannot
+    # donate). make_optimizer keeps the moments in float32 from the start; any other
+    # transformation keeps the dtypes it was initialised with.
+    cfg = MODEL.replace(dtype="bfloat16", param_dtype="bfloat16")
+    model = create_model(cfg, 0)
+    state = ts.init_train_state(model, optimizer, jax.random.key(0))
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+    want = jnp.float32 if optimizer is ADAM else jnp.bfloat16
+    assert moments and all(x.dtype == want for x in moments)
+    signature = lambda tree: jax.tree.map(lambda x: (x.dtype, x.shape), tree)  # noqa: E731
+    before = signature(state)
+    step = ts.make_train_step(model, optimizer, ts.TrainConfig(micro_batch_size=4), compiler_options=FAST)
+    for _ in range(2):
+        state, metrics = step(state, _synthetic_batch())
+    assert signature(state) == before
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.params))
+    assert step.jitted._cache_size() == 1
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
