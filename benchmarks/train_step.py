@@ -2,11 +2,18 @@
 
     python benchmarks/train_step.py [--repeats 3] [--micro-batch-size 32] [--chunk-size 8192]
                                     [--remat none|dots|full] [--only policy,policy+ref,plain]
-                                    [--quick]
+                                    [--preset qwen2.5-0.5b] [--dtype bfloat16] [--param-dtype float32]
+                                    [--layers 24] [--vocab-size 151936] [--rows 32] [--length 192]
+                                    [--prompt 64] [--peak-size 8192]
+                                    [--nominal-peak-tflops 989] [--quick]
 
 Model: Qwen2-style, hidden 512, 8 layers, 8 heads / 2 KV heads (head_dim 64), intermediate 1408,
 vocab 8192, float32, random weights. Batch: 32 sequences of 192 tokens (64 prompt + 128 trained
-completion tokens). Prints one JSON line per configuration:
+completion tokens). `--preset` takes a `grpo_jax.models.PRESETS` shape instead (random weights
+too), `--dtype` the compute dtype (weights stored in it unless `--param-dtype`), and the matmul
+peak is then measured in that dtype (n = 2048 on CPU, 8192 on accelerators unless `--peak-size`).
+The accelerator check of the train step is `benchmarks/gpu_check.sh`: Qwen2.5-0.5B's shape in
+bfloat16. Prints one JSON line per configuration:
 
 - "policy": `grpo_jax.train_step` with beta = 0 (GRPO loss, AdamW update);
 - "policy+ref": beta > 0, so the step also runs the reference model forward;
@@ -41,7 +48,7 @@ from common import environment_info, interleaved_times, matmul_peak_flops  # noq
 
 from grpo_jax import optim  # noqa: E402
 from grpo_jax import train_step as ts  # noqa: E402
-from grpo_jax.models import ModelConfig, create_model  # noqa: E402
+from grpo_jax.models import PRESETS, ModelConfig, create_model, preset  # noqa: E402
 from grpo_jax.models.config import REMAT_MODES  # noqa: E402
 from grpo_jax.models.logprobs import default_chunk_size  # noqa: E402
 
@@ -49,6 +56,7 @@ MODEL = ModelConfig(model_type="qwen2", vocab_size=8192, d_model=512, n_layers=8
                     n_kv_heads=2, head_dim=64, d_ff=1408, qkv_bias=True, tie_embeddings=False,
                     max_position_embeddings=1024)
 ROWS, LENGTH, PROMPT = 32, 192, 64
+DTYPES = ("float32", "bfloat16")
 
 
 def make_batch(cfg: ModelConfig, rows: int, length: int, prompt: int, seed: int = 0):
@@ -100,14 +108,20 @@ def plain_runner(cfg: ModelConfig, batch):
     return lambda: fwd_bwd(params)
 
 
-def peak_runner(n: int = 2048):
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def peak_runner(n: int = 2048, dtype=jnp.float32):
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     matmul = jax.jit(jnp.matmul)
     return lambda: matmul(a, b)
 
 
-def main():
+def describe(cfg: ModelConfig) -> str:
+    return (f"{cfg.model_type} d{cfg.d_model} L{cfg.n_layers} H{cfg.n_heads}/{cfg.n_kv_heads} "
+            f"Dh{cfg.head_dim} F{cfg.d_ff} V{cfg.vocab_size} {cfg.dtype}"
+            + (f" (weights {cfg.param_dtype})" if cfg.param_dtype != cfg.dtype else ""))
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--micro-batch-size", type=int, default=None)
@@ -116,23 +130,54 @@ def main():
     parser.add_argument("--remat", choices=REMAT_MODES, default=ModelConfig.remat,
                         help="what each layer keeps for the backward pass (the peer: none)")
     parser.add_argument("--only", default="policy,policy+ref,plain")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="a model shape from grpo_jax.models.PRESETS instead of the default model")
+    parser.add_argument("--layers", type=int, default=None, help="override the model's layer count")
+    parser.add_argument("--vocab-size", type=int, default=None, help="override the model's vocabulary")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
+    parser.add_argument("--param-dtype", choices=DTYPES, default=None,
+                        help="storage dtype of the weights (default: --dtype)")
+    parser.add_argument("--rows", type=int, default=ROWS)
+    parser.add_argument("--length", type=int, default=LENGTH, help="tokens per row")
+    parser.add_argument("--prompt", type=int, default=PROMPT, help="untrained prompt tokens per row")
+    parser.add_argument("--peak-size", type=int, default=None,
+                        help="n of the n^3 matmul peak (default 2048 on CPU, 8192 on accelerators)")
+    parser.add_argument("--nominal-peak-tflops", type=float, default=None,
+                        help="the device's datasheet matmul peak in --dtype: adds mfu_nominal")
     parser.add_argument("--quick", action="store_true", help="2 layers, 8 rows (smoke test)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not 0 < args.prompt < args.length:
+        parser.error(f"need 0 < --prompt < --length, got {args.prompt} and {args.length}")
+    for name in ("rows", "repeats", "layers", "vocab_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.micro_batch_size is not None and (args.micro_batch_size <= 0 or args.rows % args.micro_batch_size):
+        parser.error(f"--micro-batch-size {args.micro_batch_size} must divide --rows {args.rows}")
+    return args
 
-    cfg = MODEL.replace(remat=args.remat)
+
+def main():
+    args = parse_args()
+    cfg = preset(args.preset) if args.preset else MODEL
+    cfg = cfg.replace(remat=args.remat, dtype=args.dtype, param_dtype=args.param_dtype or args.dtype,
+                      n_layers=args.layers or cfg.n_layers, vocab_size=args.vocab_size or cfg.vocab_size)
     chunk = args.chunk_size or default_chunk_size()
-    rows = ROWS
+    rows, length, prompt = args.rows, args.length, args.prompt
     if args.quick:
-        cfg, rows = cfg.replace(n_layers=2), 8
-    batch = make_batch(cfg, rows, LENGTH, PROMPT)
-    tokens = rows * LENGTH
-    forward_flops = cfg.flops_per_token(LENGTH) * tokens
+        cfg, rows = cfg.replace(n_layers=2), min(rows, 8)
+    if length > cfg.max_position_embeddings:
+        raise SystemExit(f"--length {length} exceeds the model's {cfg.max_position_embeddings} positions")
+    batch = make_batch(cfg, rows, length, prompt)
+    tokens = rows * length
+    forward_flops = cfg.flops_per_token(length) * tokens
     # The step's output head runs at the completion's positions only (max_loss_tokens, as the
     # trainer sets it); the plain peer's at every position.
-    completion = LENGTH - PROMPT
-    step_forward_flops = forward_flops - 2 * cfg.d_model * cfg.vocab_size * rows * PROMPT
+    completion = length - prompt
+    step_forward_flops = forward_flops - 2 * cfg.d_model * cfg.vocab_size * rows * prompt
+    peak_n = args.peak_size or (2048 if jax.default_backend() == "cpu" else 8192)
+    peak_dtype = jnp.dtype(args.dtype)
     wanted = args.only.split(",")
-    runners, model_flops = {"matmul_peak": peak_runner()}, {"matmul_peak": 2.0 * 2048 ** 3}
+    runners, model_flops = {"matmul_peak": peak_runner(peak_n, peak_dtype)}, {"matmul_peak": 2.0 * peak_n ** 3}
     if "plain" in wanted:
         # The peer as a user would first write it: no rematerialisation.
         runners["plain"] = plain_runner(cfg.replace(remat="none"), batch)
@@ -143,9 +188,9 @@ def main():
                                   micro_batch_size=args.micro_batch_size, max_loss_tokens=completion)
             runners[name] = train_step_runner(cfg, batch, tcfg)
             model_flops[name] = (3 + (beta > 0)) * step_forward_flops
-    peak_before = matmul_peak_flops()
+    peak_before = matmul_peak_flops(peak_n, peak_dtype)
     times = interleaved_times(runners, args.repeats)
-    peak_after = matmul_peak_flops()
+    peak_after = matmul_peak_flops(peak_n, peak_dtype)
     peak_wall, peak_cpu, _ = times.pop("matmul_peak")
     # The peak is the best of the matmul's rates (a single matmul timed between long steps can
     # run below its sustained rate); a higher peak gives a lower, conservative MFU.
@@ -166,10 +211,13 @@ def main():
             "process_cpu_s": round(cpu, 3),
             "mfu_by_cpu_time": round(model_flops[name] / cpu / (model_flops["matmul_peak"] / peak_cpu), 3),
             "matmul_peak_gflops": round(peak / 1e9, 1),
+            "matmul_peak_problem": f"{peak_n}^3 {peak_dtype.name}",
+            "mfu_nominal": (round(model_flops[name] / wall / (args.nominal_peak_tflops * 1e12), 3)
+                            if args.nominal_peak_tflops else None),
             "matmul_peak_gflops_measured": {"before": round(peak_before / 1e9, 1),
                                             "interleaved": round(peak_interleaved / 1e9, 1),
                                             "after": round(peak_after / 1e9, 1)},
-            "model": "qwen2 d512 L8 H8/2 Dh64 F1408 V8192 float32", "batch": f"{rows}x{LENGTH}",
+            "model": describe(cfg), "batch": f"{rows}x{length}", "prompt_tokens": prompt,
             # The plain peer always runs the whole batch in one forward/backward.
             "micro_batch_size": None if name == "plain" else args.micro_batch_size,
             "chunk_size": None if name == "plain" else chunk,

@@ -44,3 +44,29 @@ def test_train_step_benchmark_prints_every_runner():
     assert ratio == pytest.approx(4 / 3, rel=1e-3)
     for r in rows:
         assert r["step_time_s"] > 0 and 0 < r["mfu"]
+
+
+def test_train_step_benchmark_takes_a_shape_and_a_dtype():
+    rows = run_benchmark("train_step.py", "--repeats", "1", "--only", "policy", "--dtype", "bfloat16",
+                         "--param-dtype", "float32", "--rows", "4", "--length", "24", "--prompt", "8",
+                         "--nominal-peak-tflops", "0.5")
+    (r,) = rows
+    assert r["batch"] == "4x24" and r["prompt_tokens"] == 8
+    assert r["model"].endswith("bfloat16 (weights float32)") and r["matmul_peak_problem"] == "2048^3 bfloat16"
+    assert r["mfu_nominal"] == pytest.approx(r["model_tflops"] / r["step_time_s"] / 0.5, rel=0.02)
+
+
+def test_gpu_check_script_runs_end_to_end(tmp_path):
+    # On CPU with a tiny shape: the script the accelerator check runs must not fail there.
+    env = dict(os.environ, EXTRA_ARGS="--quick --vocab-size 512 --rows 2 --length 16 --prompt 8 --repeats 1 --peak-size 256",
+               NOMINAL_TFLOPS="1")
+    out = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first = [json.loads(line) for line in (tmp_path / "train_step_qwen2.5-0.5b_bf16.jsonl").read_text().splitlines()]
+    second = [json.loads(line) for line in
+              (tmp_path / "train_step_qwen2.5-0.5b_bf16_f32_weights.jsonl").read_text().splitlines()]
+    assert {r["config"] for r in first} == {"plain", "policy", "policy+ref"}
+    assert {r["config"] for r in second} == {"policy", "policy+ref"}
+    assert all(r["model"].startswith("qwen2 d896 L2") and "V512 bfloat16" in r["model"] for r in first + second)
+    assert all(r["mfu_nominal"] is not None for r in first + second)
