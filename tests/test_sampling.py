@@ -272,3 +272,21 @@ def test_geometric_batch_buckets():
     assert sorted({rows(c, False) for c in range(1, 21)}) == [4, 8, 12, 16, 20]
     assert sorted({rows(c, True) for c in range(1, 21)}) == [4, 8, 16, 32]
     assert [rows(c, True) for c in (4, 5, 9, 16, 17)] == [4, 8, 16, 16, 32]
+
+
+def test_bfloat16_weights_sample_close_to_the_teacher_forced_forward(pair, tmp_path):
+    # The accelerator configs run the sampler in bfloat16. Its log-probs are float32 but come
+    # from bfloat16 activations, whose rounding differs between the one-token decode and the
+    # full forward: close, not equal (the train step's importance-sampling correction exists
+    # for this gap).
+    hf, _ = pair
+    model = load_hf(save_hf_model(hf, str(tmp_path)), dtype="bfloat16")
+    assert model.layers.wq[...].dtype == jnp.bfloat16
+    prompts = _prompts(2)
+    cfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, n=2, prompt_bucket=8, batch_bucket=4)
+    s = sampling.generate(model, prompts, jax.random.key(5), cfg)
+    assert s.logprobs.dtype == np.float32 and np.isfinite(s.logprobs).all()
+    ref, _ = _teacher_forced(model, prompts, s, 1.0)
+    diffs = [np.abs(s.logprobs[i, : s.lengths[i]] - ref[i]).max() for i in range(len(ref))]
+    print("max |decode - teacher-forced| log-prob, bfloat16:", max(diffs))
+    assert max(diffs) < 0.1
