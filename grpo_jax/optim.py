@@ -97,8 +97,8 @@ def float32_state(tx: optax.GradientTransformation) -> optax.GradientTransformat
     """`tx` initialised and updated on float32 views of low-precision params and gradients.
 
     Its state (e.g. Adam's mu and nu) is then created in float32 and stays float32; updates come
-    out in float32 and `optax.apply_updates` casts them to each parameter's dtype. For float32
-    parameters this is `tx` itself.
+    out in float32 and `optax.apply_updates` casts them to each parameter's dtype. On float32
+    parameters it computes exactly what `tx` computes.
     """
     def init(params):
         return tx.init(jax.tree.map(_upcast, params))
