@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
-from grpo_jax import sft
+from grpo_jax import optim, sft
 from grpo_jax.envs.calculator import CalculatorEnv
 from grpo_jax.models import ModelConfig, create_model
+from grpo_jax.train_step import init_train_state
 from tokenizer_fixtures import sp_tokenizer, sp_tokenizer_dir  # noqa: F401  (fixtures)
 
 
@@ -66,11 +68,6 @@ def test_run_sft_learns_a_fixed_completion():
 
 
 def test_sft_step_on_bfloat16_weights_keeps_its_state_and_compiles_once():
-    import jax
-
-    from grpo_jax import optim
-    from grpo_jax.train_step import init_train_state
-
     cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
                       d_ff=64, max_position_embeddings=16, dtype="bfloat16", param_dtype="bfloat16")
     model = create_model(cfg, seed=0)
