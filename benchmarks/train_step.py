@@ -144,15 +144,16 @@ def parse_args(argv=None):
                         help="n of the n^3 matmul peak (default 2048 on CPU, 8192 on accelerators)")
     parser.add_argument("--nominal-peak-tflops", type=float, default=None,
                         help="the device's datasheet matmul peak in --dtype: adds mfu_nominal")
-    parser.add_argument("--quick", action="store_true", help="2 layers, 8 rows (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="2 layers, at most 8 rows (smoke test)")
     args = parser.parse_args(argv)
     if not 0 < args.prompt < args.length:
         parser.error(f"need 0 < --prompt < --length, got {args.prompt} and {args.length}")
     for name in ("rows", "repeats", "layers", "vocab_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.micro_batch_size is not None and (args.micro_batch_size <= 0 or args.rows % args.micro_batch_size):
-        parser.error(f"--micro-batch-size {args.micro_batch_size} must divide --rows {args.rows}")
+    rows = min(args.rows, 8) if args.quick else args.rows
+    if args.micro_batch_size is not None and (args.micro_batch_size <= 0 or rows % args.micro_batch_size):
+        parser.error(f"--micro-batch-size {args.micro_batch_size} must divide the {rows} rows")
     return args
 
 
