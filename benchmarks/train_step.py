@@ -28,7 +28,8 @@ float32 2048^3 matmul's FLOP/s measured in the same run (the best of: before the
 them, after them). All runners (the matmul included) are
 called round-robin `--repeats` times after one warm-up (compile) call each, and each reports
 its median, so load from other processes hits them alike; `mfu_by_cpu_time` is the same ratio
-computed from this process's CPU time, which other processes' load does not inflate.
+computed from this process's CPU time (model FLOPs per CPU second over the best of the matmul's
+FLOPs per CPU second), which other processes' load does not inflate.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment_info, interleaved_times, matmul_peak_flops  # noqa: E402
+from common import environment_info, interleaved_times, matmul_peak_rates  # noqa: E402
 
 from grpo_jax import optim  # noqa: E402
 from grpo_jax import train_step as ts  # noqa: E402
@@ -189,14 +190,16 @@ def main():
                                   micro_batch_size=args.micro_batch_size, max_loss_tokens=completion)
             runners[name] = train_step_runner(cfg, batch, tcfg)
             model_flops[name] = (3 + (beta > 0)) * step_forward_flops
-    peak_before = matmul_peak_flops(peak_n, peak_dtype)
+    peak_before, peak_cpu_before = matmul_peak_rates(peak_n, peak_dtype)
     times = interleaved_times(runners, args.repeats)
-    peak_after = matmul_peak_flops(peak_n, peak_dtype)
+    peak_after, peak_cpu_after = matmul_peak_rates(peak_n, peak_dtype)
     peak_wall, peak_cpu, _ = times.pop("matmul_peak")
     # The peak is the best of the matmul's rates (a single matmul timed between long steps can
-    # run below its sustained rate); a higher peak gives a lower, conservative MFU.
+    # run below its sustained rate); a higher peak gives a lower, conservative MFU. The same
+    # for the rate per CPU second behind `mfu_by_cpu_time`.
     peak_interleaved = model_flops["matmul_peak"] / peak_wall
     peak = max(peak_interleaved, peak_before, peak_after)
+    peak_per_cpu_s = max(model_flops["matmul_peak"] / peak_cpu, peak_cpu_before, peak_cpu_after)
     mfu = {name: model_flops[name] / wall / peak for name, (wall, _, _) in times.items()}
     env = environment_info()
     for name, (wall, cpu, all_wall) in times.items():
@@ -210,8 +213,9 @@ def main():
             "plain_mfu": round(mfu["plain"], 3) if "plain" in mfu else None,
             # The same ratio from process CPU time: other processes' load does not inflate it.
             "process_cpu_s": round(cpu, 3),
-            "mfu_by_cpu_time": round(model_flops[name] / cpu / (model_flops["matmul_peak"] / peak_cpu), 3),
+            "mfu_by_cpu_time": round(model_flops[name] / cpu / peak_per_cpu_s, 3),
             "matmul_peak_gflops": round(peak / 1e9, 1),
+            "matmul_peak_gflops_per_cpu_s": round(peak_per_cpu_s / 1e9, 1),
             "matmul_peak_problem": f"{peak_n}^3 {peak_dtype.name}",
             "mfu_nominal": (round(model_flops[name] / wall / (args.nominal_peak_tflops * 1e12), 3)
                             if args.nominal_peak_tflops else None),

@@ -44,6 +44,11 @@ def test_train_step_benchmark_prints_every_runner():
     assert ratio == pytest.approx(4 / 3, rel=1e-3)
     for r in rows:
         assert r["step_time_s"] > 0 and 0 < r["mfu"]
+        # Both MFUs are over the best of the matmul's measured rates (per wall / per CPU second).
+        measured = r["matmul_peak_gflops_measured"]
+        assert r["matmul_peak_gflops"] == max(measured.values())
+        by_cpu = r["model_tflops"] * 1e3 / r["process_cpu_s"] / r["matmul_peak_gflops_per_cpu_s"]
+        assert r["mfu_by_cpu_time"] == pytest.approx(by_cpu, rel=0.02, abs=2e-3)
 
 
 def test_train_step_benchmark_takes_a_shape_and_a_dtype():
