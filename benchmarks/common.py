@@ -17,17 +17,18 @@ import jax
 import jax.numpy as jnp
 
 
-def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> list[float]:
-    """Wall-clock seconds of `repeats` calls of `fn` (after `warmup` calls), each one blocked on
-    its result with `jax.block_until_ready`."""
+def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> tuple[list[float], list[float]]:
+    """Wall-clock and process-CPU seconds of `repeats` calls of `fn` (after `warmup` calls),
+    each one blocked on its result with `jax.block_until_ready`."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def interleaved_times(runners: dict, repeats: int) -> dict:
@@ -54,14 +55,7 @@ def matmul_peak_rates(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> tu
     a = jax.random.normal(key_a, (n, n), dtype)
     b = jax.random.normal(key_b, (n, n), dtype)
     matmul = jax.jit(jnp.matmul)
-    for _ in range(2):
-        jax.block_until_ready(matmul(a, b))
-    wall, cpu = [], []
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        jax.block_until_ready(matmul(a, b))
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
+    wall, cpu = time_call(lambda: matmul(a, b), warmup=2, repeats=repeats)
     flops = 2.0 * n ** 3
     return flops / statistics.median(wall), flops / statistics.median(cpu)
 
