@@ -169,8 +169,13 @@ def test_two_processes_write_the_metrics_of_one_and_a_checkpoint_that_restores(t
     step_one, params_one = _restored_params(one)
     step_two, params_two = _restored_params(two)
     assert step_one == step_two == 3
+    # 1 x 4 and 2 x 2 devices reduce the gradients in different orders, and Adam divides each
+    # gradient element by its own scale, so a weight whose gradient is near zero can move by a
+    # small fraction of a step differently (seen: 1 weight in 2048 off by 2e-6). A twentieth of
+    # the largest move of one step bounds that noise; a wrong update is of the order of a step.
+    param_atol = 0.05 * _config().optim.learning_rate
     for p, q in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_two)):
-        np.testing.assert_allclose(q, p, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(q, p, rtol=RTOL, atol=param_atol)
 
 
 def test_batch_and_weights_move_between_any_layouts():
