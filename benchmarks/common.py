@@ -40,10 +40,9 @@ def interleaved_times(runners: dict, repeats: int) -> dict:
     cpu = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            jax.block_until_ready(run())
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
+            (w,), (c,) = time_call(run, warmup=0, repeats=1)
+            wall[name].append(w)
+            cpu[name].append(c)
     return {name: (statistics.median(wall[name]), statistics.median(cpu[name]), wall[name])
             for name in runners}
 
