@@ -37,6 +37,7 @@ from sampler import MODEL, generation_flops  # noqa: E402
 from trl_peer import measure_trl_grpo_step  # noqa: E402
 
 from grpo_jax import optim, sampling  # noqa: E402
+from grpo_jax import platform as platform_lib  # noqa: E402
 from grpo_jax import train_step as ts  # noqa: E402
 from grpo_jax.advantages import group_advantages  # noqa: E402
 from grpo_jax.models import create_model, save_hf  # noqa: E402
@@ -53,7 +54,7 @@ def our_step(model, cfg, prompt_ids, beta: float, steps: int, micro_batch_size: 
     # max_loss_tokens as the trainer sets it (the completion budget): the head runs at the
     # completion's positions only, as TRL's logits_to_keep does.
     tcfg = ts.TrainConfig(loss_type="grpo", beta=beta, temperature=1.0, micro_batch_size=micro_batch_size,
-                          max_loss_tokens=NEW)
+                          max_loss_tokens=NEW, chunk_size=platform_lib.choices().logprob_chunk)
     step_fn = ts.make_train_step(model, optimizer, tcfg)
     sc = sampling.SamplingConfig(max_new_tokens=NEW, temperature=1.0, n=GROUP, prompt_bucket=PROMPT_LEN,
                                  batch_bucket=PROMPTS)
@@ -126,6 +127,7 @@ def main():
     args = parser.parse_args()
 
     cfg = MODEL.replace(n_layers=2, vocab_size=1024) if args.quick else MODEL
+    cfg = cfg.replace(cpu_weight_grad=platform_lib.choices().cpu_weight_grad)
     model = create_model(cfg, seed=0)
     rng = np.random.default_rng(0)
     n_sets = max(args.steps + 1, args.trl_steps + args.trl_warmup)

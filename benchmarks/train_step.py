@@ -51,7 +51,7 @@ from grpo_jax import optim  # noqa: E402
 from grpo_jax import train_step as ts  # noqa: E402
 from grpo_jax.models import PRESETS, ModelConfig, create_model, preset  # noqa: E402
 from grpo_jax.models.config import REMAT_MODES  # noqa: E402
-from grpo_jax.models.logprobs import default_chunk_size  # noqa: E402
+from grpo_jax import platform as platform_lib  # noqa: E402
 
 MODEL = ModelConfig(model_type="qwen2", vocab_size=8192, d_model=512, n_layers=8, n_heads=8,
                     n_kv_heads=2, head_dim=64, d_ff=1408, qkv_bias=True, tie_embeddings=False,
@@ -160,10 +160,11 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
+    choices = platform_lib.choices()  # the devices this benchmark runs on
     cfg = preset(args.preset) if args.preset else MODEL
-    cfg = cfg.replace(remat=args.remat, dtype=args.dtype, param_dtype=args.param_dtype or args.dtype,
+    cfg = cfg.replace(remat=args.remat, cpu_weight_grad=choices.cpu_weight_grad, dtype=args.dtype, param_dtype=args.param_dtype or args.dtype,
                       n_layers=args.layers or cfg.n_layers, vocab_size=args.vocab_size or cfg.vocab_size)
-    chunk = args.chunk_size or default_chunk_size()
+    chunk = args.chunk_size or choices.logprob_chunk
     rows, length, prompt = args.rows, args.length, args.prompt
     if args.quick:
         cfg, rows = cfg.replace(n_layers=2), min(rows, 8)
@@ -176,7 +177,7 @@ def main():
     # trainer sets it); the plain peer's at every position.
     completion = length - prompt
     step_forward_flops = forward_flops - 2 * cfg.d_model * cfg.vocab_size * rows * prompt
-    peak_n = args.peak_size or (2048 if jax.default_backend() == "cpu" else 8192)
+    peak_n = args.peak_size or (2048 if choices.platform == "cpu" else 8192)
     peak_dtype = jnp.dtype(args.dtype)
     wanted = args.only.split(",")
     runners, model_flops = {"matmul_peak": peak_runner(peak_n, peak_dtype)}, {"matmul_peak": 2.0 * peak_n ** 3}

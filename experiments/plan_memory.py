@@ -4,7 +4,7 @@ Nothing is allocated and no devices are needed: shapes come from `jax.eval_shape
 the logical-axis rules on an abstract mesh, so a 256-device plan runs on a laptop in seconds.
 
     python experiments/plan_memory.py --model qwen2.5-7b --mesh fsdp=8 --beta 0.04 \
-        --kv_batch 64 --kv_length 2048 --dtype bfloat16
+        --kv_batch 64 --kv_length 2048 --dtype bfloat16 --param_dtype float32
     python experiments/plan_memory.py --hf_config path/to/config.json --mesh data=2,fsdp=4,tp=2 \
         --train_batch 16 --train_seq 2048 --remat full --device_memory_gib 80 --json
 """
@@ -21,8 +21,12 @@ _MODEL = flags.DEFINE_enum("model", "qwen2.5-7b", sorted(PRESETS), "Model preset
 _HF_CONFIG = flags.DEFINE_string("hf_config", None, "An HF config.json (replaces --model).")
 _MESH = flags.DEFINE_string("mesh", "fsdp=8", "Mesh axis sizes, e.g. 'data=2,fsdp=4,tp=2'.")
 _BETA = flags.DEFINE_float("beta", 0.0, "KL weight; > 0 keeps reference weights.")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16",
-                             "Weights, compute, reference and KV-cache dtype.")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype (activations, KV cache, the "
+                             "sampler's copy of the weights).")
+_PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "Storage dtype of the trained weights "
+                                   "and the reference (float32: master weights).")
+_GATHER_WEIGHTS = flags.DEFINE_bool("gather_weights", True, "The sampler reads a copy of the weights "
+                                    "gathered over fsdp (config.sampling.gather_weights).")
 _OPTIMIZER = flags.DEFINE_enum("optimizer", "adamw", ["adamw", "adam", "none"], "Optimizer.")
 _OPTIMIZER_DTYPE = flags.DEFINE_string("optimizer_dtype", "float32", "Adam moments' dtype.")
 _GRAD_DTYPE = flags.DEFINE_string("grad_dtype", "float32", "Gradient accumulator dtype.")
@@ -45,11 +49,12 @@ def main(argv):
         label = _HF_CONFIG.value
     else:
         cfg, label = preset(_MODEL.value), _MODEL.value
-    cfg = cfg.replace(dtype=_DTYPE.value, param_dtype=_DTYPE.value)
+    cfg = cfg.replace(dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value)
     plan = memory.plan_memory(
         cfg, _MESH.value, optimizer=None if _OPTIMIZER.value == "none" else _OPTIMIZER.value,
         optimizer_dtype=_OPTIMIZER_DTYPE.value, grad_dtype=_GRAD_DTYPE.value,
         with_reference=_BETA.value > 0, kv_batch=_KV_BATCH.value, kv_length=_KV_LENGTH.value,
+        gather_weights=_GATHER_WEIGHTS.value,
         train_batch=_TRAIN_BATCH.value, train_seq=_TRAIN_SEQ.value, remat=_REMAT.value,
         device_memory_gib=_DEVICE_GIB.value, label=label)
     print(json.dumps(plan.as_dict()) if _JSON.value else plan.table())

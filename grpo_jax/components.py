@@ -10,6 +10,7 @@ import logging
 import os
 import numpy as np
 
+from grpo_jax import platform as platform_lib
 from grpo_jax import tokenizer as tokenizer_lib
 from grpo_jax.evaluation import EvalConfig
 from grpo_jax.rollout import RolloutConfig
@@ -93,6 +94,11 @@ def build_tokenizer(config, env, workdir: str):
                                              extra_symbols=TASK_SYMBOLS)
 
 
+def platform_choices(config) -> platform_lib.PlatformChoices:
+    """The run's platform settings: `config.platform`, or the platform of its devices."""
+    return platform_lib.choices(config.get("platform", "auto"))
+
+
 def model_config(config, tokenizer):
     from grpo_jax.models import ModelConfig
 
@@ -102,7 +108,8 @@ def model_config(config, tokenizer):
         n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, d_ff=m.d_ff,
         max_position_embeddings=m.max_position_embeddings, qkv_bias=m.model_type == "qwen2",
         qk_norm=m.model_type == "qwen3", tie_embeddings=m.tie_embeddings, dtype=m.dtype,
-        param_dtype=m.dtype, remat=m.remat, eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id,
+        param_dtype=m.param_dtype, remat=m.remat, cpu_weight_grad=platform_choices(config).cpu_weight_grad,
+        eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id,
         pad_token_id=tokenizer.pad_id)
 
 
@@ -110,7 +117,9 @@ def build_model(config, tokenizer, mesh=None):
     from grpo_jax.models import create_model, load_hf
 
     if config.model.hf_path:
-        model = load_hf(config.model.hf_path, dtype=config.model.dtype, mesh=mesh, remat=config.model.remat)
+        model = load_hf(config.model.hf_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                        mesh=mesh, remat=config.model.remat,
+                        cpu_weight_grad=platform_choices(config).cpu_weight_grad)
     else:
         model = create_model(model_config(config, tokenizer), seed=config.seed, mesh=mesh)
     if model.config.vocab_size < tokenizer.vocab_size:
@@ -129,7 +138,9 @@ def sampling_config(config, tokenizer, model) -> SamplingConfig:
                           top_p=s.top_p, min_p=s.min_p, stop_token_ids=tuple(tokenizer.stop_ids),
                           pad_id=tokenizer.pad_id, max_length=model.config.max_position_embeddings,
                           prompt_bucket=s.prompt_bucket, batch_bucket=s.batch_bucket,
-                          geometric_batch_buckets=s.geometric_batch_buckets)
+                          geometric_batch_buckets=s.geometric_batch_buckets,
+                          decode_chunk=platform_choices(config).decode_chunk,
+                          gather_weights=s.gather_weights)
 
 
 def rollout_config(config, tokenizer) -> RolloutConfig:
@@ -152,7 +163,7 @@ def train_config(config) -> TrainConfig:
                        importance_sampling_level=g.importance_sampling_level,
                        temperature=config.sampling.temperature, num_iterations=g.num_iterations,
                        micro_batch_size=_positive_or_none(g.micro_batch_size),
-                       chunk_size=_positive_or_none(g.chunk_size),
+                       chunk_size=g.chunk_size or platform_choices(config).logprob_chunk,
                        # With TIS the old log-probs are the trainer's own and the sampler's
                        # reweight them; without, the sampler's log-probs are the old policy.
                        use_sampler_logps_as_old=tis is None, tis_cap=tis)

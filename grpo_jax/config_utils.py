@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from grpo_jax import grpo
+from grpo_jax import platform as platform_lib
 from grpo_jax.advantages import ADVANTAGE_SCALES
 
 ENV_NAMES = ("calculator", "arithmetic", "countdown", "gsm8k")
@@ -22,10 +23,16 @@ class ConfigError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0                         # root of all randomness: per-step keys are fold_in(key, step)
+    c.platform = "auto"                # cpu | gpu | tpu | auto (the run's devices): the platform
+    #                                    choices of `grpo_jax.platform` (gradient forms, chunk sizes)
 
     c.model = ml_collections.ConfigDict()
     c.model.hf_path = ""               # HF checkpoint directory; "" = build from the fields below
-    c.model.dtype = "float32"          # parameter and compute dtype ("bfloat16" on accelerators)
+    c.model.dtype = "float32"          # compute dtype: float32 | bfloat16 (accelerators)
+    c.model.param_dtype = "float32"    # storage/master dtype of the trained weights: float32 keeps
+    #                                    master weights under bfloat16 compute; "bfloat16" turns
+    #                                    masters off (half the weight memory; updates below
+    #                                    bfloat16's resolution are lost)
     c.model.remat = "dots"             # what a layer keeps for the backward: none | dots | full
     c.model.model_type = "qwen2"       # from-scratch architecture: llama | qwen2 | qwen3
     c.model.vocab_size = 0             # 0 = the tokenizer's vocabulary size
@@ -73,6 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
     # ... and then to batch_bucket x a power of two: a multi-turn rollout's later turns carry
     # however many episodes are still running, which would compile one sampler per multiple.
     c.sampling.geometric_batch_buckets = True
+    # The sampler reads a compute-dtype copy of the weights gathered over fsdp once per rollout
+    # (kept split over tp); False: the train layout (models whose gathered copy does not fit).
+    c.sampling.gather_weights = True
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.group_size = 8           # completions per prompt (G)
@@ -92,7 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.grpo.num_iterations = 1          # mu: updates per batch of rollouts
     c.grpo.micro_batch_size = 0        # rows per gradient-accumulation step; 0 = the whole batch
     c.grpo.chunk_size = 0              # vocabulary chunk of the log-prob computation; 0 = by
-    #                                    platform (1024 on CPU, 8192 on accelerators)
+    #                                    platform (`grpo_jax.platform`: 1024 on CPU, 8192 elsewhere)
     c.grpo.tis_cap = 0.0               # truncated importance sampling cap; 0 = off
 
     c.optim = ml_collections.ConfigDict()
@@ -179,7 +189,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("sft.num_demos", f"{c.sft.num_demos} demonstrations cannot fill a batch of {c.sft.batch_size}")
     if c.eval.num_examples < 1:
         _fail("eval.num_examples", f"must be >= 1, got {c.eval.num_examples}")
-    if c.model.dtype not in ("float32", "bfloat16"):
-        _fail("model.dtype", f"{c.model.dtype!r}: use float32 or bfloat16")
+    if c.platform != "auto" and c.platform not in platform_lib._ALIASES:
+        _fail("platform", f"{c.platform!r}: use auto, {', '.join(platform_lib.PLATFORMS)}")
+    for name in ("dtype", "param_dtype"):
+        if c.model[name] not in ("float32", "bfloat16"):
+            _fail(f"model.{name}", f"{c.model[name]!r}: use float32 or bfloat16")
     if c.env.name == "gsm8k" and not c.env.kwargs.get("data_dir"):
         _fail("env.kwargs.data_dir", "gsm8k needs the directory of its prepared TFDS dataset")

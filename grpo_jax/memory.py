@@ -12,7 +12,8 @@ Shapes come from `jax.eval_shape` (`abstract_model`, `optimizer.init`); the mesh
 
 Categories and their assumptions (the table repeats them):
 
-- params:      the policy weights in `param_dtype`. The sampler reads these same buffers.
+- params:      the policy weights in `param_dtype`: the float32 masters of a bfloat16-compute
+               run, or the weights themselves when `param_dtype` is the compute dtype.
 - gradients:   the train step's gradient accumulator, sharded like the params, in `grad_dtype`
                (float32: `train_step` accumulates micro-batch gradients in float32). The
                transient gradient of one micro-batch (param dtype) is not counted.
@@ -23,17 +24,24 @@ Categories and their assumptions (the table repeats them):
                does (a raw `optax.adam` then keeps its moments in the param dtype).
                Moments shard like their parameters; counters and hyper-parameters are replicated.
 - reference:   the frozen reference policy for the KL term (beta > 0), sharded like the params.
-- kv_cache:    the sampler's cache k, v (L x [B, Hkv, S, Dh], k stored as [B, Hkv, Dh, S]: the
-               same bytes) with logical axes
-               ("layers", "batch", "cache_seq", "kv_heads", "head_dim") and kv_valid [B, S]:
+- kv_cache:    the sampler's cache (`models.KVCache`): per layer k [B, Hkv, Dh, S] and
+               v [B, Hkv, S, Dh] with logical axes `sharding.KV_K_AXES` / `KV_V_AXES` (listed
+               stacked over a replicated "layers" axis), kv_valid [B, S] (`KV_VALID_AXES`):
                rows over (data, fsdp), KV heads over tp.
+- sampling_weights: the compute-dtype copy of the weights the sampler reads during a rollout,
+               laid out by `sharding.sampling_rules(rules, gather_weights=...)`: gathered over
+               fsdp (the train rules with `embed` unsharded) when `gather_weights`, else the
+               train layout. Counted when `gather_weights` or the compute dtype differs from
+               `param_dtype`; otherwise the sampler reads the params themselves (0).
 - activations: a rough *estimate* for one forward + backward of `train_batch` rows of
                `train_seq` tokens (only when both are given); see `activation_bytes`.
 
 Two sums: `total` (all categories at once, an upper bound) and `peak`, which uses the fact that
-the KV cache lives only during the rollout and gradients/activations only during the train step:
+the KV cache and the sampler's weights live only during the rollout, gradients and activations
+only during the train step:
 
-    peak = params + optimizer + reference + max(kv_cache, gradients + activations)
+    peak = params + optimizer + reference
+           + max(kv_cache + sampling_weights, gradients + activations)
 """
 
 from __future__ import annotations
@@ -53,8 +61,8 @@ from grpo_jax.models import ModelConfig, abstract_model
 from grpo_jax.models.config import remat_mode
 
 GIB = 2 ** 30
-CATEGORIES = ("params", "gradients", "optimizer", "reference", "kv_cache", "activations")
-KV_CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
+CATEGORIES = ("params", "gradients", "optimizer", "reference", "kv_cache", "sampling_weights",
+              "activations")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,9 +251,10 @@ class MemoryPlan:
 
     @property
     def peak(self) -> int:
-        """Persistent state + the larger of the rollout (KV cache) and the train step."""
+        """Persistent state + the larger of the rollout (KV cache, sampler weights) and the train
+        step (gradients, activations)."""
         b = self.per_device
-        rollout = b["kv_cache"]
+        rollout = b["kv_cache"] + b["sampling_weights"]
         train = b["gradients"] + b.get("activations", 0)
         return b["params"] + b["optimizer"] + b["reference"] + max(rollout, train)
 
@@ -268,31 +277,31 @@ class MemoryPlan:
         mesh = " ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
         lines = [f"memory plan: {self.label} ({self.num_params:,} params) on mesh {mesh} "
                  f"({self.num_devices} devices)",
-                 f"{'category':<12} {'per device':>12} {'unsharded':>12}  {'dtype':<9} assumption"]
+                 f"{'category':<16} {'per device':>12} {'unsharded':>12}  {'dtype':<9} assumption"]
         for c in CATEGORIES:
             dev = self.category_bytes(c)
             if dev is None:
-                lines.append(f"{c:<12} {'-':>12} {'-':>12}  {'':<9} {self.notes.get(c, '')}")
+                lines.append(f"{c:<16} {'-':>12} {'-':>12}  {'':<9} {self.notes.get(c, '')}")
                 continue
             glob = self.category_bytes(c, per_device=False)
             glob_text = "-" if glob is None else _gib(glob)
-            lines.append(f"{c:<12} {_gib(dev):>12} {glob_text:>12}  {self.dtypes.get(c, ''):<9} "
+            lines.append(f"{c:<16} {_gib(dev):>12} {glob_text:>12}  {self.dtypes.get(c, ''):<9} "
                          f"{self.notes.get(c, '')}")
-        lines.append(f"{'total':<12} {_gib(self.total):>12}   (every category at once)")
-        lines.append(f"{'peak':<12} {_gib(self.peak):>12}   (params + optimizer + reference + "
-                     "max(kv_cache, gradients + activations))")
+        lines.append(f"{'total':<16} {_gib(self.total):>12}   (every category at once)")
+        lines.append(f"{'peak':<16} {_gib(self.peak):>12}   (params + optimizer + reference + "
+                     "max(kv_cache + sampling_weights, gradients + activations))")
         if self.device_memory is not None:
             share = self.peak / self.device_memory
             verdict = "fits" if self.fits else "DOES NOT FIT"
-            lines.append(f"{'device':<12} {_gib(self.device_memory):>12}   {verdict} "
+            lines.append(f"{'device':<16} {_gib(self.device_memory):>12}   {verdict} "
                          f"(peak is {share:.0%} of one device)")
             if not self.fits:
                 lines.append(f"WARNING: peak {_gib(self.peak)} exceeds the {_gib(self.device_memory)} "
                              "of one device: shard more (fsdp/tp), shrink kv_batch/kv_length or "
-                             "the micro-batch, or use remat=\"full\"")
+                             "the micro-batch, use remat=\"full\", or gather_weights=False")
             elif self.total > self.device_memory:
                 lines.append(f"WARNING: total {_gib(self.total)} exceeds one device; this relies on "
-                             "the KV cache being freed before the train step")
+                             "the rollout's buffers being freed before the train step")
         lines.extend(f"note: {w}" for w in self.warnings)
         return "\n".join(lines)
 
@@ -319,14 +328,15 @@ def plan_memory(model_cfg: ModelConfig, mesh: Any, *, param_dtype: str | None = 
                 optimizer_dtype: str = "float32", grad_dtype: str = "float32",
                 with_reference: bool = False, reference_dtype: str | None = None,
                 kv_batch: int = 0, kv_length: int = 0, kv_dtype: str | None = None,
-                train_batch: int | None = None, train_seq: int | None = None,
+                gather_weights: bool = True, train_batch: int | None = None, train_seq: int | None = None,
                 remat: bool | str | None = None, chunk_size: int = 8192,
                 device_memory_gib: float | None = None, rules=sharding_lib.DEFAULT_RULES,
                 label: str | None = None) -> MemoryPlan:
     """The per-device memory of a GRPO run (see the module docstring for each category).
 
     Args:
-      model_cfg: the architecture; `param_dtype` (default: the config's) is the weights' dtype.
+      model_cfg: the architecture and its compute dtype (`dtype`); `param_dtype` (default: the
+        config's) is the weights' storage dtype (float32 masters under bfloat16 compute).
       mesh: a Mesh / AbstractMesh, a {"data", "fsdp", "tp"} mapping, or a string "fsdp=8,tp=2".
       optimizer: "adamw" / "adam" (moments in `optimizer_dtype`), an optax transformation
         (initialised on the params as stored), or None (no optimizer state).
@@ -335,6 +345,9 @@ def plan_memory(model_cfg: ModelConfig, mesh: Any, *, param_dtype: str | None = 
         (default: `param_dtype`).
       kv_batch, kv_length: global rows the sampler decodes at once and cache slots per row
         (prompt + completion budget); `kv_dtype` defaults to the compute dtype (`init_cache`).
+      gather_weights: the sampler reads a compute-dtype copy of the weights gathered over fsdp
+        (`config.sampling.gather_weights`); False: the train layout (a copy only when the compute
+        dtype differs from `param_dtype`).
       train_batch, train_seq: rows and tokens of one forward/backward (the micro-batch, global)
         for the activation estimate; `remat` defaults to the config's.
       device_memory_gib: memory of one device (e.g. 80 for an H100) for the fits check.
@@ -343,11 +356,13 @@ def plan_memory(model_cfg: ModelConfig, mesh: Any, *, param_dtype: str | None = 
     amesh = abstract_mesh(sizes)
     param_dtype = param_dtype or model_cfg.param_dtype
     cfg = model_cfg.replace(param_dtype=np.dtype(param_dtype).name)
+    compute_dtype = np.dtype(cfg.dtype).name
+    masters = compute_dtype != cfg.param_dtype
     params = nnx.state(abstract_model(cfg), nnx.Param)
     leaves: list[LeafPlan] = _tree_leaves("params", params, amesh, sizes, rules)
     leaves += _tree_leaves("gradients", params, amesh, sizes, rules, dtype=grad_dtype)
-    notes = {"params": "policy weights (the sampler reads the same buffers)",
-             "gradients": "accumulator sharded like params"}
+    notes = {"params": f"policy weights (masters of {compute_dtype} compute)" if masters
+             else "policy weights", "gradients": "accumulator sharded like params"}
     dtypes = {"params": np.dtype(param_dtype).name, "gradients": np.dtype(grad_dtype).name}
 
     if isinstance(optimizer, str):
@@ -376,17 +391,29 @@ def plan_memory(model_cfg: ModelConfig, mesh: Any, *, param_dtype: str | None = 
         notes["reference"] = "none (beta = 0)"
 
     kv_dtype = np.dtype(kv_dtype or cfg.dtype).name
-    kv_shape = (cfg.n_layers, kv_batch, cfg.n_kv_heads, kv_length, cfg.head_dim)
     if kv_batch and kv_length:
-        leaves += [_leaf("kv_cache", name, kv_shape, kv_dtype, KV_CACHE_AXES, amesh, sizes, rules)
-                   for name in ("k", "v")]
-        leaves.append(_leaf("kv_cache", "kv_valid", (kv_batch, kv_length), "bool",
-                            ("batch", "cache_seq"), amesh, sizes, rules))
+        # L arrays per k and v, listed as one stacked over a replicated "layers" axis (same bytes).
+        B, K, S, Dh = kv_batch, cfg.n_kv_heads, kv_length, cfg.head_dim
+        for name, shape, axes in (("k", (B, K, Dh, S), sharding_lib.KV_K_AXES),
+                                  ("v", (B, K, S, Dh), sharding_lib.KV_V_AXES)):
+            leaves.append(_leaf("kv_cache", name, (cfg.n_layers,) + shape, kv_dtype, ("layers",) + axes,
+                                amesh, sizes, rules))
+        leaves.append(_leaf("kv_cache", "kv_valid", (B, S), "bool", sharding_lib.KV_VALID_AXES,
+                            amesh, sizes, rules))
         leaves.append(_leaf("kv_cache", "index", (), "int32", (), amesh, sizes, rules))
-        notes["kv_cache"] = f"k, v [L, B={kv_batch}, Hkv, S={kv_length}, Dh] + kv_valid"
+        notes["kv_cache"] = f"L x k [B={B}, Hkv, Dh, S={S}], v [B, Hkv, S, Dh] + kv_valid"
         dtypes["kv_cache"] = kv_dtype
     else:
         notes["kv_cache"] = "none (give kv_batch and kv_length)"
+
+    if gather_weights or masters:
+        layout = sharding_lib.sampling_rules(rules, gather_weights=gather_weights)
+        leaves += _tree_leaves("sampling_weights", params, amesh, sizes, layout, dtype=compute_dtype)
+        notes["sampling_weights"] = ("copy gathered over fsdp, split over tp, for the rollout"
+                                     if gather_weights else "cast copy in the train layout, for the rollout")
+        dtypes["sampling_weights"] = compute_dtype
+    else:
+        notes["sampling_weights"] = "none (the sampler reads the params)"
 
     remat = cfg.remat if remat is None else remat_mode(remat)
     activations = None

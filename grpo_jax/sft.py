@@ -93,7 +93,7 @@ class SFTConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    chunk_size: int | None = None  # log-prob vocabulary chunk; None: by platform
+    chunk_size: int | None = None  # log-prob vocabulary chunk; None: logprobs.DEFAULT_CHUNK_SIZE
     log_every: int = 50
 
 

@@ -40,6 +40,29 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+# Logical axes of the sampler's KV cache (`models.transformer.KVCache`): rows over the batch axes,
+# KV heads over tp, so a device holds and reads the cache of its own rows and heads only.
+KV_K_AXES = ("batch", "kv_heads", "head_dim", "cache_seq")   # k stored [B, Hkv, Dh, S]
+KV_V_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")   # v [B, Hkv, S, Dh]
+KV_VALID_AXES = ("batch", "cache_seq")
+
+
+def sampling_rules(rules=DEFAULT_RULES, *, gather_weights: bool = True):
+    """Rules for the weights the sampler reads.
+
+    `gather_weights`: the train rules with `embed` unsharded, i.e. the weights gathered over fsdp
+    once per rollout and kept split over tp only. Each decode step reads every weight; with the
+    rows split over fsdp and the weights too, every step would all-gather the whole model over
+    the fsdp devices (a 0.5B model in bfloat16: ~1 GB a step, 768 steps a rollout), where the
+    gather once costs the same bytes once. It holds params / tp bytes of compute-dtype weights
+    per device during the rollout; False keeps the train layout (for models whose gathered copy
+    does not fit, e.g. 7B on 16 GiB chips with tp = 1).
+    """
+    if not gather_weights:
+        return tuple(rules)
+    return tuple((name, None if name == "embed" else target) for name, target in rules)
+
+
 class ShardingError(ValueError):
     """A mesh that cannot be built from the config or the devices at hand."""
 

@@ -85,7 +85,8 @@ class TrainConfig:
     num_iterations: int = 1                   # mu: optimizer updates on each batch
     micro_batch_size: int | None = None       # rows per gradient-accumulation step; None: all
     chunk_size: int | None = None             # vocabulary columns per log-prob chunk; None:
-    #                                           `models.logprobs.default_chunk_size()` (by platform)
+    #                                           `models.logprobs.DEFAULT_CHUNK_SIZE` (runs choose
+    #                                           theirs by platform: `grpo_jax.platform`)
     use_sampler_logps_as_old: bool = True     # False: old log-probs from the policy in-step
     tis_cap: float | None = None              # truncated importance sampling cap (needs False above)
     cispo_clip_low: bool = False              # cispo: also clip its weight below at 1 - epsilon

@@ -52,7 +52,6 @@ from grpo_jax.advantages import group_advantages
 from grpo_jax.checkpoint import Checkpointer, abstract_like
 from grpo_jax.evaluation import evaluate
 from grpo_jax.metrics import MetricsWriter, read_metrics, to_host
-from grpo_jax.models.logprobs import default_chunk_size
 from grpo_jax.rollout import check_template, model_sampler, rollout
 from grpo_jax.rubrics.rubric import nan_mean
 from grpo_jax.trajectories import metrics_from_stats
@@ -157,8 +156,9 @@ class Experiment:
         limit = stats.get("bytes_limit")
         return plan_memory(self.model.config, dict(self.mesh.shape), optimizer=self.optimizer,
                            with_reference=c.grpo.beta > 0, kv_batch=rows, kv_length=c.rollout.max_seq_len,
+                           gather_weights=c.sampling.gather_weights,
                            train_batch=c.grpo.micro_batch_size or rows, train_seq=c.rollout.max_seq_len,
-                           chunk_size=self.train_config.chunk_size or default_chunk_size(),
+                           chunk_size=self.train_config.chunk_size,
                            device_memory_gib=limit / GIB if limit else None,
                            label=c.model.hf_path or f"{self.model.config.model_type} from the config")
 

@@ -68,6 +68,9 @@ class ModelConfig:
     # tokens), and on CPU it also runs the train step faster (fewer stacked residuals to write
     # and read back).
     remat: str = "dots"
+    # Platform form of the weight matmuls' gradient (`models.dense`): True for XLA:CPU. Set by
+    # the run from `grpo_jax.platform`; same values either way.
+    cpu_weight_grad: bool = False
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, Mapping):

@@ -12,6 +12,9 @@ Two things set them apart from a plain einsum:
   32 x 192 train step of `benchmarks/train_step.py`, micro-batches of 8, ten interleaved runs):
   median 4.26 s against 4.63 s for the plain einsum. Accelerators run transposed operands
   natively (cuBLAS, the TPU MXU), so there the plain einsum's gradient is used.
+
+Which form a model uses is `ModelConfig.cpu_weight_grad`, set from `grpo_jax.platform` on the
+host: nothing here asks JAX for its backend while tracing.
 """
 
 from __future__ import annotations
@@ -23,14 +26,12 @@ from jax.ad_checkpoint import checkpoint_name
 DENSE_NAME = "dense"
 
 
-def dense(x, w, *, cpu_weight_grad: bool | None = None):
+def dense(x, w, *, cpu_weight_grad: bool = False):
     """x [..., K] @ w [K, N] -> [..., N] (dtype of the operands), output named `DENSE_NAME`.
 
     `cpu_weight_grad`: the weight gradient as a plain matmul on a transposed copy (module
-    docstring); None: on when JAX's default backend is the CPU. Same values either way.
+    docstring), for XLA:CPU. Same values either way.
     """
-    if cpu_weight_grad is None:
-        cpu_weight_grad = jax.default_backend() == "cpu"
     y = _dense_transposed_grad(x, w) if cpu_weight_grad else _matmul(x, w)
     return checkpoint_name(y, DENSE_NAME)
 

@@ -123,21 +123,30 @@ def read_config(path: str) -> dict[str, Any]:
             raise CheckpointError(f"{config_path}: invalid JSON ({e})") from e
 
 
-def load_hf(path: str, dtype: str | None = "float32", *, mesh=None, rules=sharding_lib.DEFAULT_RULES,
-            **config_overrides) -> Transformer:
+def default_param_dtype(dtype: str) -> str:
+    """Storage dtype for a compute dtype: float32 master weights under a 16-bit float compute
+    (an AdamW step of lr 1e-6 is below bfloat16's resolution for most weights), else `dtype`."""
+    return "float32" if np.dtype(jnp.dtype(dtype)).itemsize == 2 else np.dtype(jnp.dtype(dtype)).name
+
+
+def load_hf(path: str, dtype: str | None = "float32", *, param_dtype: str | None = None, mesh=None,
+            rules=sharding_lib.DEFAULT_RULES, **config_overrides) -> Transformer:
     """Loads an HF Llama / Qwen2 / Qwen3 checkpoint directory into a `Transformer`.
 
     Args:
       path: directory with `config.json` and `model.safetensors` or a sharded
         `model.safetensors.index.json`.
-      dtype: parameter and compute dtype ('float32', 'bfloat16'); None keeps the checkpoint's.
+      dtype: compute dtype ('float32', 'bfloat16'); None: the checkpoint's (`config.json`).
+      param_dtype: storage dtype of the weights; None: float32 under a 16-bit compute dtype
+        (master weights: a bfloat16 checkpoint loads exactly into float32), else `dtype`.
       mesh: optional `jax.sharding.Mesh`; each tensor is placed straight into its sharding.
       config_overrides: `ModelConfig` fields to change (e.g. remat="full").
     """
     hf_cfg = read_config(path)
     if dtype is None:
         dtype = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32"
-    cfg = from_hf_config(hf_cfg, dtype=dtype, param_dtype=dtype, **config_overrides)
+    param_dtype = param_dtype or default_param_dtype(dtype)
+    cfg = from_hf_config(hf_cfg, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     try:
         tensors = open_checkpoint(path)
     except SafetensorsError as e:
@@ -205,12 +214,19 @@ def save_hf(model: Transformer, path: str, *, dtype: str | None = None,
             max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes `model` as an HF checkpoint directory that transformers' `from_pretrained` loads.
 
+    `dtype` is the tensors' dtype (and `config.json`'s `torch_dtype`). None: the compute dtype
+    when it is a 16-bit float, else the weights' own dtype. So bfloat16 compute on float32
+    masters exports bfloat16: the weights the policy computed (and sampled) with, at the size of
+    the HF checkpoint it started from and in the dtype inference engines expect; the masters'
+    bits below bfloat16 are kept by the orbax checkpoints, which resume training
+    (`dtype="float32"` exports them too).
+
     Tensors are written one parameter at a time (gathered from their shards); files above
     `max_shard_bytes` are split with a `model.safetensors.index.json`. In a multi-process run every
     process must call this (the gathers are collective); only process 0 writes.
     """
     cfg = model.config
-    dtype = dtype or cfg.param_dtype
+    dtype = dtype or (cfg.dtype if cfg.compute_dtype.itemsize == 2 else cfg.param_dtype)
     np_dtype = np.dtype(jnp.dtype(dtype))
     entries = _param_entries(cfg, model)
     specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}

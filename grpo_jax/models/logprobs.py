@@ -25,15 +25,11 @@ import jax
 import jax.numpy as jnp
 
 
-def default_chunk_size() -> int:
-    """Vocabulary columns per chunk when none is given: 1024 on CPU, 8192 elsewhere.
-
-    On CPU a [N, 1024] float32 chunk of logits stays in cache while it is exponentiated and
-    reduced; measured on a 2-core CPU (V 8192, D 512, N = 764 / 1528 / 6112 rows), the log-prob
-    forward + backward ran 1.3 / 1.4 / 1.5x faster than with 8192 columns and the forward alone
-    1.9-2.2x. Accelerators prefer fewer, wider matmuls.
-    """
-    return 1024 if jax.default_backend() == "cpu" else 8192
+# Vocabulary columns per chunk when none is given: the accelerators' choice. Runs pick theirs in
+# `grpo_jax.platform` (1024 on CPU: a [N, 1024] float32 chunk stays in cache while it is
+# exponentiated and reduced; on a 2-core CPU the forward + backward ran 1.3-1.5x faster than
+# with 8192 columns).
+DEFAULT_CHUNK_SIZE = 8192
 
 
 def token_logprobs(hidden_BTD, unembed_VD, targets_BT, *, temperature: float = 1.0,
@@ -44,7 +40,7 @@ def token_logprobs(hidden_BTD, unembed_VD, targets_BT, *, temperature: float = 1
 
     `temperature` is the sampling temperature: the sampler draws from softmax(z / tau) and
     reports these same log-probs, so the ratio new/old is exactly 1 on-policy.
-    Chunks are `chunk_size` columns (None: `default_chunk_size()`); the last chunk is shifted
+    Chunks are `chunk_size` columns (None: `DEFAULT_CHUNK_SIZE`); the last chunk is shifted
     left to stay inside the vocabulary (its overlap with the previous chunk is masked), so no
     weight padding or copy is needed.
 
@@ -53,7 +49,7 @@ def token_logprobs(hidden_BTD, unembed_VD, targets_BT, *, temperature: float = 1
     gradient matmuls.
     """
     vocab = unembed_VD.shape[0]
-    chunk = min(int(chunk_size or default_chunk_size()), vocab)
+    chunk = min(int(chunk_size or DEFAULT_CHUNK_SIZE), vocab)
     logps, entropy = _chunked_logprobs(hidden_BTD, unembed_VD, targets_BT.astype(jnp.int32),
                                        1.0 / float(temperature), chunk, bool(return_entropy))
     return (logps, entropy) if return_entropy else logps

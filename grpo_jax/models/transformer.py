@@ -160,11 +160,15 @@ class DecoderLayers(nnx.Module):
         return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
 
 
+def _dense(cfg: ModelConfig, x, w):
+    return dense(x, w, cpu_weight_grad=cfg.cpu_weight_grad)
+
+
 def _project_qkv(cfg: ModelConfig, p, h, dt):
     """q [B, T, H, Dh], k and v [B, T, K, Dh]: three matmuls, or one on the fused `wqkv`."""
     if "wqkv" in p:
         b, t, _ = h.shape
-        qkv = dense(h, p["wqkv"].astype(dt))
+        qkv = _dense(cfg, h, p["wqkv"].astype(dt))
         if cfg.qkv_bias:
             qkv = qkv + p["bqkv"].astype(dt)
         sizes = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
@@ -172,7 +176,7 @@ def _project_qkv(cfg: ModelConfig, p, h, dt):
         return (q.reshape(b, t, cfg.n_heads, cfg.head_dim), k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim),
                 v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim))
     b, t, d = h.shape
-    q, k, v = (dense(h, p[n].astype(dt).reshape(d, -1)).reshape(b, t, *p[n].shape[1:])
+    q, k, v = (_dense(cfg, h, p[n].astype(dt).reshape(d, -1)).reshape(b, t, *p[n].shape[1:])
                for n in ("wq", "wk", "wv"))
     if cfg.qkv_bias:
         q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
@@ -202,13 +206,13 @@ def _layer(cfg: ModelConfig, p, x_BTD, cos, sin, attend):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attn_out, extra = attend(q, k, v)
     b, t, d = x_BTD.shape
-    x_BTD = x_BTD + dense(attn_out.reshape(b, t, -1), p["wo"].astype(dt).reshape(-1, d))
+    x_BTD = x_BTD + _dense(cfg, attn_out.reshape(b, t, -1), p["wo"].astype(dt).reshape(-1, d))
     h = rms_norm(x_BTD, p["mlp_norm"].astype(dt), cfg.rms_norm_eps)
     if "w_gate_up" in p:
-        gate, up = jnp.split(dense(h, p["w_gate_up"].astype(dt)), 2, axis=-1)
+        gate, up = jnp.split(_dense(cfg, h, p["w_gate_up"].astype(dt)), 2, axis=-1)
     else:
-        gate, up = dense(h, p["w_gate"].astype(dt)), dense(h, p["w_up"].astype(dt))
-    x_BTD = x_BTD + dense(jax.nn.silu(gate) * up, p["w_down"].astype(dt))
+        gate, up = _dense(cfg, h, p["w_gate"].astype(dt)), _dense(cfg, h, p["w_up"].astype(dt))
+    x_BTD = x_BTD + _dense(cfg, jax.nn.silu(gate) * up, p["w_down"].astype(dt))
     return x_BTD, extra
 
 
