@@ -68,7 +68,7 @@ import jax
 
 from grpo_jax.envs.base import Environment, Message, Row, SingleTurnEnv, State
 from grpo_jax.rubrics.concurrency import run_sync
-from grpo_jax.sampling import STOP_TOKEN, Samples, SamplingConfig, generate
+from grpo_jax.sampling import STOP_TOKEN, Samples, SamplingConfig, generate, sampling_model
 from grpo_jax.tokenizer import TemplateError, Tokenizer
 from grpo_jax.trajectories import (FINISH_REASONS, TRUNCATION_REASONS, Rollout, Trajectories,
                                    pack_episodes)
@@ -126,8 +126,12 @@ class RolloutConfig:
 def model_sampler(model, sampling_config: SamplingConfig | Mapping[str, Any]) -> SampleFn:
     """A `SampleFn` over `grpo_jax.sampling.generate` with `sampling_config` (its `n` is set per
     call). The returned function carries `max_new_tokens` and `stop_token_ids`, which `rollout`
-    checks against its config and the chat template's end-of-turn token."""
+    checks against its config and the chat template's end-of-turn token.
+
+    It samples from `sampling_model(model)`, made here once: every turn of a rollout reads the
+    same compute-dtype copy, which is freed with the sampler."""
     cfg = SamplingConfig.from_any(sampling_config)
+    model = sampling_model(model, gather_weights=cfg.gather_weights)
 
     def sample(prompts: list[list[int]], key, n: int, row_ids=None) -> Samples:
         return generate(model, prompts, key, dataclasses.replace(cfg, n=n), row_ids=row_ids)

@@ -11,7 +11,13 @@ returns `Samples` (tokens, log-probs, lengths, why each row stopped). Under the 
    `n > 1` samples per prompt the prompt's cache is then repeated for its group, so a GRPO group
    of 8-64 completions pays for one prefill.
 4. `decode` (a second program) is a `lax.while_loop` that samples one token per row per step
-   and leaves as soon as every row has stopped; the cache is donated, so XLA updates it in place.
+   and leaves as soon as every row has stopped (checked once every `decode_chunk` steps); the
+   cache is donated, so XLA updates it in place.
+
+The weights it reads are `sampling_model(model)`: the compute dtype (a bfloat16 copy of float32
+master weights) and, on a mesh, gathered over fsdp. On a mesh the rows, and the KV cache with
+them, are split over the data x fsdp devices and the cache's KV heads over tp (`Layout`), so a
+device holds and reads only its own rows' cache and rollouts scale with the chips.
 
 Log-prob convention: `logprobs[i, t] = log softmax(z / tau)[token]` over the *full* vocabulary,
 where z are the model's float32 logits and tau the temperature (tau = 1 for greedy). Top-k, top-p
@@ -55,6 +61,13 @@ class SamplingConfig:
     prompt_bucket: int = 32           # prompt lengths are rounded up to a multiple of this
     batch_bucket: int = 8             # prompt counts are rounded up to a multiple of this
     geometric_batch_buckets: bool = False  # ... and then to batch_bucket x a power of two
+    # Decode steps between stop checks (`grpo_jax.platform`: 16 on GPU, where a `while`
+    # predicate goes to the host every iteration; 1 elsewhere). The loop may run up to
+    # decode_chunk - 1 steps after every row stopped (`Samples.idle_steps`); tokens are the same.
+    decode_chunk: int = 1
+    # On a mesh: read a compute-dtype copy of the weights gathered over fsdp (split over tp only),
+    # made once by `sampling_model` (`grpo_jax.sharding.sampling_rules`); False: the train layout.
+    gather_weights: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -66,6 +79,7 @@ class SamplingConfig:
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (self.n >= 1, "n must be >= 1"),
             (self.prompt_bucket >= 1 and self.batch_bucket >= 1, "buckets must be >= 1"),
+            (self.decode_chunk >= 1, "decode_chunk must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -96,7 +110,8 @@ class Samples(NamedTuple):
     lengths: np.ndarray        # [N] generated tokens, the stop token included
     stop_reason: np.ndarray    # [N] STOP_TOKEN or STOP_LENGTH
     prompt_index: np.ndarray   # [N] which prompt each row continues
-    decode_steps: int = -1     # tokens the decode loop generated per row (the longest row's length)
+    decode_steps: int = -1     # steps the decode loop ran (the first token, from the prefill, counts)
+    idle_steps: int = 0        # of those, steps after every row had stopped (< decode_chunk)
 
     def completion(self, i: int) -> list[int]:
         return self.tokens[i, : self.lengths[i]].tolist()
@@ -178,6 +193,110 @@ def select_tokens(logits_NV, key, cfg: SamplingConfig, row_ids_N=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# Layout on a mesh: rows over the batch axes, the KV cache by rows and KV heads.
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the sampler's arrays live (static under jit). `mesh` None: one device, no constraint.
+
+    Rows (prompts, samples, the cache) are split over the mesh's batch axes (data x fsdp); the
+    KV cache's heads over tp (replicated there when tp does not divide them). Each device then
+    holds and reads the cache of its own rows and heads: a decode step moves no cache between
+    devices, only tp's activation all-reduces and the [N, V] logits' reductions over vocab.
+    """
+
+    mesh: Any = None
+    rules: tuple = sharding_lib.DEFAULT_RULES
+
+    @property
+    def row_shards(self) -> int:
+        if self.mesh is None:
+            return 1
+        spec = sharding_lib.logical_to_spec(("batch",), None, self.mesh, self.rules)
+        return math.prod(self.mesh.shape[a] for a in jax.tree.leaves(tuple(spec)))
+
+    def sharding(self, logical_axes, shape):
+        return sharding_lib.named_sharding(self.mesh, logical_axes, shape, self.rules)
+
+    def constrain(self, x, logical_axes):
+        if self.mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, self.sharding(logical_axes, x.shape))
+
+    def rows(self, x):
+        """`x` [N, ...] constrained to rows over the batch axes."""
+        return self.constrain(x, _row_axes(x.ndim))
+
+    def loop(self, s: "_LoopState") -> "_LoopState":
+        return _map_loop(s, self.constrain)
+
+
+def _row_axes(ndim: int) -> tuple:
+    return ("batch",) + (None,) * (ndim - 1)
+
+
+def _map_cache(cache, place):
+    """`place(x, logical_axes)` applied to the KV cache's arrays (not its index)."""
+    return cache._replace(k=tuple(place(x, sharding_lib.KV_K_AXES) for x in cache.k),
+                          v=tuple(place(x, sharding_lib.KV_V_AXES) for x in cache.v),
+                          kv_valid=place(cache.kv_valid, sharding_lib.KV_VALID_AXES))
+
+
+def _map_loop(s: "_LoopState", place) -> "_LoopState":
+    """`place(x, logical_axes)` applied to every array of the loop state but the counters."""
+    rows = lambda x: place(x, _row_axes(len(x.shape)))  # noqa: E731
+    return s._replace(cache=_map_cache(s.cache, place), last_token=rows(s.last_token), position=rows(s.position),
+                      done=rows(s.done), tokens=rows(s.tokens), logprobs=rows(s.logprobs))
+
+
+def mesh_of(tree):
+    """The mesh the arrays of `tree` are laid out on, or None when they live on one device."""
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return sharding.mesh if sharding.mesh.size > 1 else None
+        if sharding is not None and len(sharding.device_set) > 1:
+            raise SamplingError("the model's arrays are on several devices without a NamedSharding: "
+                                "place them with grpo_jax.sharding (a mesh) to sample")
+    return None
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def sampling_model(model, *, gather_weights: bool = True, rules=sharding_lib.DEFAULT_RULES):
+    """The weights the sampler reads: the model in its compute dtype and, on a mesh, in the
+    sampling layout (`grpo_jax.sharding.sampling_rules`).
+
+    Training keeps float32 master weights under bfloat16 compute; a decode step reads every
+    weight, so the sampler reads a bfloat16 copy (half the bytes), made here in one compiled
+    cast-and-reshard. Call it once per rollout and drop the result after it (the trainer does):
+    the copy lives only while it is referenced. Returns `model` itself when nothing would change.
+    """
+    graphdef, state = nnx.split(model)
+    cfg = model.config
+    mesh = mesh_of(state)
+    variables = jax.tree.leaves(state, is_leaf=_is_var)
+    arrays, treedef = jax.tree.flatten(state)
+    compute = jnp.dtype(cfg.dtype)
+    dtypes = [compute if isinstance(v, nnx.Param) and jnp.issubdtype(a.dtype, jnp.floating) else a.dtype
+              for v, a in zip(variables, arrays)]
+    if mesh is None:
+        shardings = [a.sharding for a in arrays]
+    else:
+        sample_rules = sharding_lib.sampling_rules(rules, gather_weights=gather_weights)
+        shardings = [sharding_lib.named_sharding(mesh, sharding_lib.logical_axes_of(v), a.shape, sample_rules)
+                     for v, a in zip(variables, arrays)]
+    if all(a.dtype == d and a.sharding == sh for a, d, sh in zip(arrays, dtypes, shardings)):
+        return model
+    cast = jax.jit(lambda xs: [x.astype(d) for x, d in zip(xs, dtypes)], out_shardings=shardings)
+    copy = nnx.merge(graphdef, jax.tree.unflatten(treedef, cast(arrays)))
+    copy.config = cfg.replace(param_dtype=cfg.dtype)
+    return copy
+
+
+# ---------------------------------------------------------------------------------------------
 # The two compiled programs.
 # ---------------------------------------------------------------------------------------------
 _TRACES = {"prefill": 0, "decode": 0}
@@ -193,38 +312,51 @@ class _LoopState(NamedTuple):
     last_token: jax.Array   # [N]
     position: jax.Array     # [N] RoPE position of last_token
     done: jax.Array         # [N] bool
-    tokens: jax.Array       # [N, M]
-    logprobs: jax.Array     # [N, M]
+    tokens: jax.Array       # [N, M'] (M' = `_token_columns`)
+    logprobs: jax.Array     # [N, M']
     step: jax.Array         # scalar: tokens generated so far (column to write next)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "cache_length"))
+def _token_columns(cfg: SamplingConfig) -> int:
+    """Token columns the loop writes: the prefill's first token, then whole chunks of decode
+    steps, the last of which may run past max_new_tokens (trimmed on the host)."""
+    return 1 + _round_up(cfg.max_new_tokens - 1, cfg.decode_chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "cache_length", "layout"))
 def _prefill(graphdef, state, tokens_BP, valid_BP, row_ids_N, real_N, key, *, cfg: SamplingConfig,
-             cache_length: int):
+             cache_length: int, layout: Layout = Layout()):
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, state)
+    tokens_BP, valid_BP = layout.rows(tokens_BP), layout.rows(valid_BP)
     b, p = tokens_BP.shape
     positions = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0).astype(jnp.int32)
-    cache = model.init_cache(b, cache_length)
+    cache = _map_cache(model.init_cache(b, cache_length), layout.constrain)
     hidden, cache = model.decode(tokens_BP, positions, valid_BP, cache)
     logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]           # [B, V]
-    if cfg.n > 1:  # share the prompt's prefill with its whole group
+    if cfg.n > 1:  # share the prompt's prefill with its whole group (rows stay on their device)
         cache = cache.repeat_rows(cfg.n)
         logits, positions = jnp.repeat(logits, cfg.n, axis=0), jnp.repeat(positions, cfg.n, axis=0)
-    first, first_lp = select_tokens(logits, jax.random.fold_in(key, 0), cfg, row_ids_N)
+    first, first_lp = select_tokens(layout.rows(logits), jax.random.fold_in(key, 0), cfg, row_ids_N)
     n_rows = first.shape[0]
     stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
-    tokens = jnp.full((n_rows, cfg.max_new_tokens), cfg.pad_id, jnp.int32).at[:, 0].set(first)
-    logprobs = jnp.zeros((n_rows, cfg.max_new_tokens), jnp.float32).at[:, 0].set(first_lp)
+    width = _token_columns(cfg)
+    tokens = jnp.full((n_rows, width), cfg.pad_id, jnp.int32).at[:, 0].set(first)
+    logprobs = jnp.zeros((n_rows, width), jnp.float32).at[:, 0].set(first_lp)
     # Bucket-padding rows start done: their output is dropped, and a row that never samples a
     # stop token would otherwise keep the loop running to max_new_tokens for everyone.
-    return _LoopState(cache=cache, last_token=first, position=positions[:, -1] + 1,
-                      done=jnp.isin(first, stop_ids) | ~real_N, tokens=tokens, logprobs=logprobs,
-                      step=jnp.ones((), jnp.int32))
+    return layout.loop(_LoopState(cache=cache, last_token=first, position=positions[:, -1] + 1,
+                                  done=jnp.isin(first, stop_ids) | ~real_N, tokens=tokens, logprobs=logprobs,
+                                  step=jnp.ones((), jnp.int32)))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "fuse"), donate_argnames=("loop",))
-def _decode(graphdef, state, loop: _LoopState, row_ids_N, key, *, cfg: SamplingConfig, fuse: bool):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "fuse", "layout"), donate_argnames=("loop",))
+def _decode(graphdef, state, loop: _LoopState, row_ids_N, key, *, cfg: SamplingConfig, fuse: bool,
+            layout: Layout = Layout()):
+    """Steps until every row stopped or max_new_tokens: a `while` whose body runs
+    `cfg.decode_chunk` steps (a loop of known trip count), so the stop check, which XLA:GPU
+    copies to the host, comes once a chunk. A step past max_new_tokens (the last chunk's tail)
+    writes padding into columns the host drops."""
     _TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
     layers = model.unstack_layers(fuse=fuse)  # sliced (and fused) once, outside the loop
@@ -233,21 +365,26 @@ def _decode(graphdef, state, loop: _LoopState, row_ids_N, key, *, cfg: SamplingC
     def cond(s: _LoopState):
         return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
 
-    def body(s: _LoopState):
+    def one_step(s: _LoopState):
         valid = ~s.done[:, None]
         hidden, cache = model.decode(s.last_token[:, None], s.position[:, None], valid, s.cache, layers)
         logits = model.logits_from_hidden(hidden)[:, 0]
         token, logprob = select_tokens(logits, jax.random.fold_in(key, s.step), cfg, row_ids_N)
-        token = jnp.where(s.done, cfg.pad_id, token)
-        logprob = jnp.where(s.done, 0.0, logprob)
-        return _LoopState(
+        idle = s.done | (s.step >= cfg.max_new_tokens)
+        token = jnp.where(idle, cfg.pad_id, token)
+        logprob = jnp.where(idle, 0.0, logprob)
+        return layout.loop(_LoopState(
             cache=cache, last_token=token, position=s.position + 1,
-            done=s.done | jnp.isin(token, stop_ids),
+            done=s.done | (jnp.isin(token, stop_ids) & ~idle),
             tokens=jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step)),
             logprobs=jax.lax.dynamic_update_slice(s.logprobs, logprob[:, None], (0, s.step)),
-            step=s.step + 1)
+            step=s.step + 1))
 
-    return jax.lax.while_loop(cond, body, loop)
+    if cfg.decode_chunk == 1:
+        body = one_step
+    else:
+        body = lambda s: jax.lax.fori_loop(0, cfg.decode_chunk, lambda _, x: one_step(x), s)  # noqa: E731
+    return jax.lax.while_loop(cond, body, layout.loop(loop))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +392,18 @@ def _decode(graphdef, state, loop: _LoopState, row_ids_N, key, *, cfg: SamplingC
 # ---------------------------------------------------------------------------------------------
 def _round_up(x: int, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
+
+
+def _token_ids(i: int, prompt) -> list[int]:
+    """Prompt i as a list of ints; anything but integers (1.5, "7", None) raises `SamplingError`
+    rather than being truncated or failing deep inside numpy."""
+    if isinstance(prompt, (str, bytes)):
+        raise SamplingError(f"prompt {i} is a string; tokenize it first (prompts are token-id lists)")
+    ids = prompt.tolist() if isinstance(prompt, np.ndarray) else list(prompt)
+    bad = [x for x in ids if isinstance(x, bool) or not isinstance(x, (int, np.integer))]
+    if bad:
+        raise SamplingError(f"prompt {i} holds {bad[0]!r} ({type(bad[0]).__name__}): token ids must be integers")
+    return [int(x) for x in ids]
 
 
 def _validate(prompts, cfg: SamplingConfig, vocab_size: int, context: int):
@@ -278,12 +427,21 @@ def _validate(prompts, cfg: SamplingConfig, vocab_size: int, context: int):
             raise SamplingError(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], cfg: SamplingConfig):
-    """Left-pads to [B, P] with B, P rounded up to the buckets; returns tokens, valid, count."""
-    count = len(prompts)
-    b = _round_up(count, cfg.batch_bucket)
+def batch_rows(count: int, cfg: SamplingConfig, row_shards: int = 1) -> int:
+    """Prompt rows of a batch of `count` prompts: rounded up to the batch bucket (and a power of
+    two of it with geometric buckets), and to a multiple of the devices rows are split over."""
+    bucket = math.lcm(cfg.batch_bucket, row_shards)
+    b = _round_up(count, bucket)
     if cfg.geometric_batch_buckets:  # log2 as many shapes when counts vary (later turns of episodes)
-        b = cfg.batch_bucket * 2 ** math.ceil(math.log2(b // cfg.batch_bucket))
+        b = bucket * 2 ** math.ceil(math.log2(b // bucket))
+    return b
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], cfg: SamplingConfig, row_shards: int = 1):
+    """Left-pads to [B, P] with B (`batch_rows`), P rounded up to the buckets; returns tokens,
+    valid, count."""
+    count = len(prompts)
+    b = batch_rows(count, cfg, row_shards)
     p = _round_up(max(len(x) for x in prompts), cfg.prompt_bucket)
     tokens = np.full((b, p), cfg.pad_id, np.int32)
     valid = np.zeros((b, p), bool)
@@ -294,26 +452,72 @@ def pad_prompts(prompts: Sequence[Sequence[int]], cfg: SamplingConfig):
     return tokens, valid, count
 
 
-def generate(model, prompts: Sequence[Sequence[int]], key, config, *, row_ids=None) -> Samples:
+def _fusable(state) -> bool:
+    # Fusing q/k/v and gate/up concatenates weights along their head / MLP axes, which would
+    # regather them when those axes are sharded: fuse only weights every device holds whole.
+    return all(getattr(x, "sharding", None) is None or x.sharding.is_fully_replicated
+               for x in jax.tree.leaves(state))
+
+
+def _cache_length(prompt_len: int, cfg: SamplingConfig) -> int:
+    return prompt_len + _token_columns(cfg)
+
+
+def programs(model, num_prompts: int, prompt_len: int, config, *, rules=sharding_lib.DEFAULT_RULES):
+    """The sampler's two programs with abstract arguments, for `lower`, `jax.export` and cost
+    analysis: {"prefill": (jitted, args), "decode": (jitted, args)}; `jitted.lower(*args)`.
+
+    `model` may be abstract (`models.abstract_model`) and is read as the sampler reads it: pass
+    `sampling_model(model)` for a placed one. `num_prompts` is rounded up like a real batch.
+    """
+    cfg = SamplingConfig.from_any(config)
+    graphdef, state = nnx.split(model)
+    layout = Layout(mesh_of(state), tuple(rules))
+    b = batch_rows(num_prompts, cfg, layout.row_shards)
+    n = b * cfg.n
+    spec = lambda shape, dtype, axes=None: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dtype, sharding=None if layout.mesh is None else layout.sharding(axes, shape))
+    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                                  state)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    rows = lambda shape, dtype: spec(shape, dtype, _row_axes(len(shape)))  # noqa: E731
+    prefill_args = (graphdef, abstract_state, rows((b, prompt_len), jnp.int32), rows((b, prompt_len), bool),
+                    rows((n,), jnp.int32), rows((n,), bool), key)
+    prefill = functools.partial(_prefill, cfg=cfg, cache_length=_cache_length(prompt_len, cfg), layout=layout)
+    loop = jax.eval_shape(prefill, *prefill_args)
+    if layout.mesh is not None:  # the loop state arrives as the prefill lays it out
+        loop = _map_loop(loop, lambda x, axes: spec(x.shape, x.dtype, axes))
+    decode = functools.partial(_decode, cfg=cfg, fuse=_fusable(state), layout=layout)
+    return {"prefill": (jax.jit(prefill, static_argnums=0), prefill_args),
+            "decode": (jax.jit(decode, static_argnums=0), (graphdef, abstract_state, loop, rows((n,), jnp.int32), key))}
+
+
+def generate(model, prompts: Sequence[Sequence[int]], key, config, *, row_ids=None,
+             rules=sharding_lib.DEFAULT_RULES) -> Samples:
     """Samples `config.n` completions per prompt (see the module docstring for the conventions).
 
     Args:
-      model: a `grpo_jax.models.Transformer` (its parameters may be sharded on a mesh).
+      model: a `grpo_jax.models.Transformer` (its parameters may be sharded on a mesh: the rows
+        are then split over the mesh's batch axes, see `Layout`). Weights not already in the
+        sampling form are copied by `sampling_model` for this call; a caller sampling several
+        times from the same weights (a multi-turn rollout) passes `sampling_model(model)` once.
       prompts: token-id lists of any lengths.
       key: a `jax.random` key; the same key, prompts and config give the same samples.
       config: a `SamplingConfig`, or a dict / ConfigDict of its fields.
       row_ids: optional global ids of the N = len(prompts) * n output rows. A row's random draws
         depend only on (key, its id), so a batch split over hosts samples what the whole batch
         would (default: 0 .. N - 1).
+      rules: the logical-axis rules the weights were placed with.
     """
     cfg = SamplingConfig.from_any(config)
     mcfg = model.config
     context = cfg.max_length or mcfg.max_position_embeddings
-    prompts = [list(map(int, p)) if not isinstance(p, np.ndarray) else p.tolist() for p in prompts]
+    prompts = [_token_ids(i, p) for i, p in enumerate(prompts)]
     _validate(prompts, cfg, mcfg.vocab_size, context)
-    tokens, valid, count = pad_prompts(prompts, cfg)
-    cache_length = tokens.shape[1] + cfg.max_new_tokens
+    model = sampling_model(model, gather_weights=cfg.gather_weights, rules=rules)
     graphdef, state = nnx.split(model)
+    layout = Layout(mesh_of(state), tuple(rules))
+    tokens, valid, count = pad_prompts(prompts, cfg, layout.row_shards)
     rows = count * cfg.n
     real = np.arange(rows) if row_ids is None else np.asarray(row_ids, np.int64)
     if real.shape != (rows,):
@@ -321,16 +525,19 @@ def generate(model, prompts: Sequence[Sequence[int]], key, config, *, row_ids=No
     filler = real.max() + 1 + np.arange(tokens.shape[0] * cfg.n - rows)  # bucket padding rows
     row_ids_N = jnp.asarray(np.concatenate([real, filler]), jnp.int32)
     real_N = jnp.asarray(np.arange(tokens.shape[0] * cfg.n) < rows)
+    if layout.mesh is not None:
+        put = lambda x: jax.device_put(x, layout.sharding(_row_axes(x.ndim), x.shape))  # noqa: E731
+        tokens, valid, row_ids_N, real_N = map(put, (tokens, valid, np.asarray(row_ids_N), np.asarray(real_N)))
     loop = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), row_ids_N, real_N, key, cfg=cfg,
-                    cache_length=cache_length)
-    # Fusing q/k/v and gate/up concatenates weights along their head / MLP axes, which would
-    # regather them when those axes are sharded: fuse only unsharded weights.
-    fuse = sharding_lib.on_one_device(state)
-    loop = _decode(graphdef, state, loop, row_ids_N, key, cfg=cfg, fuse=fuse)
+                    cache_length=_cache_length(tokens.shape[1], cfg), layout=layout)
+    loop = _decode(graphdef, state, loop, row_ids_N, key, cfg=cfg, fuse=_fusable(state), layout=layout)
     out_tokens, out_logprobs, done, steps = jax.device_get((loop.tokens, loop.logprobs, loop.done, loop.step))
-    out_tokens, out_logprobs, done = out_tokens[:rows], out_logprobs[:rows], done[:rows]
+    m = cfg.max_new_tokens
+    out_tokens, out_logprobs, done = out_tokens[:rows, :m], out_logprobs[:rows, :m], done[:rows]
     stopped = np.isin(out_tokens, np.asarray(cfg.stop_token_ids or (-1,)))
-    first_stop = np.where(stopped.any(1), stopped.argmax(1) + 1, cfg.max_new_tokens)
+    first_stop = np.where(stopped.any(1), stopped.argmax(1) + 1, m)
+    longest = int(first_stop.max(initial=0))
     return Samples(tokens=out_tokens, logprobs=out_logprobs, lengths=first_stop.astype(np.int32),
                    stop_reason=np.where(done, STOP_TOKEN, STOP_LENGTH).astype(np.int32),
-                   prompt_index=np.repeat(np.arange(count), cfg.n), decode_steps=int(steps))
+                   prompt_index=np.repeat(np.arange(count), cfg.n), decode_steps=int(steps),
+                   idle_steps=max(int(steps) - longest, 0))

@@ -35,11 +35,12 @@ KV_INDEX = 4                                   # the cache's int32 write index (
 
 
 def _plan_7b(mesh, **kw):
+    """bfloat16 weights and compute (no masters); the sampler reads the params themselves."""
     args = dict(param_dtype="bfloat16", optimizer="adamw", optimizer_dtype="float32",
                 with_reference=True, reference_dtype="bfloat16", kv_batch=64, kv_length=2048,
-                kv_dtype="bfloat16", device_memory_gib=80)
+                kv_dtype="bfloat16", gather_weights=False, device_memory_gib=80)
     args.update(kw)
-    return memory.plan_memory(preset("qwen2.5-7b"), mesh, **args)
+    return memory.plan_memory(preset("qwen2.5-7b", dtype="bfloat16"), mesh, **args)
 
 
 def test_parameter_groups_add_up_to_qwen_7b():
@@ -73,7 +74,7 @@ def test_qwen_7b_grpo_fsdp8_matches_hand_calculation():
     kv = 2 * L * (64 // 8) * 2048 * K * DH * BF16 + (64 // 8) * 2048 + KV_INDEX
     assert kv == 939_540_484
     assert b["kv_cache"] == kv
-    assert "activations" not in b
+    assert b["sampling_weights"] == 0 and "activations" not in b
     # Policy + reference in bf16, gradients + mu + nu in f32: 2 * 2 + 3 * 4 = 16 bytes a parameter.
     total = (2 * BF16 + 3 * F32) * per_device_params + ADAM_COUNT + kv
     assert plan.total == total == 16_175_439_880                              # 15.06 GiB
@@ -86,6 +87,12 @@ def test_qwen_7b_grpo_fsdp8_matches_hand_calculation():
     table = plan.table()
     assert "1.77 GiB" in table and "7.09 GiB" in table and "fits" in table
     assert json.loads(json.dumps(plan.as_dict()))["per_device_bytes"]["params"] == b["params"]
+
+    # The sampler's copy gathered over fsdp (tp=1): the whole model on every device, alive
+    # with the cache during the rollout, which then outweighs the train step.
+    gathered = _plan_7b("fsdp=8", gather_weights=True)
+    assert gathered.per_device["sampling_weights"] == QWEN_7B_PARAMS * BF16      # 14.19 GiB
+    assert gathered.peak == total - b["gradients"] + QWEN_7B_PARAMS * BF16
 
 
 def test_plan_matches_real_shardings_on_eight_devices():
@@ -112,8 +119,45 @@ def test_fsdp4_tp2_splits_heads_and_kv_heads():
     assert b["optimizer"] == 2 * per_device_params * F32 + ADAM_COUNT
     # Rows over fsdp (64 / 4 = 16), KV heads over tp (4 / 2 = 2); kv_valid has no head axis.
     assert b["kv_cache"] == 2 * L * 16 * 2048 * (K // 2) * DH * BF16 + 16 * 2048 + KV_INDEX
-    spec_k = next(x.spec for x in plan.leaves if x.category == "kv_cache" and x.name == "k")
-    assert spec_k == jax.sharding.PartitionSpec(None, "fsdp", "tp", None, None)
+    # The sampler's layout: k [B, Hkv, Dh, S] and v [B, Hkv, S, Dh] per layer (`sharding.KV_*`).
+    specs = {x.name: x.spec for x in plan.leaves if x.category == "kv_cache"}
+    P = jax.sharding.PartitionSpec
+    assert specs["k"] == specs["v"] == P(None, "fsdp", "tp", None, None)
+    assert specs["kv_valid"] == P("fsdp", None)
+
+
+def test_float32_masters_and_the_samplers_weights_by_hand():
+    """bfloat16 compute on float32 masters, fsdp=4, tp=2, on the tiny default config.
+
+    D=64, H=4, K=2, Dh=16, F=128, L=2, V=256, untied head, no biases or q/k norms.
+    """
+    cfg = ModelConfig(dtype="bfloat16", param_dtype="float32")
+    L_, D_, H_, K_, DH_, F_, V_ = 2, 64, 4, 2, 16, 128, 256
+    embeddings = 2 * V_ * D_                     # ("vocab", "embed"): tp and fsdp
+    attn = L_ * D_ * DH_ * (2 * H_ + 2 * K_)     # heads over tp, embed over fsdp
+    mlp = 3 * L_ * D_ * F_                       # mlp over tp, embed over fsdp
+    norms = D_ + 2 * L_ * D_                     # never sharded
+    assert embeddings + attn + mlp + norms == cfg.num_params()
+    kw = dict(optimizer=None, kv_batch=8, kv_length=32)
+    plan = memory.plan_memory(cfg, "fsdp=4,tp=2", **kw)
+    b = plan.per_device
+    assert b["params"] == ((embeddings + attn + mlp) // 8 + norms) * F32
+    # Gathered over fsdp, still split over tp: every matrix 2 ways, in the compute dtype.
+    sampling_weights = ((embeddings + attn + mlp) // 2 + norms) * BF16
+    assert b["sampling_weights"] == sampling_weights == 107_136
+    # Rows over fsdp (8 / 4), KV heads over tp (2 / 2), in the compute dtype.
+    kv = 2 * L_ * (8 // 4) * (K_ // 2) * DH_ * 32 * BF16 + (8 // 4) * 32 + KV_INDEX
+    assert b["kv_cache"] == kv
+    assert plan.peak == b["params"] + max(kv + sampling_weights, b["gradients"])
+    assert "sampling_weights" in plan.table() and plan.dtypes["sampling_weights"] == "bfloat16"
+
+    # gather_weights=False: the bfloat16 copy in the train layout (8 ways).
+    train_layout = memory.plan_memory(cfg, "fsdp=4,tp=2", gather_weights=False, **kw)
+    assert train_layout.per_device["sampling_weights"] == ((embeddings + attn + mlp) // 8 + norms) * BF16
+    # ... and without masters there is no copy: the sampler reads the params.
+    no_masters = memory.plan_memory(cfg, "fsdp=4,tp=2", param_dtype="bfloat16", gather_weights=False, **kw)
+    assert no_masters.per_device["sampling_weights"] == 0
+    assert no_masters.per_device["params"] == b["params"] // 2
 
 
 def test_dimensions_that_do_not_divide_are_replicated_and_reported():
@@ -202,4 +246,33 @@ def test_script_prints_the_table():
         [sys.executable, script, "--model", "qwen2.5-7b", "--mesh", "fsdp=8", "--beta", "0.04",
          "--kv_batch", "64", "--kv_length", "2048", "--dtype", "bfloat16"],
         capture_output=True, text=True, env=env, timeout=120, check=True).stdout
-    assert "qwen2.5-7b" in out and "1.77 GiB" in out and "reference" in out and "fits" in out
+    # float32 masters by default: 952,243,712 params a device x 4 bytes; the sampler's gathered
+    # bfloat16 copy is the whole model (fsdp is the only sharded axis): 7.6e9 x 2 bytes.
+    assert "qwen2.5-7b" in out and "reference" in out and "fits" in out
+    assert "3.55 GiB" in out and "14.19 GiB" in out and "sampling_weights" in out
+
+
+@pytest.mark.parametrize("mesh_shape", [dict(data=1, fsdp=4, tp=2), dict(data=2, fsdp=4, tp=1)])
+def test_rollout_figure_agrees_with_the_compiled_decode_program(mesh_shape):
+    """The plan's rollout bytes (KV cache + the sampler's weights) per device against what XLA
+    says the compiled decode program takes as arguments on one device: those two, plus the loop's
+    per-row outputs (tokens, log-probs, counters), which the plan leaves out."""
+    from grpo_jax import sampling
+    from grpo_jax.models import create_model
+
+    cfg = ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
+                      d_ff=256, max_position_embeddings=512, dtype="bfloat16", param_dtype="float32")
+    mesh = sharding.make_mesh(**mesh_shape)
+    model = sampling.sampling_model(create_model(cfg, seed=0, mesh=mesh))
+    prompts, prompt_len = 16, 32
+    scfg = sampling.SamplingConfig(max_new_tokens=96, n=4, prompt_bucket=32, batch_bucket=8)
+    fn, args = sampling.programs(model, prompts, prompt_len, scfg)["decode"]
+    compiled = fn.lower(*args).compile().memory_analysis().argument_size_in_bytes
+    rows, cache_len = prompts * scfg.n, prompt_len + scfg.max_new_tokens
+    plan = memory.plan_memory(cfg, mesh_shape, optimizer=None, kv_batch=rows, kv_length=cache_len)
+    planned = plan.category_bytes("kv_cache") + plan.category_bytes("sampling_weights")
+    shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    loop_outputs = rows // shards * (cache_len - prompt_len) * 8 + rows // shards * 16
+    assert plan.category_bytes("kv_cache") > compiled / 3  # the cache is a real share of it
+    print("decode arguments per device:", compiled, "planned:", planned, "+ loop outputs:", loop_outputs)
+    assert abs(compiled - planned - loop_outputs) <= 0.005 * compiled, (compiled, planned, loop_outputs)

@@ -1,6 +1,7 @@
 """The sampler against transformers' generate and against a teacher-forced forward."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -185,7 +186,9 @@ def test_same_bucket_does_not_recompile_and_bad_input_fails_early(pair):
     sampling.generate(model, _prompts(6, lengths=(16,)), jax.random.key(2), cfg)
     assert sampling.trace_count() == before
     for prompts, match in [([[3] * 251], "context of 256"), ([[]], "empty"), ([[3, 97]], "97, outside"),
-                           ([[3, -1]], "-1, outside"), ([], "no prompts")]:
+                           ([[3, -1]], "-1, outside"), ([], "no prompts"),
+                           ([[3, 1.5]], "1.5 \\(float\\)"), ([[3, "7"]], "'7' \\(str\\)"),
+                           (["hello"], "tokenize it first"), ([[3, True]], "bool")]:
         with pytest.raises(sampling.SamplingError, match=match):
             sampling.generate(model, prompts, jax.random.key(0), cfg)
     with pytest.raises(sampling.SamplingError, match="unknown fields"):
@@ -275,13 +278,14 @@ def test_geometric_batch_buckets():
 
 
 def test_bfloat16_weights_sample_close_to_the_teacher_forced_forward(pair, tmp_path):
-    # The accelerator configs run the sampler in bfloat16. Its log-probs are float32 but come
+    # The accelerator configs run the sampler in bfloat16 (a copy of float32 master weights). Its log-probs are float32 but come
     # from bfloat16 activations, whose rounding differs between the one-token decode and the
     # full forward: close, not equal (the train step's importance-sampling correction exists
     # for this gap).
     hf, _ = pair
-    model = load_hf(save_hf_model(hf, str(tmp_path)), dtype="bfloat16")
-    assert model.layers.wq[...].dtype == jnp.bfloat16
+    model = load_hf(save_hf_model(hf, str(tmp_path)), dtype="bfloat16")  # float32 masters
+    assert model.layers.wq[...].dtype == jnp.float32
+    assert sampling.sampling_model(model).layers.wq[...].dtype == jnp.bfloat16  # what decode reads
     prompts = _prompts(2)
     cfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, n=2, prompt_bucket=8, batch_bucket=4)
     s = sampling.generate(model, prompts, jax.random.key(5), cfg)
@@ -290,3 +294,77 @@ def test_bfloat16_weights_sample_close_to_the_teacher_forced_forward(pair, tmp_p
     diffs = [np.abs(s.logprobs[i, : s.lengths[i]] - ref[i]).max() for i in range(len(ref))]
     print("max |decode - teacher-forced| log-prob, bfloat16:", max(diffs))
     assert max(diffs) < 0.1
+
+
+@pytest.mark.parametrize("chunk", [4, 5])
+def test_decode_in_chunks_samples_the_same_tokens(pair, chunk):
+    """Stop checks once a chunk of decode steps (the GPU setting) change nothing but the steps
+    the loop runs after every row stopped, which stay below the chunk and are reported."""
+    _, model = pair
+    prompts = _prompts(seed=4, lengths=(4, 7, 2, 9))
+    cfg = sampling.SamplingConfig(max_new_tokens=11, temperature=1.0, n=2, prompt_bucket=8, batch_bucket=4)
+    free = sampling.generate(model, prompts, jax.random.key(2), cfg)
+    stops = tuple(sorted(set(free.tokens[:, 3].tolist()))[:2])  # some rows stop early, some never
+    for stop_ids in ((), stops):
+        step_cfg = dataclasses.replace(cfg, stop_token_ids=stop_ids)
+        ref = sampling.generate(model, prompts, jax.random.key(2), step_cfg)
+        got = sampling.generate(model, prompts, jax.random.key(2), dataclasses.replace(step_cfg, decode_chunk=chunk))
+        for field in ("tokens", "lengths", "stop_reason"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(ref, field), err_msg=field)
+        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)  # another program's rounding
+        assert ref.idle_steps == 0 and 0 <= got.idle_steps < chunk
+        assert got.decode_steps == int(ref.lengths.max()) + got.idle_steps
+        assert got.tokens.shape == (8, 11)
+    assert 0 < (ref.lengths < 11).sum() < len(ref.lengths)  # the stops did stop some rows
+
+
+def _collective_shapes(hlo_text: str) -> list[tuple[int, ...]]:
+    """Result shapes of the collectives of a compiled program's HLO."""
+    ops = r"(?:all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute|collective-broadcast)"
+    shapes = []
+    for line in hlo_text.splitlines():
+        m = re.search(r"= \(?([a-z0-9]+)\[([0-9,]*)\][^=]*? " + ops + r"(?:-start)?\(", line)
+        if m:
+            shapes.append(tuple(int(d) for d in m.group(2).split(",") if d))
+    return shapes
+
+
+@pytest.mark.parametrize("mesh_shape", [dict(data=1, fsdp=8, tp=1), dict(data=1, fsdp=1, tp=8)])
+def test_sampler_splits_rows_and_cache_over_the_mesh(mesh_shape):
+    """fsdp=8: prompts, samples and the KV cache split by rows; tp=8: the cache split by KV
+    heads (every tp device needs every row's sampled token). Either way no collective of the
+    decode program carries the cache (no array with the cache's length), and the tokens are
+    one device's."""
+    from grpo_jax.models import ModelConfig, create_model
+
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=16, d_ff=128,
+                      max_position_embeddings=128)
+    prompts = _prompts(seed=6, lengths=(3, 11, 6, 8, 2, 9))
+    scfg = sampling.SamplingConfig(max_new_tokens=10, temperature=1.0, n=2, prompt_bucket=8, batch_bucket=4,
+                                   stop_token_ids=(5,), decode_chunk=4)
+    ref = sampling.generate(create_model(cfg, seed=0), prompts, jax.random.key(0), scfg)
+
+    mesh = sharding.make_mesh(**mesh_shape)
+    model = sampling.sampling_model(create_model(cfg, seed=0, mesh=mesh))
+    assert sampling.sampling_model(model) is model  # already in the sampling form: no copy
+    got = sampling.generate(model, prompts, jax.random.key(0), scfg)
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+
+    progs = sampling.programs(model, len(prompts), 16, scfg)
+    prefill_fn, prefill_args = progs["prefill"]
+    loop = prefill_fn.lower(*prefill_args).compile().output_shardings  # a _LoopState of shardings
+    shapes = jax.eval_shape(prefill_fn, *prefill_args)
+    cache_len = shapes.cache.kv_valid.shape[1]
+    k_shard = loop.cache.k[0].shard_shape(shapes.cache.k[0].shape)
+    if mesh_shape["fsdp"] == 8:
+        assert loop.tokens.spec[0] == "fsdp" and loop.cache.kv_valid.spec[0] == "fsdp"
+        assert k_shard[0] == shapes.cache.k[0].shape[0] // 8
+    else:
+        assert k_shard[1] == 1 and k_shard[0] == shapes.cache.k[0].shape[0]  # one KV head a device
+    decode_fn, decode_args = progs["decode"]
+    hlo = decode_fn.lower(*decode_args).compile().as_text()
+    shapes = _collective_shapes(hlo)
+    assert not [s for s in shapes if cache_len in s], shapes
+    biggest = max((int(np.prod(s)) for s in shapes), default=0)
+    assert biggest <= 16 * cfg.vocab_size  # at most the [rows, V] logits' reductions
