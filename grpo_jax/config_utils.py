@@ -7,6 +7,8 @@ Configs in `configs/` start from `default_config()`, change what they need and r
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from grpo_jax import grpo
@@ -170,6 +172,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if c.sampling.max_new_tokens >= c.rollout.max_seq_len:
         _fail("rollout.max_seq_len", f"{c.rollout.max_seq_len} leaves no room for a prompt with "
               f"sampling.max_new_tokens={c.sampling.max_new_tokens}")
+    for field in ("model.hf_path", "tokenizer.path"):
+        group, name = field.split(".")
+        path = c[group][name]
+        if path and not os.path.isdir(path):
+            _fail(field, f"{path!r} is not a directory (a local HF checkpoint or tokenizer directory; "
+                  "nothing is downloaded)")
     if not c.model.hf_path and c.rollout.max_seq_len > c.model.max_position_embeddings:
         _fail("rollout.max_seq_len", f"{c.rollout.max_seq_len} (prompt + completion budget) is over the "
               f"model's context of {c.model.max_position_embeddings} (model.max_position_embeddings)")

@@ -276,3 +276,19 @@ def test_errors_name_the_problem(tmp_path, checkpoint):
         load_hf(str(tmp_path))
     with pytest.raises(ConfigError, match="n_kv_heads"):
         ModelConfig(n_heads=4, n_kv_heads=3)
+    for field, value in (("num_attention_heads", 0), ("hidden_size", -8), ("vocab_size", "64")):
+        with pytest.raises(ConfigError, match=f"{field}={value!r} must be a positive integer"):
+            load_hf(clone(f"bad-{field}", config={**cfg, field: value}))
+
+    def poison(k):
+        a = np.array(f.get(k))
+        if k == "model.layers.0.self_attn.q_proj.weight":
+            a.reshape(-1)[3] = np.nan
+        return a
+    d = tmp_path / "nan"
+    d.mkdir()
+    json.dump(cfg, open(d / "config.json", "w"))
+    write_safetensors(str(d / "model.safetensors"), {k: (f.shape(k), f.get(k).dtype) for k in f.keys()}, poison)
+    with pytest.raises(CheckpointError, match="q_proj.weight' holds NaN or inf"):
+        load_hf(str(d))
+    assert np.isnan(np.asarray(load_hf(str(d), allow_nonfinite=True).layers.wq[...])).any()

@@ -44,3 +44,12 @@ def test_no_backend_read_in_library_code():
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
                  if p.name != "platform.py" and re.search(r"default_backend\(\)", p.read_text())]
     assert offenders == []
+
+
+def test_missing_checkpoint_and_tokenizer_dirs_are_named_before_anything_loads(tmp_path):
+    for field in ("model.hf_path", "tokenizer.path"):
+        config = config_utils.default_config()
+        group, name = field.split(".")
+        config[group][name] = str(tmp_path / "nowhere")
+        with pytest.raises(config_utils.ConfigError, match=f"{field}.*is not a directory"):
+            config_utils.validate(config)

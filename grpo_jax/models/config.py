@@ -153,6 +153,15 @@ def _get(hf: Mapping[str, Any], key: str, default: Any = None, *, required: bool
     return default
 
 
+def _positive_int(hf: Mapping[str, Any], key: str) -> int:
+    """A required size field, named when it is missing, not an integer or not positive (before
+    anything divides by it)."""
+    value = _get(hf, key, required=True)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"config.json: {key}={value!r} must be a positive integer")
+    return value
+
+
 def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
     """Maps an HF `config.json` dict (transformers 4.x or 5.x layout) to a `ModelConfig`."""
     model_type = hf.get("model_type")
@@ -163,8 +172,8 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
             f"supported model_type values: {SUPPORTED_MODEL_TYPES}")
     if hf.get("use_sliding_window"):
         raise ConfigError("config.json: use_sliding_window=true is not supported (full attention only)")
-    d_model = int(_get(hf, "hidden_size", required=True))
-    n_heads = int(_get(hf, "num_attention_heads", required=True))
+    d_model = _positive_int(hf, "hidden_size")
+    n_heads = _positive_int(hf, "num_attention_heads")
     # transformers 5 moved rope_theta and rope_scaling into `rope_parameters`.
     rope_params = dict(_get(hf, "rope_parameters", {}) or {})
     rope_scaling = dict(_get(hf, "rope_scaling", {}) or {}) or dict(rope_params)
@@ -180,13 +189,13 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
         eos = tuple(eos)
     cfg = dict(
         model_type=model_type,
-        vocab_size=int(_get(hf, "vocab_size", required=True)),
+        vocab_size=_positive_int(hf, "vocab_size"),
         d_model=d_model,
-        n_layers=int(_get(hf, "num_hidden_layers", required=True)),
+        n_layers=_positive_int(hf, "num_hidden_layers"),
         n_heads=n_heads,
         n_kv_heads=int(_get(hf, "num_key_value_heads", n_heads)),
         head_dim=int(_get(hf, "head_dim", d_model // n_heads)),
-        d_ff=int(_get(hf, "intermediate_size", required=True)),
+        d_ff=_positive_int(hf, "intermediate_size"),
         rms_norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,

@@ -130,7 +130,8 @@ def default_param_dtype(dtype: str) -> str:
 
 
 def load_hf(path: str, dtype: str | None = "float32", *, param_dtype: str | None = None, mesh=None,
-            rules=sharding_lib.DEFAULT_RULES, **config_overrides) -> Transformer:
+            rules=sharding_lib.DEFAULT_RULES, allow_nonfinite: bool = False,
+            **config_overrides) -> Transformer:
     """Loads an HF Llama / Qwen2 / Qwen3 checkpoint directory into a `Transformer`.
 
     Args:
@@ -140,6 +141,8 @@ def load_hf(path: str, dtype: str | None = "float32", *, param_dtype: str | None
       param_dtype: storage dtype of the weights; None: float32 under a 16-bit compute dtype
         (master weights: a bfloat16 checkpoint loads exactly into float32), else `dtype`.
       mesh: optional `jax.sharding.Mesh`; each tensor is placed straight into its sharding.
+      allow_nonfinite: load NaN / inf weights instead of raising `CheckpointError` (a model
+        with them computes NaN everywhere; refusing names the tensor at once).
       config_overrides: `ModelConfig` fields to change (e.g. remat="full").
     """
     hf_cfg = read_config(path)
@@ -156,7 +159,7 @@ def load_hf(path: str, dtype: str | None = "float32", *, param_dtype: str | None
     target_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
     device = jax.local_devices()[0]
 
-    used = set()
+    used, checked = set(), set()
     arrays = {}
     for keys, var, names, kind, item_shape, hf_shape in _param_entries(cfg, abs_model):
         for name in names:
@@ -175,6 +178,10 @@ def load_hf(path: str, dtype: str | None = "float32", *, param_dtype: str | None
                 raw = tensors[names[i]].get(names[i])
             except SafetensorsError as e:
                 raise CheckpointError(str(e)) from e
+            if not allow_nonfinite and names[i] not in checked and not np.isfinite(raw).all():
+                raise CheckpointError(f"{path}: tensor {names[i]!r} holds NaN or inf values "
+                                      "(load_hf(..., allow_nonfinite=True) loads it anyway)")
+            checked.add(names[i])  # each device's shard reads the tensor again: check it once
             return _hf_to_ours(raw, kind, item_shape)
 
         def callback(index, load_item=load_item, stacked=stacked):
