@@ -8,7 +8,10 @@ writes); arrays are restored straight into the shardings of the abstract target.
 Saving is asynchronous: `save` returns once the arrays are copied off the devices and the
 write finishes in the background; `wait()` blocks until it is on disk. A checkpoint that fails to
 restore (corrupt or truncated files) is reported and the previous one is tried, so one bad
-write never loses the whole run.
+write never loses the whole run; once an older one restores, the run that owns the directory
+moves the newer ones that did not aside to `corrupt-<step>` (kept for a post-mortem), so it can
+save those steps again. When none restores (a corrupt directory, or a target that does not match:
+a changed model) nothing is moved and `CheckpointError` lists every step's error.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from grpo_jax import distributed
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +64,14 @@ def _data_to_keys(tree, like):
 class Checkpointer:
     """Keeps the last `keep` checkpoints of a run under `directory`."""
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, owner: bool = False):
+        """`owner`: the run that holds the workdir (`grpo_jax.workdir.lock`) deletes the partial saves
+        of killed runs and moves corrupt checkpoints aside; a reader (eval, export) changes nothing,
+        since it could delete a live run's save in progress."""
         self.directory = os.path.abspath(directory)
+        self.owner = owner
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
+                                               create=True, cleanup_tmp_directories=owner)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
@@ -78,7 +87,8 @@ class Checkpointer:
         return self._manager.save(step, args=args, force=force)
 
     def restore(self, abstract_state, step: int | None = None):
-        """(step, state, meta) of `step` or of the newest checkpoint that restores.
+        """(step, state, meta) of `step` or of the newest checkpoint that restores (moving the newer
+        ones that do not aside, see the module docstring).
 
         `abstract_state` gives the tree structure and, through `.sharding` on its
         `jax.ShapeDtypeStruct` leaves, where each array goes.
@@ -87,7 +97,7 @@ class Checkpointer:
         if not candidates:
             raise CheckpointError(f"no checkpoint under {self.directory}")
         target = _abstract_keys_to_data(abstract_state)
-        errors = []
+        errors, failed = [], []
         for candidate in candidates:
             try:
                 restored = self._manager.restore(candidate, args=ocp.args.Composite(
@@ -96,10 +106,28 @@ class Checkpointer:
                 log.error("checkpoint %d under %s does not restore (%s: %s); trying an older one",
                           candidate, self.directory, type(error).__name__, str(error)[:300])
                 errors.append(f"step {candidate}: {type(error).__name__}: {str(error)[:200]}")
+                failed.append(candidate)
                 continue
+            if failed and self.owner:  # an older one restores into this target: the newer are corrupt
+                self._move_aside(failed)
             state = _data_to_keys(restored["state"], abstract_state)
             return candidate, state, dict(restored["meta"])
         raise CheckpointError(f"no checkpoint under {self.directory} restores: " + "; ".join(errors))
+
+    def _move_aside(self, steps: list[int]):
+        """Renames the step directories to `corrupt-<step>`: out of orbax's step list, so the step
+        can be saved again (else `StepAlreadyExistsError`), and kept for a post-mortem."""
+        if jax.process_index() == 0:
+            for step in steps:
+                source = os.path.join(self.directory, str(step))
+                target = os.path.join(self.directory, f"corrupt-{step}")
+                n = 1
+                while os.path.exists(target):  # corrupt twice: keep both
+                    target, n = os.path.join(self.directory, f"corrupt-{step}.{n}"), n + 1
+                os.rename(source, target)
+                log.warning("moved checkpoint %d, which does not restore, to %s", step, target)
+        distributed.barrier("checkpoint_move_aside")
+        self._manager.reload()
 
     def wait(self):
         self._manager.wait_until_finished()

@@ -27,6 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0                         # root of all randomness: per-step keys are fold_in(key, step)
     c.platform = "auto"                # cpu | gpu | tpu | auto (the run's devices): the platform
     #                                    choices of `grpo_jax.platform` (gradient forms, chunk sizes)
+    c.allow_config_change = False      # resume a workdir whose config.json differs in what was built
 
     c.model = ml_collections.ConfigDict()
     c.model.hf_path = ""               # HF checkpoint directory; "" = build from the fields below

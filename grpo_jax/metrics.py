@@ -3,11 +3,15 @@
 Only process 0 writes (every process computes the same reduced metrics). Values are converted
 to plain floats; NaN is written as `NaN` in JSONL (`json.dumps` default), which `json.loads`
 and pandas read back.
+
+Each row is appended with one write of the whole line, then fsync'ed: a kill leaves complete
+rows and at most a torn last line, which readers skip and a resumed run removes (`grpo_jax.workdir.rewind`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -16,6 +20,8 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def to_host(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -44,7 +50,9 @@ class MetricsWriter:
                      "eval/accuracy", "step_time")
 
     def __init__(self, workdir: str, *, total_steps: int | None = None, tensorboard: bool = True,
-                 stream=None):
+                 stream=None, purge_step: int | None = None):
+        """`purge_step`: TensorBoard hides the events of earlier runs at steps >= it (a resumed
+        run's rewind, as `grpo_jax.workdir.rewind` does for metrics.jsonl)."""
         self.is_writer = jax.process_index() == 0
         self.total_steps = total_steps
         self.stream = stream or sys.stdout
@@ -55,14 +63,13 @@ class MetricsWriter:
             os.makedirs(workdir, exist_ok=True)
             if tensorboard:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
 
     def write(self, step: int, row: Mapping[str, float]):
         if not self.is_writer:
             return
         record = {"step": int(step), **{k: float(v) for k, v in row.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
         if self._tb is not None:
             for k, v in row.items():
                 if np.isfinite(v):
@@ -91,7 +98,47 @@ class MetricsWriter:
             self._tb.close()
 
 
+def append_line(path: str, line: str):
+    """Appends `line` and its newline in one write, on disk before returning (O_APPEND: whole
+    lines even with another writer)."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        while data:  # one write in practice; a short write is finished, never dropped
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def parse_metrics(path: str) -> tuple[list[dict[str, float]], int | None]:
+    """(rows of the JSONL file `path`, the number of its torn last line or None).
+
+    A torn line is an unterminated, unparseable last line (a writer killed mid-write); any other
+    malformed line raises `ValueError` naming the file and line.
+    """
+    with open(path, "rb") as f:
+        lines = f.read().decode("utf-8", errors="replace").split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # split's last piece is the text after the last newline
+                return rows, number
+            raise ValueError(f"{path}:{number}: not a JSON row ({error}): {line[:120]!r}") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise ValueError(f"{path}:{number}: a metrics row is a JSON object with a step: {line[:120]!r}")
+        rows.append(row)
+    return rows, None
+
+
 def read_metrics(workdir: str) -> list[dict[str, float]]:
-    """The rows of `workdir/metrics.jsonl` (for notebooks and tests)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of `workdir/metrics.jsonl` (for notebooks and tests); a torn last line is skipped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows, torn = parse_metrics(path)
+    if torn is not None:
+        log.warning("%s:%d: skipped a torn last line (a run killed mid-write)", path, torn)
+    return rows

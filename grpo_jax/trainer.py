@@ -13,8 +13,14 @@
 
 Randomness: step s uses fold_in(key(seed), s); rows and keys are functions of the step, so a run
 resumed from a checkpoint writes the same metrics as an uninterrupted one (bitwise on CPU; only
-wall-clock timings differ). Rows of metrics.jsonl beyond the restored step (written after the
-last checkpoint) are dropped on resume.
+wall-clock timings differ).
+
+The workdir (`grpo_jax.workdir`): a run locks it (`.lock`; a second run fails naming the holder),
+refuses a config that differs from its `config.json` in what the checkpoints were built from
+(unless `config.allow_config_change`), and rewinds what a killed run logged past the step it
+starts from: rows of metrics.jsonl and samples.txt sections (all of them on a fresh start), a
+torn last line, TensorBoard events. A newest checkpoint that does not restore is moved aside to
+`checkpoints/corrupt-<step>` and the run resumes from the one before.
 
 Several processes (`jax.distributed`, see `grpo_jax.distributed`): process p rolls out its
 contiguous block of the step's prompts on its own devices (with the episodes' global ids, so
@@ -32,7 +38,6 @@ which is left out of its group's advantages and counted (`reward_nan_fraction`).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -48,6 +53,7 @@ from flax import nnx
 
 from grpo_jax import components, config_utils, distributed
 from grpo_jax import sharding as sharding_lib
+from grpo_jax import workdir as workdir_lib
 from grpo_jax.advantages import group_advantages
 from grpo_jax.checkpoint import Checkpointer, abstract_like
 from grpo_jax.evaluation import evaluate
@@ -97,26 +103,32 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def check_config(config):
+    """The run's mesh, or `ConfigError` naming the field: before anything is built or written."""
+    config_utils.validate(config)
+    processes = jax.process_count()
+    if config.train.prompts_per_step % processes:
+        raise config_utils.ConfigError(
+            f"config.train.prompts_per_step: {config.train.prompts_per_step} prompts do not split "
+            f"evenly over {processes} processes (each rolls out whole groups)")
+    mesh = sharding_lib.mesh_from_config(config.mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = config.train.prompts_per_step * config.rollout.group_size
+    micro = config.grpo.micro_batch_size or rows
+    if rows % shards or micro % shards:
+        raise config_utils.ConfigError(
+            f"config.train.prompts_per_step: the batch of {rows} rows (micro-batches of {micro}) must "
+            f"split evenly over the {shards} data-parallel devices (mesh data x fsdp)")
+    return mesh
+
+
 class Experiment:
     """Everything `run` builds, exposed for notebooks and tools (`experiments/eval.py`)."""
 
     def __init__(self, config, workdir: str):
-        config_utils.validate(config)
-        processes = jax.process_count()
-        if config.train.prompts_per_step % processes:
-            raise config_utils.ConfigError(
-                f"config.train.prompts_per_step: {config.train.prompts_per_step} prompts do not split "
-                f"evenly over {processes} processes (each rolls out whole groups)")
+        self.mesh = check_config(config)
         self.config = config
         self.workdir = workdir
-        self.mesh = sharding_lib.mesh_from_config(config.mesh)
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        rows = config.train.prompts_per_step * config.rollout.group_size
-        micro = config.grpo.micro_batch_size or rows
-        if rows % shards or micro % shards:
-            raise config_utils.ConfigError(
-                f"config.train.prompts_per_step: the batch of {rows} rows (micro-batches of {micro}) must "
-                f"split evenly over the {shards} data-parallel devices (mesh data x fsdp)")
         os.makedirs(workdir, exist_ok=True)
         # This process's prompts of each step, and the global id of their first episode.
         self.prompt_block = distributed.process_block(config.train.prompts_per_step)
@@ -361,16 +373,22 @@ def _rollout_row(episodes: Episodes, adv_info, elapsed_s: float) -> dict[str, fl
     return row
 
 
-def _truncate_metrics(workdir: str, step: int):
-    """Drops rows after `step` (written after the checkpoint a resumed run starts from)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path) or jax.process_index() != 0:
-        return
-    rows = [r for r in read_metrics(workdir) if r["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(path + ".tmp", path)
+def claim_workdir(config, workdir: str) -> workdir_lib.WorkdirLock | None:
+    """Process 0 locks `workdir` and checks and records its config (`grpo_jax.workdir`); its
+    refusal is raised on every process, so none is left waiting for the others."""
+    held, error = None, None
+    if jax.process_index() == 0:
+        try:
+            held = workdir_lib.lock(workdir)
+            workdir_lib.check_config(workdir, config)
+        except (workdir_lib.WorkdirBusy, config_utils.ConfigError, OSError) as e:
+            error = e
+    error = distributed.allgather_objects(error)[0]
+    if error is not None:
+        if held is not None:
+            held.release()
+        raise error
+    return held
 
 
 def run(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
@@ -380,6 +398,17 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any
     time-limited jobs, or a test of resumption. Returns a summary: the evaluation before GRPO
     (`eval_before`), after it (`eval_after`), the last step, and `stopped_early`.
     """
+    check_config(config)
+    held = claim_workdir(config, workdir)
+    try:
+        return _run(config, workdir, stop_after)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _run(config, workdir: str, stop_after: int | None) -> dict[str, Any]:
+    """`run` in a workdir this process has claimed."""
     exp = Experiment(config, workdir)
     c = config
     if jax.process_index() == 0:
@@ -388,14 +417,20 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any
         except Exception as error:  # noqa: BLE001  (the plan informs; it must not stop a run)
             log.warning("no memory plan for this config: %s: %s", type(error).__name__, error)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
-                                async_save=c.checkpoint.async_save)
-    writer = MetricsWriter(workdir, total_steps=c.train.num_steps)
+                                async_save=c.checkpoint.async_save, owner=True)
+    writer = None
     uses_ref = c.grpo.beta > 0
     summary: dict[str, Any] = {"workdir": workdir}
     stop = _StopFlag()
     stop.install()
     try:
-        start_step = checkpointer.latest_step()
+        start_step = None
+        if checkpointer.latest_step() is not None:
+            start_step, state, ref_params, meta = exp.restore(checkpointer)
+        if jax.process_index() == 0:  # what a killed run logged past the start goes
+            workdir_lib.rewind(workdir, start_step)
+        writer = MetricsWriter(workdir, total_steps=c.train.num_steps,
+                               purge_step=0 if start_step is None else start_step + 1)
         if start_step is None:
             if c.sft.steps > 0 or c.sft.mixed_steps > 0:
                 exp.warm_start(writer)
@@ -410,9 +445,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any
                               force=True)
             start_step = 0
         else:
-            start_step, state, ref_params, meta = exp.restore(checkpointer)
             summary["eval_before"] = meta.get("eval_before")
-            _truncate_metrics(workdir, start_step)
             log.info("resumed from the checkpoint of step %d", start_step)
             print(f"resumed from step {start_step} ({checkpointer.directory})", flush=True)
 
@@ -493,5 +526,6 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any
         return summary
     finally:
         stop.restore()
-        writer.close()
+        if writer is not None:
+            writer.close()
         checkpointer.close()
