@@ -1,61 +1,50 @@
-"""Run model-written Python in a separate, limited process.
+"""Run model-written Python in a separate process that the kernel confines.
 
-``run_python(code)`` writes ``code`` to ``main.py`` in a fresh temporary
-directory, runs it in a child interpreter and returns a ``SandboxResult``
-(stdout, stderr, exit code, why it stopped, wall time). The directory is
-deleted afterwards.
+``run_python(code)`` writes ``code`` to ``main.py`` in a fresh temporary directory, runs it
+in a child interpreter and returns a ``SandboxResult`` (stdout, stderr, exit code, why it
+stopped, wall time, and which kernel mechanisms were in force). The directory is deleted
+afterwards.
 
-Threat model, stated plainly. The code comes from a policy being trained: it
-is usually harmless and sometimes careless (endless loops, huge prints, reading
-``/etc/passwd`` because a prompt asked about it), and it is not a determined
-attacker with exploits. The layers below stop the careless and the curious;
-they are not a security boundary against code written to escape. For that, run
-the whole trainer inside a container or VM (gVisor, Firecracker, nsjail with
-user namespaces).
+Threat model. The code comes from a policy being trained: usually harmless, sometimes
+careless (endless loops, huge prints, a million files, a daemon left running), now and then
+curious (``/etc/passwd``, ``ctypes``). The kernel layers below hold against code that gets
+past Python-level checks, including native code; they are not a defence against kernel
+exploits. For that, run the trainer in a VM or gVisor.
 
-Layers, from the kernel outwards:
+Layers (``grpo_jax.envs.isolation`` has the kernel ones; docs/reliability.md, "The
+sandbox", says what each guarantees and what happens where one is missing):
 
-1. **Process group.** The child starts in a new session; on timeout, output
-   overflow or exit, the parent SIGKILLs the whole group, so stray children die
-   with it.
-2. **Resource limits** set in the child before user code runs: ``RLIMIT_AS``
-   (memory), ``RLIMIT_CPU`` (CPU seconds, SIGXCPU), ``RLIMIT_FSIZE`` (largest
-   file), ``RLIMIT_NOFILE``, ``RLIMIT_CORE=0``. ``RLIMIT_NPROC`` is not used:
-   it does not bind root, which is what the trainer often runs as; process
-   creation is refused by layer 5 instead, and the group kill cleans up.
-3. **Network namespace.** When ``unshare --net`` works (root, util-linux), the
-   child runs in a fresh network namespace whose only interface, loopback, is
-   down: no connection can leave it, not even to 127.0.0.1 of the host.
-   ``network_isolation()`` says whether this layer is active.
-4. **Isolated interpreter**: ``python -I -S -B``: no site-packages, no user
-   site, no ``PYTHON*`` variables, no bytecode writes; a minimal environment
-   (``HOME`` and ``TMPDIR`` point at the work directory).
-5. **Audit hook** (PEP 578, ``sys.addaudithook``) installed before user code:
-   files may be written only inside the work directory and read only there or
-   in the standard library (opened as files, never as directory handles);
-   directory listings likewise; sockets, ``subprocess``, ``os.system``,
-   ``os.exec*``, ``os.fork``, ``os.posix_spawn``, ``os.kill``, symlinks and
-   hard links, ``ctypes``/``_ctypes``/``_posixsubprocess`` imports, native
-   extensions loaded from outside the standard library, ``resource.setrlimit``,
-   ``gc`` object walks and rewriting function code or defaults are refused.
-   A refused operation ends the program at once with status ``"forbidden"``
-   and a short traceback of the user's frames on stderr. The hook binds every
-   helper it uses as a default argument (immutable once set, since rewriting
-   ``__defaults__`` is itself refused) so that monkeypatching ``os`` or
-   builtins does not disable it. It is still Python: a bug in CPython, a
-   stdlib module that reaches the OS without an audit event, or a path check
-   raced by another thread can get around it.
+1. **Namespaces.** New mount, PID, network, IPC and UTS namespaces (through a user
+   namespace when plain ``unshare`` is refused). The root is a private tmpfs with read-only
+   binds of the system directories and the interpreter; the work directory is a tmpfs of
+   ``disk_mb`` (all files together) and ``_MAX_DISK_FILES`` inodes; the rest of the host's
+   files are not there. The child is PID 1 of its namespace: when it ends, or the parent
+   kills it, the kernel kills every process left in it, ``setsid`` daemons included. The
+   network namespace has only a loopback interface, down.
+2. **No privileges.** The code runs as ``nobody`` (when the interpreter is readable by
+   others) with every capability dropped and ``no_new_privs`` set.
+3. **Landlock** (Linux 5.13+): writes only in the work directory, reads only in the
+   system directories and the interpreter, no TCP (ABI 4+), no signals out (ABI 6+).
+   Without namespaces this is what confines files and network.
+4. **Resource limits**: ``RLIMIT_AS`` (memory), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``,
+   ``RLIMIT_NOFILE``, ``RLIMIT_CORE=0``, ``RLIMIT_NPROC`` as nobody. The parent enforces
+   the wall clock and the output limits, and without the tmpfs polls the directory size.
+5. **Isolated interpreter and audit hook** (``sandbox_child``): ``python -I -S -B``, a
+   minimal environment, and a PEP 578 hook that refuses writes outside the work directory,
+   reads outside the standard library, sockets, subprocesses, ``ctypes`` and native
+   extensions (status "forbidden"). It is Python, and the second line: C code gets past it.
 
-Known limits: the standard library only (no numpy); ``asyncio``,
-``multiprocessing`` and anything that needs subprocesses or sockets are
-refused; file *metadata* (``os.stat``) outside the work directory is not
-audited by CPython, so the existence of a path can be probed.
+Where a kernel mechanism is missing the run still happens, on the layers that remain; the
+result's ``warning`` says what is missing and why, and the first such run logs it.
+Known limits: the standard library only (no numpy); ``asyncio``, ``multiprocessing`` and
+anything that needs subprocesses or sockets are refused by the hook.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import pathlib
@@ -65,20 +54,49 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
-from grpo_jax.envs import sandbox_child
+from grpo_jax.envs import isolation, sandbox_child
 
-STATUSES = ("ok", "error", "timeout", "memory", "output_limit", "forbidden", "killed")
+STATUSES = ("ok", "error", "timeout", "memory", "output_limit", "disk_limit", "forbidden",
+            "killed")
 
 _EXIT_MEMORY = sandbox_child.EXIT_MEMORY
 _EXIT_FORBIDDEN = sandbox_child.EXIT_FORBIDDEN
-_MAX_FILE_BYTES = 16 * 1024 * 1024
 _MAX_OPEN_FILES = 256
+_MAX_DISK_FILES = 4096  # files and directories in the work directory
 _READ_CHUNK = 65536
+_DISK_POLL_S = 0.1  # without the tmpfs quota: how often the parent measures the directory
+_DEADLINE_MARGIN_S = 10  # helpers give up this long after the timeout if the parent died
+# What the code may see: system directories and the interpreter, read-only; device files.
+_SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+                 "/etc/ld.so.cache", "/etc/localtime")
+_DEV_FILES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+_REQUIRED = ("filesystem_ns", "pid_ns", "net_ns", "no_privileges")
 
-# The child's first code: sandbox_child.py's source, run with `-c`.
-_CHILD_BOOTSTRAP = pathlib.Path(sandbox_child.__file__).read_text(encoding="utf-8")
+_log = logging.getLogger(__name__)
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+# The child's program: the two bootstrap modules' sources, loaded as modules; the isolation
+# module is emptied (its ctypes handles dropped) before the user's code runs.
+_LOADER = """\
+import sys, types
+def load(name, source):
+    module = types.ModuleType(name)
+    exec(compile(source, name + ".py", "exec"), module.__dict__)
+    return module
+isolation, child = load("isolation", ISOLATION), load("sandbox_child", CHILD)
+del ISOLATION, CHILD
+isolation.enter(CONFIG)
+isolation.__dict__.clear()
+del isolation, load
+child.main(*LIMITS)
+"""
+_SOURCES = "ISOLATION = %r\nCHILD = %r\n" % (
+    pathlib.Path(isolation.__file__).read_text(encoding="utf-8"),
+    pathlib.Path(sandbox_child.__file__).read_text(encoding="utf-8"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,14 +107,22 @@ class SandboxResult:
       status: why it stopped, one of ``STATUSES``: "ok" (exit 0), "error"
         (nonzero exit, e.g. an uncaught exception), "timeout" (wall clock or
         CPU limit), "memory" (memory limit), "output_limit" (stdout or stderr
-        passed ``max_output_bytes``), "forbidden" (the audit hook refused an
-        operation), "killed" (ended by some other signal).
+        passed ``max_output_bytes``), "disk_limit" (failed, or was stopped, with the
+        disk quota used up), "forbidden" (the audit hook refused an operation),
+        "killed" (ended by some other signal).
       stdout, stderr: decoded output (UTF-8, invalid bytes replaced), each cut
         to ``max_output_bytes`` bytes.
       returncode: the child's exit status as ``subprocess`` reports it
         (negative: killed by that signal).
       wall_time_s: seconds from start to exit.
       stdout_truncated, stderr_truncated: whether output was cut.
+      disk_full: the work directory's quota (bytes or files) was used up.
+      isolation: the kernel mechanisms in force for this run, in
+        ``isolation.MECHANISMS`` order: "filesystem_ns" (private read-only root, tmpfs
+        quota), "pid_ns", "net_ns", "no_privileges", "landlock" (files),
+        "landlock_net" (TCP), "landlock_scope" (signals, abstract sockets).
+      warning: empty when namespaces and dropped privileges were all in force; else what
+        is missing, what stands in for it, and why (the first such run logs it).
     """
 
     status: str
@@ -106,6 +132,9 @@ class SandboxResult:
     wall_time_s: float
     stdout_truncated: bool = False
     stderr_truncated: bool = False
+    disk_full: bool = False
+    isolation: tuple[str, ...] = ()
+    warning: str = ""
 
     @property
     def ok(self) -> bool:
@@ -141,6 +170,7 @@ class SandboxResult:
             "timeout": f"timeout after {self.wall_time_s:.1f} s",
             "memory": "stopped: memory limit exceeded",
             "output_limit": "stopped: output limit exceeded",
+            "disk_limit": "stopped: disk quota exceeded",
             "forbidden": "stopped: forbidden operation",
             "killed": f"killed by signal {-self.returncode}"
             if self.returncode < 0 else "killed",
@@ -153,23 +183,9 @@ class SandboxResult:
 
 
 @functools.lru_cache(maxsize=None)
-def network_isolation() -> str:
-    """'netns' if children run in a fresh network namespace, else 'audit-hook'.
-
-    Probed once per process by running ``unshare --net`` on the interpreter.
-    In 'audit-hook' mode the network is refused only by the audit hook.
-    """
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return "audit-hook"
-    try:
-        probe = subprocess.run(
-            [unshare, "--net", "--", sys.executable, "-I", "-S", "-c", "pass"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, timeout=30, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return "audit-hook"
-    return "netns" if probe.returncode == 0 else "audit-hook"
+def kernel_isolation() -> tuple[str, ...]:
+    """The kernel mechanisms a sandboxed run gets on this machine (probed once)."""
+    return run_python("pass").isolation
 
 
 def run_python(
@@ -178,46 +194,67 @@ def run_python(
     memory_mb: int = 256,
     max_output_bytes: int = 64_000,
     stdin: str = "",
+    disk_mb: int = 16,
 ) -> SandboxResult:
     """Runs ``code`` as ``__main__`` in a sandboxed child; see the module doc.
 
     Args:
       code: Python source (standard library only).
-      timeout_s: wall-clock limit; the CPU-time limit is its ceiling.
+      timeout_s: wall-clock limit; the CPU-time limit is its ceiling. At the limit every
+        process the code started is killed, daemons included.
       memory_mb: address-space limit of the child.
       max_output_bytes: limit for stdout and for stderr each; a child that
         writes more is killed (status "output_limit") and the output kept so
         far is returned. The parent never buffers more than this per stream.
       stdin: text fed to the child's standard input.
+      disk_mb: quota on everything in the work directory together (``main.py`` included);
+        the directory also holds at most ``_MAX_DISK_FILES`` files.
 
     Thread-safe: tool environments may call it from many threads at once.
     """
     return _run(code, timeout_s=timeout_s, memory_mb=memory_mb,
-                max_output_bytes=max_output_bytes, stdin=stdin, audit_hook=True)
+                max_output_bytes=max_output_bytes, stdin=stdin, disk_mb=disk_mb)
 
 
-def _run(code: str, *, timeout_s: float, memory_mb: int, max_output_bytes: int,
-         stdin: str, audit_hook: bool) -> SandboxResult:
-    """``run_python`` with the audit hook optional (tests of the other layers)."""
-    if timeout_s <= 0 or memory_mb <= 0 or max_output_bytes <= 0:
-        raise ValueError("timeout_s, memory_mb and max_output_bytes must be positive")
+def _run(code: str, *, timeout_s: float, memory_mb: int, max_output_bytes: int = 64_000,
+         stdin: str = "", disk_mb: int = 16, audit_hook: bool = True, namespaces: bool = True,
+         landlock: bool = True) -> SandboxResult:
+    """``run_python`` with layers that can be switched off (tests of the others)."""
+    if min(timeout_s, memory_mb, max_output_bytes, disk_mb) <= 0:
+        raise ValueError("timeout_s, memory_mb, max_output_bytes and disk_mb must be positive")
     workdir = tempfile.mkdtemp(prefix="grpo_sandbox_")
     try:
         with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8",
                   errors="replace") as f:
             f.write(code)
-        argv = [sys.executable, "-I", "-S", "-B", "-u", "-X", "utf8",
-                "-c", _CHILD_BOOTSTRAP,
-                str(memory_mb * 1024 * 1024), str(max(1, math.ceil(timeout_s))),
-                str(_MAX_FILE_BYTES), str(_MAX_OPEN_FILES), str(int(audit_hook))]
-        if network_isolation() == "netns":
-            argv = [shutil.which("unshare") or "unshare", "--net", "--"] + argv
+        disk_bytes = disk_mb * 1024 * 1024
+        status_read, status_write = os.pipe()  # the helpers' report: what is in force
+        config = {"workdir": workdir, "read_paths": _read_paths(), "dev_files": _DEV_FILES,
+                  "disk_bytes": disk_bytes, "disk_files": _MAX_DISK_FILES,
+                  "deadline_s": math.ceil(timeout_s) + _DEADLINE_MARGIN_S,
+                  "namespaces": namespaces, "landlock": landlock, "status_fd": status_write}
+        limits = (memory_mb * 1024 * 1024, max(1, math.ceil(timeout_s)), disk_bytes,
+                  _MAX_OPEN_FILES, int(audit_hook))
+        program = _SOURCES + "CONFIG = %r\nLIMITS = %r\n" % (config, limits) + _LOADER
+        argv = [sys.executable, "-I", "-S", "-B", "-u", "-X", "utf8", "-c", program]
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-        return _supervise(argv, workdir, env, stdin.encode("utf-8", "replace"),
-                          timeout_s, max_output_bytes)
+        try:
+            return _supervise(argv, workdir, env, stdin.encode("utf-8", "replace"),
+                              timeout_s, max_output_bytes, status_read, status_write,
+                              disk_bytes)
+        finally:
+            os.close(status_read)  # status_write is closed by _supervise once started
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _read_paths() -> tuple[str, ...]:
+    """System directories and the interpreter's installation, as they exist here."""
+    executable_prefix = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
+    paths = {*_SYSTEM_PATHS, sys.base_prefix, sys.base_exec_prefix, executable_prefix}
+    return tuple(sorted(os.path.abspath(p) for p in paths if os.path.lexists(p)))
 
 
 def _kill_group(pid: int) -> None:
@@ -228,26 +265,33 @@ def _kill_group(pid: int) -> None:
 
 
 def _supervise(argv, workdir, env, stdin_bytes: bytes, timeout_s: float,
-               max_output_bytes: int) -> SandboxResult:
-    """Starts the child, streams its pipes with bounded buffers, enforces the
-    wall clock, and kills its process group whatever happens."""
+               max_output_bytes: int, status_read: int, status_write: int,
+               disk_bytes: int) -> SandboxResult:
+    """Starts the child, streams its pipes with bounded buffers, enforces the wall clock
+    (and, without the tmpfs, the disk quota), and kills all it started whatever happens."""
     start = time.monotonic()
     deadline = start + timeout_s
-    proc = subprocess.Popen(
-        argv, cwd=workdir, env=env, start_new_session=True, close_fds=True,
-        stdin=subprocess.PIPE if stdin_bytes else subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc = subprocess.Popen(
+            argv, cwd=workdir, env=env, start_new_session=True, close_fds=True,
+            pass_fds=(status_write,),
+            stdin=subprocess.PIPE if stdin_bytes else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    finally:
+        os.close(status_write)
     buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
     overflow = {fd: False for fd in buffers}
-    stopped_by = None  # "timeout" | "output_limit" when the parent killed it
+    status_lines = bytearray()
+    stopped_by = None  # "timeout" | "output_limit" | "disk_limit" when the parent stopped it
     group_killed = False
+    next_disk_poll = start + _DISK_POLL_S
     pending_stdin = memoryview(stdin_bytes)
     stdin_fd = proc.stdin.fileno() if proc.stdin is not None else -1
     selector = selectors.DefaultSelector()
     try:
-        for pipe in (proc.stdout, proc.stderr):
-            os.set_blocking(pipe.fileno(), False)
-            selector.register(pipe.fileno(), selectors.EVENT_READ)
+        for fd in (proc.stdout.fileno(), proc.stderr.fileno(), status_read):
+            os.set_blocking(fd, False)
+            selector.register(fd, selectors.EVENT_READ)
         if stdin_bytes:
             os.set_blocking(stdin_fd, False)
             selector.register(stdin_fd, selectors.EVENT_WRITE)
@@ -256,7 +300,7 @@ def _supervise(argv, workdir, env, stdin_bytes: bytes, timeout_s: float,
             if remaining <= 0:
                 stopped_by = "timeout"
                 break
-            for key, _ in selector.select(min(remaining, 0.1)):
+            for key, _ in selector.select(min(remaining, _DISK_POLL_S)):
                 fd = key.fd
                 if fd == stdin_fd:
                     try:
@@ -275,12 +319,19 @@ def _supervise(argv, workdir, env, stdin_bytes: bytes, timeout_s: float,
                 if not chunk:
                     selector.unregister(fd)
                     continue
+                if fd == status_read:
+                    status_lines += chunk[: 65536 - len(status_lines)]
+                    continue
                 buffer = buffers[fd]
                 buffer += chunk[: max_output_bytes + 1 - len(buffer)]
                 if len(buffer) > max_output_bytes:
                     overflow[fd] = True
                     del buffer[max_output_bytes:]
                     stopped_by = "output_limit"
+            if not stopped_by and time.monotonic() >= next_disk_poll:
+                next_disk_poll = time.monotonic() + _DISK_POLL_S
+                if _disk_used(workdir, disk_bytes, _MAX_DISK_FILES):
+                    stopped_by = "disk_limit"
             if stopped_by:
                 break
             if not group_killed and proc.poll() is not None:
@@ -294,23 +345,127 @@ def _supervise(argv, workdir, env, stdin_bytes: bytes, timeout_s: float,
             except subprocess.TimeoutExpired:
                 stopped_by = "timeout"
     finally:
-        _kill_group(proc.pid)
-        proc.wait()
+        _stop(proc)
         selector.close()
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
-    wall_time_s = time.monotonic() - start
+    try:  # whatever the helpers wrote before they ended
+        while len(status_lines) < 65536 and (chunk := os.read(status_read, _READ_CHUNK)):
+            status_lines += chunk
+    except BlockingIOError:
+        pass
+    report = _parse_status(bytes(status_lines))
+    returncode = proc.returncode
+    if "exit" in report:
+        returncode = os.waitstatus_to_exitcode(report["exit"])
+    disk_full = report["disk_full"] or stopped_by == "disk_limit"
+    status = stopped_by or _status_from_returncode(returncode)
+    if disk_full and status in ("error", "killed"):
+        status = "disk_limit"
+    warning = _warning(report["isolation"], report["notes"])
     stdout_fd, stderr_fd = list(buffers)
     return SandboxResult(
-        status=stopped_by or _status_from_returncode(proc.returncode),
+        status=status,
         stdout=bytes(buffers[stdout_fd]).decode("utf-8", "replace"),
         stderr=bytes(buffers[stderr_fd]).decode("utf-8", "replace"),
-        returncode=proc.returncode,
-        wall_time_s=wall_time_s,
+        returncode=returncode,
+        wall_time_s=time.monotonic() - start,
         stdout_truncated=overflow[stdout_fd],
         stderr_truncated=overflow[stderr_fd],
+        disk_full=disk_full,
+        isolation=report["isolation"],
+        warning=warning,
     )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Kills every process of the run and returns once they are gone.
+
+    With a PID namespace, killing its init (the outer process's child) makes the kernel
+    kill the rest; the outer process reaps init after that and exits. Without one, the
+    outer process is a subreaper: its descendants are found and killed here, and it reaps
+    them before exiting.
+    """
+    if proc.poll() is None:
+        isolation.kill_tree(proc.pid)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill_group(proc.pid)
+    proc.wait()
+
+
+def _parse_status(data: bytes) -> dict:
+    mechanisms, notes, exit_status, disk_full = set(), [], None, False
+    for line in data.decode("utf-8", "replace").splitlines():
+        kind, _, text = line.partition(" ")
+        if kind == "mech":
+            mechanisms.add(text)
+        elif kind == "note":
+            notes.append(text)
+        elif kind == "exit" and text.lstrip("-").isdigit():
+            exit_status = int(text)
+        elif kind == "disk_full":
+            disk_full = True
+    report = {"isolation": tuple(m for m in isolation.MECHANISMS if m in mechanisms),
+              "notes": notes, "disk_full": disk_full}
+    if exit_status is not None:
+        report["exit"] = exit_status
+    return report
+
+
+def _warning(mechanisms: tuple[str, ...], notes: list[str]) -> str:
+    """What is missing and what stands in for it; logged the first time it is seen."""
+    missing = []
+    if "filesystem_ns" not in mechanisms:
+        guard = ("Landlock and the audit hook keep" if "landlock" in mechanisms
+                 else "the audit hook alone keeps")
+        missing.append(f"files: no private read-only root; {guard} writes in the work "
+                       "directory, and the disk quota is checked by polling its size")
+    if "pid_ns" not in mechanisms:
+        missing.append("processes: no PID namespace; leftovers are found by their /proc "
+                       "parent links and killed")
+    if "net_ns" not in mechanisms:
+        guard = ("Landlock (TCP) and the audit hook refuse" if "landlock_net" in mechanisms
+                 else "the audit hook alone refuses")
+        missing.append(f"network: no network namespace; {guard} connections")
+    if "no_privileges" not in mechanisms:
+        missing.append("privileges: the code keeps the trainer's capabilities")
+    if not missing:
+        return ""
+    summary = "sandbox isolation degraded: " + "; ".join(missing)
+    with _warned_lock:
+        first = summary not in _warned
+        _warned.add(summary)
+    text = summary + (" (why: " + "; ".join(notes) + ")" if notes else "")
+    if first:
+        _log.warning("%s", text)
+    return text
+
+
+def _disk_used(workdir: str, max_bytes: int, max_entries: int) -> bool:
+    """Whether the directory holds more than ``max_bytes`` (allocated) or ``max_entries``
+    files; stops counting at the first limit passed."""
+    used, entries, stack = 0, 0, [workdir]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    entries += 1
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    used += info.st_blocks * 512
+                    if used > max_bytes or entries > max_entries:
+                        return True
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+        except OSError:
+            continue
+    return False
 
 
 def _status_from_returncode(returncode: int) -> str:

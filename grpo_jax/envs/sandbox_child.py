@@ -1,9 +1,10 @@
-"""The sandbox's child bootstrap: the first code a sandboxed interpreter runs.
+"""The sandbox's child bootstrap: the last trusted code before the user's.
 
-`grpo_jax.envs.sandbox` passes this file's source to `python -I -S -B -c` (the isolated child
-cannot import grpo_jax). It runs before user code, with trusted state only: it sets the resource
-limits, installs the audit hook (see the layers in `sandbox`'s docstring) and then runs
-`main.py` from the work directory. Standard library only.
+`grpo_jax.envs.sandbox` runs this file's source in `python -I -S -B` (the isolated child
+cannot import grpo_jax) after `isolation.enter` has put the process in its namespaces and
+dropped its privileges. `main` sets the resource limits, forgets the modules the user may not
+import, installs the audit hook (the second line of defence, see `sandbox`'s docstring) and
+runs `main.py` from the work directory. Standard library only.
 """
 
 import linecache, posix, resource, sys, traceback, types
@@ -12,6 +13,8 @@ import linecache, posix, resource, sys, traceback, types
 # misread as "memory": harmless, since the status only labels the run.
 EXIT_MEMORY = 86
 EXIT_FORBIDDEN = 87
+NOBODY = 65534
+MAX_PROCESSES = 512  # RLIMIT_NPROC when running as nobody (shared by concurrent runs)
 
 FORBIDDEN_EVENTS = frozenset((
     "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty",
@@ -187,14 +190,22 @@ def main(memory_bytes, cpu_seconds, file_bytes, max_files, use_hook):
         if message is not None:
             _deny(message)
 
-    for limit, soft, hard in (
+    limits = [
         (resource.RLIMIT_AS, memory_bytes, memory_bytes),
         (resource.RLIMIT_CPU, cpu_seconds, cpu_seconds + 1),
         (resource.RLIMIT_FSIZE, file_bytes, file_bytes),
         (resource.RLIMIT_NOFILE, max_files, max_files),
         (resource.RLIMIT_CORE, 0, 0),
-    ):
+    ]
+    if posix.getuid() == NOBODY:  # counts every process of the user: only for nobody
+        cap = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        cap = MAX_PROCESSES if cap == resource.RLIM_INFINITY else min(cap, MAX_PROCESSES)
+        limits.append((resource.RLIMIT_NPROC, cap, cap))
+    for limit, soft, hard in limits:
         resource.setrlimit(limit, (soft, hard))
+    # Modules the bootstrap imported (ctypes) would import again without an audit event.
+    for name in [n for n in sys.modules if n.partition(".")[0] in FORBIDDEN_MODULES]:
+        del sys.modules[name]
     module = types.ModuleType("__main__")
     module.__file__ = "main.py"
     sys.modules["__main__"] = module
@@ -214,6 +225,3 @@ def main(memory_bytes, cpu_seconds, file_bytes, max_files, use_hook):
         traceback.print_exception(type(error), error, error.__traceback__.tb_next)
         sys.exit(1)
 
-
-if __name__ == "__main__":  # run as `python -I -S -B -c <this file's source> ...`
-    main(*(int(a) for a in sys.argv[1:]))
