@@ -33,7 +33,8 @@ restore together. A signal received by any process stops all of them after the s
 Failure handling: SIGTERM finishes the current step, saves a checkpoint and returns; a
 non-finite loss skips its update (`optax.apply_if_finite`) and stops the run with a
 `FloatingPointError` naming the step; a reward function that fails gives NaN for that episode,
-which is left out of its group's advantages and counted (`reward_nan_fraction`).
+which is left out of its group's advantages and counted (`reward_nan_fraction`); a step whose
+every reward failed stops the run with `RewardError` naming the functions (`grpo_jax.guard`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ from grpo_jax.checkpoint import Checkpointer, abstract_like
 from grpo_jax.evaluation import evaluate
 from grpo_jax.metrics import MetricsWriter, read_metrics, to_host
 from grpo_jax.rollout import check_template, model_sampler, rollout
-from grpo_jax.rubrics.rubric import nan_mean
+from grpo_jax import guard
+from grpo_jax.rubrics.rubric import check_rewards, nan_mean
 from grpo_jax.trajectories import metrics_from_stats
 from grpo_jax.train_step import init_train_state, make_train_step, split_params
 
@@ -370,6 +372,9 @@ def _rollout_row(episodes: Episodes, adv_info, elapsed_s: float) -> dict[str, fl
     row["frac_reward_zero_std"] = float(adv_info["frac_reward_zero_std"])
     row["num_nan_rewards"] = float(adv_info["num_nan_rewards"])
     row["time/rollout_s"] = elapsed_s
+    # Reward / tool workers killed or crashed and threads left running, since the process started
+    # (workers started is left out: a resumed process starts its own).
+    row.update({k: float(v) for k, v in guard.stats().items() if k != "guard/started_workers"})
     return row
 
 
@@ -478,6 +483,7 @@ def _run(config, workdir: str, stop_after: int | None) -> dict[str, Any]:
             rollout_s = time.perf_counter() - started
             flush()  # the rollout above already waited for the previous update
             episodes = gather_episodes(result, result.score(exp.env))
+            check_rewards(episodes.rewards, episodes.score_metrics, step=step)
             rewards = jnp.asarray(np.asarray(episodes.rewards, np.float32))
             advantages, adv_info = _advantages(rewards, c.rollout.group_size, c.grpo.advantage_scale,
                                                return_info=True)

@@ -56,7 +56,8 @@ def test_arguments_are_passed_by_name():
         return float(len(kwargs))
 
     parser = think_answer_parser()
-    rubric = Rubric([spy, takes_all], parser=parser)
+    # `spy` changes this process's state: "thread" mode (in "process" mode the dict is the worker's).
+    rubric = Rubric([spy, takes_all], parser=parser, isolation="thread")
     prompt = [{"role": "user", "content": "q"}]
     completion = [{"role": "assistant", "content": "<calc>1+1</calc>"}, {"role": "tool", "content": "2"},
                   {"role": "assistant", "content": "<think>easy</think><answer>2</answer>"}]
@@ -67,6 +68,14 @@ def test_arguments_are_passed_by_name():
     assert seen["parsed"] == {"think": "easy", "answer": "2"}
     assert seen["parsed_answer"] == "2" and seen["think"] == "easy"
     assert result.scores["takes_all"][0] == 11
+
+    def checks(prompt, answer, state, info, task, parsed_answer, think, parser):  # the same, in a worker
+        return float(prompt[0]["content"] == "q" and answer == "2" and state == {"turn": 2} and info == {"k": 1}
+                     and task == "calc" and parsed_answer == "2" and think == "easy" and tuple(parser.fields) == ("think", "answer"))
+
+    result = Rubric([checks, takes_all], parser=parser).score([prompt], [completion], ["2"], [{"turn": 2}],
+                                                              [{"k": 1}], ["calc"])
+    assert result.scores["checks"][0] == 1 and result.scores["takes_all"][0] == 11
 
 
 def test_unknown_argument_and_duplicate_name_are_configuration_errors():

@@ -32,6 +32,7 @@ Driving an episode (what the rollout loop does, batched over many episodes)
 Scoring
   `env.score(prompts, completions, states)` -> `RubricScores` (rewards [N], NaN on failure,
   per-function scores and metrics), reading answer / info / task from the states.
+  `rubrics.check_rewards(scores.rewards, scores.metrics)` raises when all of them are NaN.
 
 Episode helpers for tests, evaluation and the warm start: `run_episode(s)` with a policy
 function (messages -> text, sync or async), `replay_episodes` (scripted assistant turns,
@@ -76,6 +77,9 @@ class Environment:
       system_prompt: prepended as a system message to question rows.
       max_turns: most assistant turns in an episode.
       dataset_fn: `(split, n, seed) -> rows`, for envs not defining `dataset` themselves.
+      reward_timeout_s, reward_isolation: override the rubric's time limit per reward call and
+        its isolation ("process" / "thread", see `grpo_jax.rubrics.rubric`); None keeps the
+        rubric's.  Reachable from a config as `env.kwargs.reward_timeout_s` etc.
     """
 
     name: str = "env"
@@ -83,9 +87,12 @@ class Environment:
 
     def __init__(self, *, name: str | None = None, rubric: Rubric | None = None, parser: Any = None,
                  system_prompt: str | None = None, max_turns: int | None = None,
-                 dataset_fn: Callable[[str, int | None, int], Sequence[Row]] | None = None):
+                 dataset_fn: Callable[[str, int | None, int], Sequence[Row]] | None = None,
+                 reward_timeout_s: float | None = None, reward_isolation: str | None = None):
         self.name = name or self.name
         self.rubric = rubric if rubric is not None else Rubric()
+        if reward_timeout_s is not None or reward_isolation is not None:
+            self.rubric = self.rubric.configured(timeout_s=reward_timeout_s, isolation=reward_isolation)
         self.parser = parser
         self.system_prompt = system_prompt
         self.max_turns = self.max_turns if max_turns is None else int(max_turns)

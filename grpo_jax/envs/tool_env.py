@@ -4,10 +4,11 @@ Each assistant turn is parsed with the env's tool-call parser (`tools.JSONToolCa
 or `tools.TagToolCallParser`, or any object with the same `parse` / `format_call` /
 `describe` methods).  A turn without a call ends the episode (that is the final answer);
 a turn with calls gets one `{"role": "tool", "content": ...}` message per call, the calls
-of a turn running concurrently, each with a time limit and an output cap.  Errors of any
-kind (the tool raised, hung, printed too much, was unknown, got bad arguments, the call
-did not parse, too many calls in one turn) come back to the model as text and are counted
-in the state:
+of a turn running concurrently, each under `grpo_jax.guard` with a time limit and an output
+cap (`tools.execute_tool_call`).  Errors of any kind (the tool raised or called `sys.exit`,
+hung, crashed its worker process, printed too much, was unknown, got bad arguments, the
+call did not parse, too many calls in one turn) come back to the model as text and are
+counted in the state:
 
     state["tool_calls"]     calls attempted          state["tool_errors"]   calls that failed
     state["tool_timeouts"]  calls that timed out
@@ -20,7 +21,9 @@ import asyncio
 from typing import Any, Callable, Sequence
 
 from grpo_jax.envs.base import Message, MultiTurnEnv, Row, State
-from grpo_jax.envs.tools import JSONToolCallParser, Tool, ToolCall, ToolResult, execute_tool_call
+from grpo_jax import guard
+from grpo_jax.envs.tools import (DEFAULT_TOOL_TIMEOUT_S, JSONToolCallParser, Tool, ToolCall, ToolResult,
+                                 execute_tool_call)
 from grpo_jax.rubrics.parsers import last_assistant_text
 
 
@@ -31,7 +34,9 @@ class ToolEnv(MultiTurnEnv):
       tools: Python functions (or `Tool`s); a function's name, annotations and docstring
         make its schema.
       call_parser: the tool-call format (default: JSON in `<tool_call>` tags).
-      tool_timeout_s: time limit of one call.
+      tool_timeout_s: time limit of one call (finite; default 5 s).
+      tool_isolation: "thread" (default: many calls overlap) or "process" (a call that hangs
+        is killed, `os.write` output captured); see `tools`.
       max_output_chars: cap on one call's reply text (prints and return value).
       max_calls_per_turn: calls beyond this in one turn are answered with an error.
       max_turns: most assistant turns (tool turns plus the final answer).
@@ -41,11 +46,13 @@ class ToolEnv(MultiTurnEnv):
     max_turns = 4
 
     def __init__(self, tools: Sequence[Callable[..., Any] | Tool], *, call_parser: Any = None,
-                 tool_timeout_s: float = 5.0, max_output_chars: int = 2000, max_calls_per_turn: int = 4,
+                 tool_timeout_s: float = DEFAULT_TOOL_TIMEOUT_S, tool_isolation: str = "thread",
+                 max_output_chars: int = 2000, max_calls_per_turn: int = 4,
                  system_prompt: str | None = None, **kwargs: Any):
         self.tools = {t.name: t for t in (t if isinstance(t, Tool) else Tool.from_function(t) for t in tools)}
         self.call_parser = call_parser if call_parser is not None else JSONToolCallParser()
-        self.tool_timeout_s = tool_timeout_s
+        self.tool_timeout_s = guard.check_timeout(tool_timeout_s, "tool_timeout_s")
+        self.tool_isolation = guard.check_isolation(tool_isolation, "tool_isolation")
         self.max_output_chars = max_output_chars
         self.max_calls_per_turn = max_calls_per_turn
         if system_prompt is None:
@@ -66,7 +73,8 @@ class ToolEnv(MultiTurnEnv):
         calls = self.tool_calls(last_assistant_text(self.completion_of(messages, state)))
         allowed, extra = calls[:self.max_calls_per_turn], calls[self.max_calls_per_turn:]
         results = list(await asyncio.gather(*(
-            execute_tool_call(c, self.tools, timeout_s=self.tool_timeout_s, max_output_chars=self.max_output_chars)
+            execute_tool_call(c, self.tools, timeout_s=self.tool_timeout_s, max_output_chars=self.max_output_chars,
+                              isolation=self.tool_isolation)
             for c in allowed)))
         results += [ToolResult(f"Error: at most {self.max_calls_per_turn} tool calls per turn; call skipped",
                                "too_many_calls")] * len(extra)

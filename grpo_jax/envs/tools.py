@@ -1,14 +1,22 @@
 """Tools for `ToolEnv`: Python functions with a JSON schema, safe execution, call parsers.
 
-Execution (`execute_tool_call`) never raises.  Every failure becomes a `ToolResult` whose
-text is shown to the model:
-  * the tool raised                    -> "Error: calculator raised ZeroDivisionError: ..."
-  * the tool ran past `timeout_s`      -> "Error: tool 'x' timed out after 5 s" (its daemon
-                                          thread is abandoned; see `rubrics.concurrency`)
+Execution (`execute_tool_call`) never raises; it runs the tool under `grpo_jax.guard`.
+Every failure becomes a `ToolResult` whose text is shown to the model:
+  * the tool raised anything, `sys.exit()` included, or `repr` of its result raised
+                                       -> "Error: calculator raised ZeroDivisionError: ..."
+  * the tool ran past `timeout_s`      -> "Error: tool 'x' timed out after 5 s"
+  * the tool's worker process died     -> "Error: tool 'x' crashed: ..." (process isolation)
   * unknown tool / bad arguments / a tool call that does not parse -> an error naming why.
-The tool's printed output (stdout and stderr of its thread) and its return value form the
-reply; both are captured into a buffer bounded by `max_output_chars`, so a tool printing
-or returning 100 MB costs the model a truncated reply with a note, not the process memory.
+The tool's printed output and its return value form the reply; both are captured and
+bounded by `max_output_chars`, so a tool printing or returning 100 MB costs the model a
+truncated reply with a note, not the process memory, and nothing reaches the console.
+
+Isolation (`isolation`): "thread" (default) runs the tool in a daemon thread: concurrent
+calls of many episodes overlap (I/O-bound tools), but a tool that hangs is abandoned at the
+time limit and keeps running, and only its `sys.stdout` / `sys.stderr` prints are captured.
+"process" runs it in a killable worker process (fd-level capture, killed at the time limit),
+a few calls at a time (`grpo_jax.guard.configure_pool`).  Model-written code belongs in
+`python_tool` (the sandbox), whatever the isolation.
 
 Tool-call formats are pluggable objects with `parse(text) -> [ToolCall]`,
 `format_call(name, arguments) -> str` and `describe(tools) -> str` (system-prompt text):
@@ -23,15 +31,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
-import io
 import json
 import re
-import sys
-import threading
 import typing
 from typing import Any, Callable, Mapping, Sequence
 
-from grpo_jax.rubrics.concurrency import wait_in_daemon_thread
+from grpo_jax import guard
+
+DEFAULT_TOOL_TIMEOUT_S = 5.0
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
 
@@ -80,7 +87,8 @@ class ToolCall:
 @dataclasses.dataclass(frozen=True)
 class ToolResult:
     """Reply text for the model; `error_kind` None on success, else one of "exception",
-    "timeout", "bad_arguments", "unknown_tool", "parse_error" (or "too_many_calls" from ToolEnv)."""
+    "timeout", "crashed", "bad_arguments", "unknown_tool", "parse_error" (or "too_many_calls"
+    from ToolEnv)."""
     content: str
     error_kind: str | None = None
     truncated: bool = False
@@ -90,111 +98,60 @@ class ToolResult:
         return self.error_kind is None
 
 
-# -- output capture ---------------------------------------------------------------------------
-class _BoundedBuffer:
-    """Keeps the first `limit` characters written and counts the rest."""
-
-    def __init__(self, limit: int):
-        self.limit, self.parts, self.kept, self.total = limit, [], 0, 0
-
-    def write(self, text: str) -> int:
-        n = len(text)
-        self.total += n
-        room = self.limit - self.kept
-        if room > 0:
-            self.parts.append(text[:room])
-            self.kept += min(n, room)
-        return n
-
-    def getvalue(self) -> str:
-        return "".join(self.parts)
-
-
-_capture = threading.local()
-_install_lock = threading.Lock()
-
-
-class _ThreadRoutedStream(io.TextIOBase):
-    """Stands in for sys.stdout / sys.stderr: a thread running a tool writes into its own
-    bounded buffer, every other thread writes to the original stream."""
-
-    def __init__(self, target):
-        self._target = target
-
-    def write(self, text):
-        buffer = getattr(_capture, "buffer", None)
-        return buffer.write(text) if buffer is not None else self._target.write(text)
-
-    def flush(self):
-        if getattr(_capture, "buffer", None) is None:
-            self._target.flush()
-
-    def __getattr__(self, name):  # encoding, fileno, isatty ... of the real stream
-        return getattr(self._target, name)
-
-
-def _install_routing():
-    with _install_lock:
-        if not isinstance(sys.stdout, _ThreadRoutedStream):
-            sys.stdout = _ThreadRoutedStream(sys.stdout)
-        if not isinstance(sys.stderr, _ThreadRoutedStream):
-            sys.stderr = _ThreadRoutedStream(sys.stderr)
-
-
+# -- execution --------------------------------------------------------------------------------
 def _truncate(text: str, total: int, limit: int) -> tuple[str, bool]:
     if total <= limit:
         return text, False
     return text[:limit] + f"\n[output truncated: {total} characters, showing the first {limit}]", True
 
 
-def _run_captured(fn: Callable[..., Any], arguments: Mapping[str, Any],
-                  max_chars: int) -> tuple[str, bool, BaseException | None]:
-    """Run `fn(**arguments)` in this thread, capturing prints: (reply text, truncated, error).
+def _as_text(value: Any) -> str | None:
+    """A tool's return value as reply text (runs under the guard: a raising `repr` is the tool's failure)."""
+    if value is None:
+        return None
+    return value if type(value) is str else str(repr(value))
 
-    The tool's exception is returned, not raised, so that only the caller's own time-out
-    reaches the awaiting coroutine as an exception.
-    """
-    buffer = _BoundedBuffer(max_chars + 1)
-    _capture.buffer = buffer
-    error = None
+
+async def execute_tool_call(call: ToolCall, tools: Mapping[str, Tool], *,
+                            timeout_s: float = DEFAULT_TOOL_TIMEOUT_S, max_output_chars: int = 2000,
+                            isolation: str = "thread") -> ToolResult:
+    """Run one parsed call with a time limit and an output cap; never raises (module docstring)."""
     try:
-        value = fn(**arguments)
-    except Exception as e:
-        value, error = None, e
-    finally:
-        _capture.buffer = None
-    if value is not None:
-        if buffer.total:
-            buffer.write("\n")
-        buffer.write(value if isinstance(value, str) else repr(value))
-    text, truncated = _truncate(buffer.getvalue(), buffer.total, max_chars)
-    return text, truncated, error
+        return await _execute(call, tools, guard.check_timeout(timeout_s), max_output_chars,
+                              guard.check_isolation(isolation))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        raise
+    except BaseException as e:  # noqa: B036 - e.g. a hostile object in the call
+        return ToolResult(f"Error: the tool call failed: {guard.describe(e)}", "exception")
 
 
-async def execute_tool_call(call: ToolCall, tools: Mapping[str, Tool], *, timeout_s: float = 5.0,
-                            max_output_chars: int = 2000) -> ToolResult:
-    """Run one parsed call with a time limit and an output cap; never raises."""
+async def _execute(call, tools, timeout_s, max_chars, isolation) -> ToolResult:
     if call.error is not None:
         return ToolResult(f"Error: could not parse tool call: {call.error}", "parse_error")
-    tool = tools.get(call.name)
+    tool = tools.get(call.name) if isinstance(call.name, str) else None
     if tool is None:
         return ToolResult(f"Error: unknown tool {call.name!r}; available: {', '.join(sorted(tools))}",
                           "unknown_tool")
     try:
         inspect.signature(tool.fn).bind(**call.arguments)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         return ToolResult(f"Error: bad arguments for tool {tool.name!r}: {e}", "bad_arguments")
-    _install_routing()
-    try:
-        text, truncated, error = await wait_in_daemon_thread(timeout_s, _run_captured, tool.fn,
-                                                             call.arguments, max_output_chars)
-    except asyncio.TimeoutError:
+    outcome = await guard.guarded_call(tool.fn, call.arguments, timeout_s=timeout_s, isolation=isolation,
+                                       convert=_as_text, max_output_chars=max_chars, name=f"tool {tool.name!r}")
+    if outcome.kind == "timeout":
         return ToolResult(f"Error: tool {tool.name!r} timed out after {timeout_s:g} s", "timeout")
-    if error is not None:
-        message, _ = _truncate(str(error), len(str(error)), 500)
-        printed = f"{text}\n" if text else ""
-        return ToolResult(f"{printed}Error: {tool.name} raised {type(error).__name__}: {message}", "exception")
-    return ToolResult(text, None, truncated)
+    printed, total = outcome.output, outcome.output_chars
+    if outcome.ok:
+        if outcome.value is not None:
+            separator = "\n" if total else ""
+            printed += separator + outcome.value
+            total += len(separator) + outcome.value_chars
+        text, truncated = _truncate(printed, total, max_chars)
+        return ToolResult(text, None, truncated)
+    printed = _truncate(printed, total, max_chars)[0] + "\n" if printed else ""
+    if outcome.kind == "crashed":
+        return ToolResult(f"{printed}Error: tool {tool.name!r} crashed: {outcome.error}", "crashed")
+    return ToolResult(f"{printed}Error: {tool.name} raised {outcome.error}", "exception")
 
 
 # -- call formats ------------------------------------------------------------------------------

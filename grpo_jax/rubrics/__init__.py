@@ -11,10 +11,10 @@ from grpo_jax.rubrics.parsers import (XMLParser, answer_parser, assistant_texts,
 from grpo_jax.rubrics.rewards import (correct_answer, format_reward, overlong_penalty, tool_calls_metric,
                                       tool_errors_metric, tool_used)
 from grpo_jax.rubrics.concurrency import run_sync
-from grpo_jax.rubrics.rubric import Rubric, RubricScores
+from grpo_jax.rubrics.rubric import RewardError, Rubric, RubricScores, check_rewards
 
 __all__ = [
-    "Rubric", "RubricScores", "run_sync",
+    "Rubric", "RubricScores", "RewardError", "check_rewards", "run_sync",
     "XMLParser", "answer_parser", "think_answer_parser", "assistant_texts", "last_assistant_text",
     "parse_number", "math_equal", "extract_gsm8k_answer",
     "correct_answer", "format_reward", "tool_used", "tool_calls_metric", "tool_errors_metric",

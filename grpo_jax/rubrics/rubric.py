@@ -21,12 +21,25 @@ Text reward functions
   async ones are gathered concurrently (at most `max_concurrency` at once).
 
 Failures
-  A function that raises, times out (`timeout_s`) or returns something that is not a finite
-  real number scores NaN for that sample, never 0.  The episode's total reward is NaN when a
-  weighted function failed on it (the advantage computation leaves NaN rewards out); a
-  weight-0 function (a metric) failing only makes its own score NaN.  Failures are counted
-  per function (`failures/<name>` in the metrics) and logged once per function per batch
-  with the count and the first error.  Scoring never raises because a function failed.
+  Every call runs under `grpo_jax.guard`: a function that raises anything (`sys.exit()`
+  included), times out (`timeout_s`, 30 s by default, always finite), dies (process mode), or
+  returns something that is not a finite real number scores NaN for that sample, never 0.
+  The episode's total reward is NaN when a weighted function failed on it (the advantage
+  computation leaves NaN rewards out); a weight-0 function (a metric) failing only makes its
+  own score NaN.  Failures are counted per function (`failures/<name>` in the metrics) and
+  logged once per function per batch with the count and the first error.  Scoring never
+  raises because a function failed; `check_rewards` raises `RewardError` when every reward
+  of a batch is NaN (nothing to learn from), naming the failing functions.
+
+Isolation (`isolation`)
+  "process" (default): sync functions run in worker processes forked from this one, killed
+  at the time limit; what they print (even `os.write(1, ...)`) is captured and logged, not
+  shown on the console.  Functions are inherited by the fork (lambdas and closures work);
+  arguments go by pickle.  Side effects of a function (appending to a list, counters) stay
+  in the worker: use "thread" for functions that must change this process's state.
+  "thread": sync functions run in daemon threads of this process; one that hangs is
+  abandoned at the time limit and keeps running.  Async functions run on the event loop in
+  both modes.  See `grpo_jax.guard`.
 
 Token reward functions (`grpo_jax.rubrics.token_rewards.TokenReward`)
   Pure `jnp` functions `(tokens_BT, mask_BT) -> rewards_B` that run on device.  The trainer
@@ -46,10 +59,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from grpo_jax.rubrics.concurrency import run_sync, wait_in_daemon_thread
+from grpo_jax import guard
+from grpo_jax.rubrics.concurrency import run_sync
 from grpo_jax.rubrics.parsers import last_assistant_text
 
 logger = logging.getLogger(__name__)
+
+LOGGED_OUTPUT_CHARS = 500  # captured prints of a function shown in the log, per batch
 
 ARGUMENT_NAMES = ("prompt", "completion", "answer", "state", "info", "task", "text", "parser", "parsed",
                   "parsed_answer")
@@ -86,9 +102,7 @@ class RewardFunc:
             elif p.default is inspect.Parameter.empty:
                 raise ValueError(f"reward function {name!r} asks for {p.name!r}; "
                                  f"available arguments: {ARGUMENT_NAMES + tuple(extra_names)}")
-        is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-            getattr(fn, "__call__", None))
-        return cls(fn, name, float(weight), tuple(params), takes_all, is_async)
+        return cls(fn, name, float(weight), tuple(params), takes_all, guard.is_async(fn))
 
     def arguments(self, context: dict[str, Any]) -> dict[str, Any]:
         return dict(context) if self.takes_all else {p: context[p] for p in self.params}
@@ -131,6 +145,33 @@ def nan_mean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else float("nan")
 
 
+class RewardError(RuntimeError):
+    """Every reward of a batch failed (NaN): training on it would learn nothing."""
+
+
+def check_rewards(rewards: np.ndarray, metrics: Mapping[str, float] | None = None, *,
+                  errors: Mapping[str, str] | None = None, step: int | None = None) -> None:
+    """Raise `RewardError` when `rewards` is non-empty and all NaN.
+
+    `metrics` (`RubricScores.metrics`, or the merged metrics of all processes) names the
+    functions that failed, from their "failures/<name>" counts; `errors` adds their first
+    error.  Call it on the rewards every process sees (after the gather) so all processes
+    raise together.
+    """
+    rewards = np.asarray(rewards, np.float64)
+    if rewards.size == 0 or not np.isnan(rewards).all():
+        return
+    failed = sorted(((int(v), k.split("/", 1)[1]) for k, v in (metrics or {}).items()
+                     if k.startswith("failures/") and v > 0), reverse=True)
+    named = ", ".join(f"{name!r} ({count}/{rewards.size})" for count, name in failed) or "none counted"
+    where = f" at step {step}" if step is not None else ""
+    message = (f"every reward of the batch{where} is NaN ({rewards.size} episodes): nothing to learn from. "
+               f"Failing reward functions: {named}.")
+    for name, error in (errors or {}).items():
+        message += f"\n  {name}: {error}"
+    raise RewardError(message + "\nSee the log for their first errors and captured output.")
+
+
 class Rubric:
     """Weighted reward functions (weight 0: logged metric, not rewarded).
 
@@ -140,21 +181,24 @@ class Rubric:
       parser: parser handed to functions asking for `parser` / `parsed`.
       token_funcs: `TokenReward`s run on token arrays (see `token_rewards`).
       names: optional names for `funcs` (default: each function's `__name__`).
-      timeout_s: per-call time limit for text functions (None: no limit).  Sync functions
-        then run in worker threads; one that hangs scores NaN and its thread is abandoned.
-      max_concurrency: most async calls in flight at once.
+      timeout_s: per-call time limit of text functions (finite; default 30 s).  A call past
+        it scores NaN (process mode: its worker is killed).
+      isolation: "process" (default) or "thread", where sync functions run (module docstring).
+      max_concurrency: most calls of one function in flight at once (async functions, thread
+        mode); process mode runs as many as the guard has workers (`guard.configure_pool`).
     """
 
     def __init__(self, funcs: Sequence[Callable[..., Any]] = (), weights: Sequence[float] | None = None,
                  *, parser: Any = None, token_funcs: Sequence[Any] = (),
-                 names: Sequence[str] | None = None, timeout_s: float | None = None,
-                 max_concurrency: int = 64):
+                 names: Sequence[str] | None = None, timeout_s: float = guard.DEFAULT_TIMEOUT_S,
+                 isolation: str = "process", max_concurrency: int = 64):
         weights = [1.0] * len(funcs) if weights is None else list(weights)
         names = [None] * len(funcs) if names is None else list(names)
         if not len(weights) == len(names) == len(funcs):
             raise ValueError("funcs, weights and names must have the same length")
         self.parser = parser
-        self.timeout_s = timeout_s
+        self.timeout_s = guard.check_timeout(timeout_s, "Rubric timeout_s")
+        self.isolation = guard.check_isolation(isolation, "Rubric isolation")
         self.max_concurrency = max_concurrency
         self.funcs: list[RewardFunc] = []
         self.token_funcs: list[Any] = []
@@ -173,10 +217,17 @@ class Rubric:
         unknown = sorted(set(weights) - set(self.names))
         if unknown:
             raise ValueError(f"rubric has no functions {unknown}; it has {self.names}")
-        copy = Rubric(parser=self.parser, timeout_s=self.timeout_s, max_concurrency=self.max_concurrency)
+        copy = self.configured()
         copy.funcs = [dataclasses.replace(f, weight=float(weights.get(f.name, f.weight))) for f in self.funcs]
         copy.token_funcs = [dataclasses.replace(f, weight=float(weights.get(f.name, f.weight)))
                             for f in self.token_funcs]
+        return copy
+
+    def configured(self, *, timeout_s: float | None = None, isolation: str | None = None) -> "Rubric":
+        """A copy with another time limit and / or isolation (None: keep this one's)."""
+        copy = Rubric(parser=self.parser, timeout_s=self.timeout_s if timeout_s is None else timeout_s,
+                      isolation=isolation or self.isolation, max_concurrency=self.max_concurrency)
+        copy.funcs, copy.token_funcs = list(self.funcs), list(self.token_funcs)
         return copy
 
     @property
@@ -250,56 +301,36 @@ class Rubric:
             contexts.append(context)
         return contexts
 
-    @staticmethod
-    def _call_sync(func: RewardFunc, context: dict[str, Any]) -> float | BaseException:
-        try:
-            return _as_score(func.fn(**func.arguments(context)))
-        except Exception as e:
-            return e
+    async def _gather(self, contexts) -> dict[str, list[guard.Outcome]]:
+        async def run(func):
+            return await guard.guarded_map(
+                func.fn, [func.arguments(c) for c in contexts], timeout_s=self.timeout_s, isolation=self.isolation,
+                convert=_as_score, max_output_chars=LOGGED_OUTPUT_CHARS, name=f"reward function {func.name!r}",
+                max_concurrency=self.max_concurrency)
+        results = await asyncio.gather(*(run(f) for f in self.funcs))
+        return {f.name: r for f, r in zip(self.funcs, results)}
 
-    async def _call_async(self, func: RewardFunc, context: dict[str, Any],
-                          semaphore: asyncio.Semaphore) -> float | BaseException:
-        async with semaphore:
-            try:
-                if func.is_async:
-                    value = await asyncio.wait_for(func.fn(**func.arguments(context)), self.timeout_s)
-                else:  # only with timeout_s: a daemon thread can be abandoned if it hangs
-                    value = await wait_in_daemon_thread(self.timeout_s, func.fn, **func.arguments(context))
-                return _as_score(value)
-            except asyncio.TimeoutError:
-                return TimeoutError(f"timed out after {self.timeout_s} s")
-            except Exception as e:
-                return e
-
-    def _needs_loop(self, func: RewardFunc) -> bool:
-        return func.is_async or self.timeout_s is not None
-
-    async def _gather(self, contexts) -> dict[str, list]:
-        semaphore = asyncio.Semaphore(self.max_concurrency)
-        looped = [f for f in self.funcs if self._needs_loop(f)]
-        results = await asyncio.gather(*(self._call_async(f, c, semaphore) for f in looped for c in contexts))
-        n = len(contexts)
-        return {f.name: list(results[k * n:(k + 1) * n]) for k, f in enumerate(looped)}
-
-    def _assemble(self, contexts, looped_results, token_scores) -> RubricScores:
+    def _assemble(self, contexts, outcomes, token_scores) -> RubricScores:
         n = len(contexts)
         scores, failures, errors = {}, {}, {}
         for func in self.funcs:
-            if func.name in looped_results:
-                results = looped_results[func.name]
-            else:
-                results = [self._call_sync(func, c) for c in contexts]
+            results = outcomes[func.name]
             values = np.full(n, np.nan, np.float64)
-            failed = [r for r in results if isinstance(r, BaseException)]
             for i, r in enumerate(results):
-                if not isinstance(r, BaseException):
-                    values[i] = r
+                if r.ok:
+                    values[i] = r.value
+            failed = [r for r in results if not r.ok]
             scores[func.name] = values
             failures[func.name] = len(failed)
             if failed:
-                errors[func.name] = f"{type(failed[0]).__name__}: {failed[0]}"
+                errors[func.name] = failed[0].error
                 logger.warning("reward function %r failed on %d/%d samples (scored NaN); first error: %s",
                                func.name, len(failed), n, errors[func.name])
+            printed = [r for r in results if r.output_chars]
+            if printed:
+                logger.info("reward function %r printed on %d/%d samples (captured, not shown on the console); "
+                            "first output (%d characters): %r", func.name, len(printed), n,
+                            printed[0].output_chars, printed[0].output[:LOGGED_OUTPUT_CHARS])
         rewards = np.zeros(n, np.float64)
         for func in self.funcs:
             if func.weight != 0:
@@ -325,18 +356,16 @@ class Rubric:
         `mask_BT` ([N, T]) are given; otherwise the caller adds `token_rewards` itself.
         """
         contexts = self._contexts(prompts, completions, answers, states, infos, tasks)
-        looped = {}
-        if any(self._needs_loop(f) for f in self.funcs):
-            looped = run_sync(lambda: self._gather(contexts))
+        outcomes = run_sync(lambda: self._gather(contexts)) if self.funcs else {}
         token_scores = self._token_scores(tokens_BT, mask_BT) if (
             self.token_funcs and tokens_BT is not None) else None
-        return self._assemble(contexts, looped, token_scores)
+        return self._assemble(contexts, outcomes, token_scores)
 
     async def ascore(self, prompts, completions, answers=None, states=None, infos=None, tasks=None,
                      *, tokens_BT=None, mask_BT=None) -> RubricScores:
         """`score` for async callers: async functions are awaited on the caller's loop."""
         contexts = self._contexts(prompts, completions, answers, states, infos, tasks)
-        looped = await self._gather(contexts)
+        outcomes = await self._gather(contexts)
         token_scores = self._token_scores(tokens_BT, mask_BT) if (
             self.token_funcs and tokens_BT is not None) else None
-        return self._assemble(contexts, looped, token_scores)
+        return self._assemble(contexts, outcomes, token_scores)
