@@ -12,8 +12,8 @@ vocab 8192, float32, random weights. Batch: 32 sequences of 192 tokens (64 promp
 completion tokens). `--preset` takes a `grpo_jax.models.PRESETS` shape instead (random weights
 too), `--dtype` the compute dtype (weights stored in it unless `--param-dtype`), and the matmul
 peak is then measured in that dtype (n = 2048 on CPU, 8192 on accelerators unless `--peak-size`).
-The accelerator check of the train step is `benchmarks/gpu_check.sh`: Qwen2.5-0.5B's shape in
-bfloat16. Prints one JSON line per configuration:
+The accelerator check (`benchmarks/device_check.sh`) runs it at the GSM8K config's shapes on
+Qwen2.5-0.5B's shape in bfloat16 compute with float32 weights. Prints one JSON line per configuration:
 
 - "policy": `grpo_jax.train_step` with beta = 0 (GRPO loss, AdamW update);
 - "policy+ref": beta > 0, so the step also runs the reference model forward;

@@ -265,6 +265,10 @@ PRESETS: dict[str, ModelConfig] = {
         model_type="qwen2", vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
         head_dim=64, d_ff=4864, rope_theta=1e6, max_position_embeddings=32768, qkv_bias=True,
         tie_embeddings=True, eos_token_id=151645, bos_token_id=151643),
+    "qwen2.5-1.5b": ModelConfig(
+        model_type="qwen2", vocab_size=151936, d_model=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+        head_dim=128, d_ff=8960, rope_theta=1e6, max_position_embeddings=32768, qkv_bias=True,
+        tie_embeddings=True, eos_token_id=151645, bos_token_id=151643),
     "qwen2.5-7b": ModelConfig(
         model_type="qwen2", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
         head_dim=128, d_ff=18944, rope_theta=1e6, max_position_embeddings=32768, qkv_bias=True,
