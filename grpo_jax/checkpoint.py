@@ -24,12 +24,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from grpo_jax import distributed
+from grpo_jax.utils import CheckpointError
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint in the directory could be restored."""
 
 
 def _is_key(x) -> bool:

@@ -34,6 +34,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from grpo_jax import sharding as sharding_lib
+
 log = logging.getLogger(__name__)
 
 # Environment variables read when no explicit value is given (the first is jax's own).
@@ -238,8 +240,6 @@ def local_axis_sizes(mesh: Mesh, num_local: int) -> dict[str, int]:
 def _local_grid(mesh: Mesh, devices: Sequence) -> np.ndarray:
     """One process's devices arranged like `mesh` (`local_axis_sizes`); without such a split,
     all of them along the first axis (the data axis: weights replicated)."""
-    from grpo_jax import sharding as sharding_lib
-
     sizes = local_axis_sizes(mesh, len(devices))
     shape = (tuple(sizes[a] for a in mesh.axis_names) if sizes
              else (len(devices),) + (1,) * (len(mesh.axis_names) - 1))

@@ -28,7 +28,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+
+from grpo_jax.utils import is_var
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -77,13 +78,13 @@ def decay_mask(params):
     "at least 2-D" for plain arrays.
     """
     def wants_decay(leaf):
-        if isinstance(leaf, nnx.Variable):
+        if is_var(leaf):
             axes = leaf.get_metadata().get("logical_axes")
             if axes is not None:
                 return "embed" in axes
         return jnp.ndim(leaf) >= 2
 
-    return jax.tree.map(wants_decay, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(wants_decay, params, is_leaf=is_var)
 
 
 def _upcast(x):

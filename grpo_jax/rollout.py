@@ -57,7 +57,6 @@ rewards and length metrics).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import inspect
 import logging
@@ -66,15 +65,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
-from grpo_jax.envs.base import Environment, Message, Row, SingleTurnEnv, State
-from grpo_jax.rubrics.concurrency import run_sync
+from grpo_jax.envs.base import Environment, Message, Row, State, respond_all
 from grpo_jax.sampling import STOP_TOKEN, Samples, SamplingConfig, generate, sampling_model
 from grpo_jax.tokenizer import TemplateError, Tokenizer
-from grpo_jax.trajectories import (FINISH_REASONS, TRUNCATION_REASONS, Rollout, Trajectories,
-                                   pack_episodes)
+from grpo_jax.trajectories import FINISH_REASONS, TRUNCATION_REASONS, Rollout, pack_episodes
+from grpo_jax.utils import dataclass_from, run_sync
 
 __all__ = ["FINISH_REASONS", "TRUNCATION_REASONS", "Rollout", "RolloutConfig", "SampleFn",
-           "Trajectories", "check_template", "model_sampler", "rollout"]
+           "check_template", "model_sampler", "rollout"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +110,7 @@ class RolloutConfig:
     @classmethod
     def from_any(cls, config: "RolloutConfig | Mapping[str, Any] | Any") -> "RolloutConfig":
         """Accepts a RolloutConfig, a dict or a ConfigDict with (a subset of) these fields."""
-        if isinstance(config, cls):
-            return config
-        if hasattr(config, "to_dict"):
-            config = config.to_dict()
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - names)
-        if unknown:
-            raise ValueError(f"rollout config: unknown fields {unknown}; known: {sorted(names)}")
-        return cls(**dict(config))
+        return dataclass_from(cls, config, what="rollout config")
 
 
 def model_sampler(model, sampling_config: SamplingConfig | Mapping[str, Any]) -> SampleFn:
@@ -243,14 +233,6 @@ def _takes_row_ids(sample_fn: SampleFn) -> bool:
     return "row_ids" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
-def _ended_by_env(env: Environment, episode: _Episode) -> bool:
-    """Whether the env itself ends the episode here (as opposed to the turn limit)."""
-    task_env = env
-    if hasattr(env, "env_for") and "task" in episode.state:  # EnvGroup: ask the task's env
-        task_env = env.env_for(episode.state["task"])
-    return isinstance(task_env, SingleTurnEnv) or bool(task_env.is_done(episode.messages, episode.state))
-
-
 def _reason_after_turn(env: Environment, episode: _Episode, stopped: bool, max_turns: int) -> str | None:
     """Why the episode ends after its latest turn, or None when the env should reply."""
     if not stopped:
@@ -258,19 +240,9 @@ def _reason_after_turn(env: Environment, episode: _Episode, stopped: bool, max_t
     at_limit = episode.num_turns >= max_turns
     if not (at_limit or env.is_completed(episode.messages, episode.state)):
         return None
-    if _ended_by_env(env, episode) or not at_limit:
+    if not at_limit or env.is_done(episode.messages, episode.state):  # the env, not the limit, ends it
         return "completed"
     return "max_turns"
-
-
-async def _respond_all(env: Environment, episodes: Sequence[_Episode]) -> list[Any]:
-    """Each episode's (reply, state), or the exception its `env_response` raised."""
-    async def respond(episode: _Episode):
-        try:
-            return await env.env_response(list(episode.messages), episode.state)
-        except Exception as error:  # one episode's failure must not stop the batch
-            return error
-    return list(await asyncio.gather(*(respond(e) for e in episodes)))
 
 
 def _fail(episode: _Episode, index: int, error: BaseException, where: str):
@@ -367,7 +339,10 @@ def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sample_
                 e.finish(reason)
 
         t0 = time.perf_counter()
-        replies = run_sync(lambda: _respond_all(env, waiting)) if waiting else []
+        replies = []
+        if waiting:  # one episode's failure does not stop the others: its exception is its reply
+            replies = run_sync(lambda: respond_all(env, [list(e.messages) for e in waiting],
+                                                   [e.state for e in waiting], return_exceptions=True))
         env_s += time.perf_counter() - t0
         live = []
         for e, result in zip(waiting, replies):

@@ -40,6 +40,7 @@ from flax import nnx
 
 from grpo_jax import sharding as sharding_lib
 from grpo_jax.token_selection import categorical, filter_logits, row_uniforms, select_tokens  # noqa: F401
+from grpo_jax.utils import dataclass_from, is_var, round_up
 
 STOP_LENGTH, STOP_TOKEN = 0, 1  # values of Samples.stop_reason
 
@@ -89,17 +90,7 @@ class SamplingConfig:
     @classmethod
     def from_any(cls, config: "SamplingConfig | Mapping[str, Any] | Any") -> "SamplingConfig":
         """Accepts a SamplingConfig, a dict or a ConfigDict with (a subset of) these fields."""
-        if isinstance(config, cls):
-            return config
-        if hasattr(config, "to_dict"):
-            config = config.to_dict()
-        if not isinstance(config, Mapping):
-            raise SamplingError(f"sampling config must be a SamplingConfig or a mapping, got {type(config)}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - names)
-        if unknown:
-            raise SamplingError(f"sampling config: unknown fields {unknown}; known: {sorted(names)}")
-        return cls(**dict(config))
+        return dataclass_from(cls, config, what="sampling config", error=SamplingError)
 
 
 class Samples(NamedTuple):
@@ -187,10 +178,6 @@ def mesh_of(tree):
     return None
 
 
-def _is_var(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
 def sampling_model(model, *, gather_weights: bool = True, rules=sharding_lib.DEFAULT_RULES):
     """The weights the sampler reads: the model in its compute dtype and, on a mesh, in the
     sampling layout (`grpo_jax.sharding.sampling_rules`).
@@ -203,7 +190,7 @@ def sampling_model(model, *, gather_weights: bool = True, rules=sharding_lib.DEF
     graphdef, state = nnx.split(model)
     cfg = model.config
     mesh = mesh_of(state)
-    variables = jax.tree.leaves(state, is_leaf=_is_var)
+    variables = jax.tree.leaves(state, is_leaf=is_var)
     arrays, treedef = jax.tree.flatten(state)
     compute = jnp.dtype(cfg.dtype)
     dtypes = [compute if isinstance(v, nnx.Param) and jnp.issubdtype(a.dtype, jnp.floating) else a.dtype
@@ -225,14 +212,6 @@ def sampling_model(model, *, gather_weights: bool = True, rules=sharding_lib.DEF
 # ---------------------------------------------------------------------------------------------
 # The two compiled programs.
 # ---------------------------------------------------------------------------------------------
-_TRACES = {"prefill": 0, "decode": 0}
-
-
-def trace_count() -> dict[str, int]:
-    """How many times each program was traced (= compiled): tests use it to catch recompiles."""
-    return dict(_TRACES)
-
-
 class _LoopState(NamedTuple):
     cache: Any
     last_token: jax.Array   # [N]
@@ -246,13 +225,12 @@ class _LoopState(NamedTuple):
 def _token_columns(cfg: SamplingConfig) -> int:
     """Token columns the loop writes: the prefill's first token, then whole chunks of decode
     steps, the last of which may run past max_new_tokens (trimmed on the host)."""
-    return 1 + _round_up(cfg.max_new_tokens - 1, cfg.decode_chunk)
+    return 1 + round_up(cfg.max_new_tokens - 1, cfg.decode_chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "cache_length", "layout"))
 def _prefill(graphdef, state, tokens_BP, valid_BP, row_ids_N, real_N, key, *, cfg: SamplingConfig,
              cache_length: int, layout: Layout = Layout()):
-    _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, state)
     tokens_BP, valid_BP = layout.rows(tokens_BP), layout.rows(valid_BP)
     b, p = tokens_BP.shape
@@ -283,7 +261,6 @@ def _decode(graphdef, state, loop: _LoopState, row_ids_N, key, *, cfg: SamplingC
     `cfg.decode_chunk` steps (a loop of known trip count), so the stop check, which XLA:GPU
     copies to the host, comes once a chunk. A step past max_new_tokens (the last chunk's tail)
     writes padding into columns the host drops."""
-    _TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
     layers = model.unstack_layers(fuse=fuse)  # sliced (and fused) once, outside the loop
     stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
@@ -316,10 +293,6 @@ def _decode(graphdef, state, loop: _LoopState, row_ids_N, key, *, cfg: SamplingC
 # ---------------------------------------------------------------------------------------------
 # Host side.
 # ---------------------------------------------------------------------------------------------
-def _round_up(x: int, multiple: int) -> int:
-    return int(math.ceil(x / multiple) * multiple)
-
-
 def _token_ids(i: int, prompt) -> list[int]:
     """Prompt i as a list of ints; anything but integers (1.5, "7", None) raises `SamplingError`
     rather than being truncated or failing deep inside numpy."""
@@ -357,7 +330,7 @@ def batch_rows(count: int, cfg: SamplingConfig, row_shards: int = 1) -> int:
     """Prompt rows of a batch of `count` prompts: rounded up to the batch bucket (and a power of
     two of it with geometric buckets), and to a multiple of the devices rows are split over."""
     bucket = math.lcm(cfg.batch_bucket, row_shards)
-    b = _round_up(count, bucket)
+    b = round_up(count, bucket)
     if cfg.geometric_batch_buckets:  # log2 as many shapes when counts vary (later turns of episodes)
         b = bucket * 2 ** math.ceil(math.log2(b // bucket))
     return b
@@ -368,7 +341,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], cfg: SamplingConfig, row_shard
     valid, count."""
     count = len(prompts)
     b = batch_rows(count, cfg, row_shards)
-    p = _round_up(max(len(x) for x in prompts), cfg.prompt_bucket)
+    p = round_up(max(len(x) for x in prompts), cfg.prompt_bucket)
     tokens = np.full((b, p), cfg.pad_id, np.int32)
     valid = np.zeros((b, p), bool)
     for i, prompt in enumerate(prompts):

@@ -22,6 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from grpo_jax.utils import is_var
+
 MESH_AXES = ("data", "fsdp", "tp")
 
 # logical axis -> mesh axes (None = replicated). Order matters only for readability.
@@ -142,10 +144,6 @@ def named_sharding(mesh: Mesh, logical_axes, shape=None, rules=DEFAULT_RULES) ->
     return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
 
 
-def _is_var(x):
-    return isinstance(x, nnx.Variable)
-
-
 def logical_axes_of(variable: nnx.Variable) -> tuple:
     axes = variable.get_metadata().get("logical_axes")
     if axes is None:
@@ -156,51 +154,12 @@ def logical_axes_of(variable: nnx.Variable) -> tuple:
 def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
     """A pytree like `state` (an `nnx.State`, possibly abstract) with a `NamedSharding` per leaf."""
     return jax.tree.map(
-        lambda v: named_sharding(mesh, logical_axes_of(v), v.shape, rules), state, is_leaf=_is_var)
-
-
-def model_shardings(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES):
-    return state_shardings(nnx.state(model), mesh, rules)
-
-
-def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
-    """Places every parameter of `model` (in place) according to its logical axes."""
-    graphdef, state = nnx.split(model)
-    shardings = state_shardings(state, mesh, rules)
-    arrays = jax.tree.map(lambda v: v[...], state, is_leaf=_is_var)
-    placed = jax.device_put(arrays, shardings)
-    nnx.update(model, placed)
-    return model
-
-
-def create_sharded(make_model, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
-    """Creates `make_model()` with every parameter born in its sharding (no full copy anywhere).
-
-    The abstract model gives shapes and logical axes; the initialiser is then compiled with those
-    output shardings, so each device only ever computes and holds its own shard.
-    """
-    abstract = nnx.eval_shape(make_model)
-    graphdef, abs_state = nnx.split(abstract)
-    shardings = state_shardings(abs_state, mesh, rules)
-
-    init = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)
-    return nnx.merge(graphdef, init())
+        lambda v: named_sharding(mesh, logical_axes_of(v), v.shape, rules), state, is_leaf=is_var)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
     """Sharding of a [B, ...] batch: B over the data-parallel axes, the rest replicated."""
     return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1), None, rules)
-
-
-def describe(model: nnx.Module) -> dict[str, str]:
-    """Parameter path -> 'shape @ PartitionSpec', for logs and tests."""
-    out = {}
-    for path, v in jax.tree_util.tree_flatten_with_path(nnx.state(model), is_leaf=_is_var)[0]:
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-        value = v[...]
-        spec = getattr(getattr(value, "sharding", None), "spec", None)
-        out[name] = f"{tuple(value.shape)} @ {spec}"
-    return out
 
 
 def on_one_device(tree) -> bool:

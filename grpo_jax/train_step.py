@@ -62,6 +62,7 @@ from grpo_jax import grpo
 from grpo_jax import sharding as sharding_lib
 from grpo_jax.models.logprobs import loss_columns, token_logprobs_at
 from grpo_jax.optim import current_learning_rate, keep_state_dtypes
+from grpo_jax.utils import dataclass_from, is_var
 
 _REQUIRED_KEYS = ("tokens", "loss_mask", "advantages")
 
@@ -117,15 +118,7 @@ class TrainConfig:
     @classmethod
     def from_any(cls, config: "TrainConfig | Mapping[str, Any] | Any") -> "TrainConfig":
         """Accepts a TrainConfig, a dict or a ConfigDict with (a subset of) these fields."""
-        if isinstance(config, cls):
-            return config
-        if hasattr(config, "to_dict"):
-            config = config.to_dict()
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - names)
-        if unknown:
-            raise ValueError(f"train config: unknown fields {unknown}; known: {sorted(names)}")
-        return cls(**dict(config))
+        return dataclass_from(cls, config, what="train config")
 
 
 class TrainState(NamedTuple):
@@ -140,10 +133,6 @@ class TrainState(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # State creation and shardings.
 # ---------------------------------------------------------------------------------------------
-def _is_var(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
 def split_params(model: nnx.Module):
     """`(graphdef, params, rest)` with `params` the `nnx.Param` state (what the step trains)."""
     return nnx.split(model, nnx.Param, ...)
@@ -156,10 +145,10 @@ def _replicated(mesh):
 def _tree_shardings(tree, mesh, rules):
     """Variables by their logical axes; any other leaf (counts, keys, scalars) replicated."""
     def one(x):
-        if _is_var(x):
+        if is_var(x):
             return sharding_lib.named_sharding(mesh, sharding_lib.logical_axes_of(x), x.shape, rules)
         return _replicated(mesh)
-    return jax.tree.map(one, tree, is_leaf=_is_var)
+    return jax.tree.map(one, tree, is_leaf=is_var)
 
 
 def train_state_shardings(model: nnx.Module, optimizer: optax.GradientTransformation, mesh,

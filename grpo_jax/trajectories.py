@@ -1,4 +1,4 @@
-"""`Rollout` (alias `Trajectories`): the episodes of a rollout as padded arrays, plus metrics.
+"""`Rollout`: the episodes of a rollout as padded arrays, plus metrics.
 
 Array conventions (N episodes, group-major: row i's `group_size` episodes are contiguous, the
 layout `grpo_jax.advantages.group_advantages` expects; T = the longest episode rounded up to
@@ -26,10 +26,11 @@ time spent in sampler calls and waiting on env replies; the rest is host bookkee
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from grpo_jax.utils import round_up
 
 FINISH_REASONS = ("completed", "max_turns", "length", "sequence_budget", "env_error")
 TRUNCATION_REASONS = ("max_turns", "length", "sequence_budget")
@@ -75,13 +76,6 @@ class Rollout:
                          mask_BT=self.completion_mask, **kwargs)
 
 
-Trajectories = Rollout
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return int(math.ceil(x / multiple) * multiple)
-
-
 def pack_episodes(episodes: Sequence[Mapping[str, Any]], *, group_size: int, pad_id: int,
                   length_multiple: int = 32, max_seq_len: int | None = None,
                   mask_truncated: bool = False, mask_env_errors: bool = True,
@@ -94,7 +88,7 @@ def pack_episodes(episodes: Sequence[Mapping[str, Any]], *, group_size: int, pad
     n = len(episodes)
     lengths = np.array([len(e["tokens"]) for e in episodes], np.int32)
     longest = int(lengths.max()) if n else 0
-    width = max(_round_up(max(longest, 1), length_multiple), 1)
+    width = max(round_up(max(longest, 1), length_multiple), 1)
     if max_seq_len is not None and longest <= max_seq_len:
         width = min(width, max_seq_len)
     tokens = np.full((n, width), pad_id, np.int32)

@@ -174,7 +174,7 @@ def test_python_tool_runs_in_the_sandbox():
     env = ToolEnv([python_tool(timeout_s=1.0)], tool_timeout_s=10.0, max_turns=2)
     script = {"sum": [_call("python", code="print(sum(range(10)))"), "done"],
               "loop": [_call("python", code="while True: pass"), "done"],
-              "flood": [_call("python", code="print('x' * 10**8)"), "done"]}
+              "flood": [_call("python", code="print('x' * 10**7)"), "done"]}  # 10 MB, well within 1 s
     episodes = run_episodes(env, [{"question": q, "answer": ""} for q in script], _scripted(script))
     replies = {e.prompt[-1]["content"]: e.completion[1]["content"] for e in episodes}
     assert replies["sum"].strip() == "45"
@@ -202,10 +202,12 @@ def test_protocol_turns_truncation_and_sync_wrappers():
         states = [env.initial_state({"question": "q", "answer": "1"})[1] for _ in batch]
         replies = await respond_all(env, batch, states)
         sync_reply = env.env_response_sync(batch[0], env.initial_state({"question": "q"})[1])
-        return replies, sync_reply
+        broken = await respond_all(env, [batch[0], None], states[:2], return_exceptions=True)
+        return replies, sync_reply, broken
 
-    replies, sync_reply = asyncio.run(in_loop())
+    replies, sync_reply, broken = asyncio.run(in_loop())
     assert [r[0][0]["content"] for r in replies] == ["0", "2", "4", "6", "8"]
+    assert broken[0][0] == [{"role": "tool", "content": "0"}] and isinstance(broken[1], Exception)
     assert sync_reply[0] == [{"role": "tool", "content": "0"}]
 
 
@@ -285,6 +287,13 @@ def test_single_turn_env_and_env_group_dispatch():
     assert scores.metrics["reward/a"] == 0 and scores.metrics["reward/b"] == 1
     assert np.isnan(scores.scores["a/exact"][[r["task"] == "b" for r in rows]]).all()
     assert isinstance(group, Environment)
+    # whether the env (not the turn limit) ended an episode: asked of the episode's task env
+    said = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    assert group.is_done(said("7"), {"task": "a"})                      # single turn: always
+    assert group.is_done(said("2"), {"task": "b", "answer": "2"})       # guessed right
+    assert not group.is_done(said("3"), {"task": "b", "answer": "2"})
+    report = group.audit([{**r, "task": "a"} for r in rows_a[:2]])  # no gold demonstrations: hacks only
+    assert report.gold_score is None and "empty" in report.scores
 
 
 def test_replay_recomputes_env_replies():

@@ -58,7 +58,6 @@ def test_builds_through_tfds_into_array_record_without_tensorflow(gsm8k_dirs):
 def test_answers_checked_by_the_numeric_matcher(gsm8k_dirs):
     from grpo_jax.envs import replay_episodes
     from grpo_jax.envs.gsm8k import GSM8KEnv
-    from grpo_jax.rubrics import audit_rubric
     data_dir, manual_dir = gsm8k_dirs
     env = GSM8KEnv(data_dir, manual_dir=manual_dir)
     rows = env.dataset("train")
@@ -74,7 +73,8 @@ def test_answers_checked_by_the_numeric_matcher(gsm8k_dirs):
     np.testing.assert_allclose(scores.scores["correct_answer"], [1, 1, 1, 0])
     np.testing.assert_allclose(scores.rewards, [1.2, 1.2, 1.2, 0.2])
     np.testing.assert_allclose(env.score_episodes(replay_episodes(env, rows, gold)).rewards, 1.2)
-    assert audit_rubric(env.rubric, rows, env=env).passed
+    report = env.audit(rows)
+    assert report.passed and report.gold_score == pytest.approx(1.2)
 
 
 def test_download_path_uses_the_official_urls(tmp_path, gsm8k_dirs, monkeypatch):

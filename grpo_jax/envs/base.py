@@ -33,6 +33,8 @@ Scoring
   `env.score(prompts, completions, states)` -> `RubricScores` (rewards [N], NaN on failure,
   per-function scores and metrics), reading answer / info / task from the states.
   `rubrics.check_rewards(scores.rewards, scores.metrics)` raises when all of them are NaN.
+  `env.audit(rows)` scores the rubric on known reward hacks (`rubrics.audit_rubric`), with the
+  env's gold demonstrations as the control.
 
 Episode helpers for tests, evaluation and the warm start: `run_episode(s)` with a policy
 function (messages -> text, sync or async), `replay_episodes` (scripted assistant turns,
@@ -46,8 +48,9 @@ import dataclasses
 import inspect
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
-from grpo_jax.rubrics.concurrency import run_sync
+from grpo_jax.rubrics.audit import DEFAULT_HACKS, AuditReport, Hack, audit_rubric
 from grpo_jax.rubrics.rubric import Rubric, RubricScores
+from grpo_jax.utils import run_sync
 
 Message = dict[str, str]
 Row = Mapping[str, Any]
@@ -143,7 +146,8 @@ class Environment:
         return sum(m["role"] == "assistant" for m in self.completion_of(messages, state))
 
     def is_done(self, messages: Sequence[Message], state: State) -> bool:
-        """Whether the env ends the episode after the last assistant turn (hook)."""
+        """Whether the env itself ends the episode after the last assistant turn, as opposed to
+        the turn limit or truncation (hook; a group asks the episode's task env)."""
         return False
 
     def is_completed(self, messages: Sequence[Message], state: State) -> bool:
@@ -173,6 +177,20 @@ class Environment:
         return self.score([e.prompt for e in episodes], [e.completion for e in episodes],
                           [e.state for e in episodes], **kwargs)
 
+    def audit(self, rows: Sequence[Row], *, threshold: float = 0.5,
+              hacks: Sequence[Hack] = DEFAULT_HACKS) -> AuditReport:
+        """`rubrics.audit_rubric` of this env's rubric: the hacks start from the env's prompts and
+        initial states, and its gold demonstrations, replayed, are the control (when it has them)."""
+        rows = list(rows)
+        try:
+            completions = [self.gold_completion(row) for row in rows]
+        except NotImplementedError:
+            gold = None
+        else:
+            gold = replay_episodes(self, rows, completions)
+        return audit_rubric(self.rubric, rows, threshold=threshold, hacks=hacks,
+                            starts=[self.initial_state(row) for row in rows], gold=gold)
+
 
 class SingleTurnEnv(Environment):
     """One assistant turn, no environment reply (question -> answer tasks)."""
@@ -182,6 +200,9 @@ class SingleTurnEnv(Environment):
         if kwargs.get("max_turns") not in (None, 1):
             raise ValueError("a single-turn env has max_turns = 1")
         super().__init__(**kwargs)
+
+    def is_done(self, messages, state) -> bool:
+        return True
 
     def is_completed(self, messages, state) -> bool:
         return True
@@ -236,6 +257,9 @@ def replay_episodes(env: Environment, rows: Sequence[Row],
 
 
 async def respond_all(env: Environment, batch_messages: Sequence[Sequence[Message]],
-                      states: Sequence[State]) -> list[tuple[list[Message], State]]:
-    """`env.env_response` for many live episodes at once (their tools run concurrently)."""
-    return list(await asyncio.gather(*(env.env_response(m, s) for m, s in zip(batch_messages, states))))
+                      states: Sequence[State], *, return_exceptions: bool = False) -> list[Any]:
+    """`env.env_response` for many live episodes at once (their tools run concurrently): each
+    episode's (reply, state). With `return_exceptions`, an episode whose reply raised gets the
+    exception in its place and the others carry on (the rollout's way)."""
+    return list(await asyncio.gather(*(env.env_response(m, s) for m, s in zip(batch_messages, states)),
+                                     return_exceptions=return_exceptions))

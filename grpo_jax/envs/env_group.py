@@ -1,7 +1,7 @@
 """`EnvGroup`: several environments behind one, for multi-task data.
 
 Rows carry their task name in "task"; `initial_state` stores it in the state, and every
-per-episode call (`env_response`, `is_completed`, `gold_completion`) goes to that task's
+per-episode call (`env_response`, `is_completed`, `is_done`, `gold_completion`) goes to that task's
 env.  Scoring groups the episodes by task and scores each group with its own env's
 rubric; per-function scores and metrics are keyed "<task>/<function>" (NaN for episodes
 of other tasks, which are not failures), and "reward/<task>" is each task's mean reward.
@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from grpo_jax.envs.base import Environment, Message, Row, State
-from grpo_jax.rubrics.rubric import RubricScores, nan_mean
+from grpo_jax.rubrics.rubric import RubricScores
+from grpo_jax.utils import nan_mean
 
 
 class GroupRubric:
@@ -123,6 +124,9 @@ class EnvGroup(Environment):
         prompt, state = self.env_for(row["task"]).initial_state(row)
         state["task"] = row["task"]
         return prompt, state
+
+    def is_done(self, messages, state: State) -> bool:
+        return self.env_for(state["task"]).is_done(messages, state)
 
     def is_completed(self, messages, state: State) -> bool:
         return self.env_for(state["task"]).is_completed(messages, state)

@@ -37,6 +37,7 @@ import typing
 from typing import Any, Callable, Mapping, Sequence
 
 from grpo_jax import guard
+from grpo_jax.envs.sandbox import run_python
 
 DEFAULT_TOOL_TIMEOUT_S = 5.0
 
@@ -234,6 +235,5 @@ def python_tool(timeout_s: float = 5.0, memory_mb: int = 256, max_output_chars: 
     """
     def python(code: str) -> str:
         """Run Python code (standard library only) and return what it prints."""
-        from grpo_jax.envs.sandbox import run_python  # starts no process until used
         return run_python(code, timeout_s=timeout_s, memory_mb=memory_mb).as_text(max_chars=max_output_chars)
     return Tool.from_function(python)

@@ -72,6 +72,20 @@ def bound(value: Any, limit: int) -> tuple[Any, int]:
     return value, 0
 
 
+def call_bounded(fn: Callable[..., Any], kwargs, convert, limit: int) -> tuple[Any, int, str | None, str | None]:
+    """`(value, value_chars, kind, error)` of `convert(fn(**kwargs))`, a string value cut to
+    `limit` + 1 characters; every exception of the function (SystemExit & co. too) becomes
+    kind "exception" with its description."""
+    try:
+        value = fn(**kwargs)
+        if convert is not None:
+            value = convert(value)
+        value, value_chars = bound(value, limit)
+        return value, value_chars, None, None
+    except BaseException as e:  # noqa: B036 - SystemExit, KeyboardInterrupt ... of the function
+        return None, 0, "exception", describe(e)
+
+
 def timed_out(timeout_s: float, note: str = "") -> Outcome:
     return Outcome(error=f"TimeoutError: timed out after {timeout_s:g} s{note}", kind="timeout")
 

@@ -11,7 +11,8 @@ import sys
 import threading
 from typing import Any, Callable
 
-from grpo_jax.guard.outcome import Outcome, abandoned_threads, bound, count, describe, timed_out
+from grpo_jax.guard.outcome import (Outcome, abandoned_threads, bound, call_bounded, count, describe,
+                                    timed_out)
 
 log = logging.getLogger("grpo_jax.guard")
 
@@ -111,13 +112,7 @@ def _run_here(fn, kwargs, convert, limit) -> Outcome:
     buffer = _BoundedBuffer(limit + 1)
     token = _sink.set(buffer)
     try:
-        value = fn(**kwargs)
-        if convert is not None:
-            value = convert(value)
-        value, value_chars = bound(value, limit)
-        kind = error = None
-    except BaseException as e:  # noqa: B036 - SystemExit & co. are the function's failures
-        value, value_chars, kind, error = None, 0, "exception", describe(e)
+        value, value_chars, kind, error = call_bounded(fn, kwargs, convert, limit)
     finally:
         _sink.reset(token)
     return Outcome(value, error, kind, buffer.getvalue(), buffer.total, value_chars)

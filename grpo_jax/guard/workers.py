@@ -21,7 +21,7 @@ import threading
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
-from grpo_jax.guard.outcome import Breaker, Outcome, bound, count, describe, timed_out
+from grpo_jax.guard.outcome import Breaker, Outcome, call_bounded, count, describe, timed_out
 
 
 @dataclasses.dataclass
@@ -144,14 +144,7 @@ def _serve_one(payload: bytes, jobs, capture: _FdCapture) -> tuple:
     except BaseException as e:  # noqa: B036
         return ("exception", None, f"the call could not be unpacked: {describe(e)}", "", 0, 0)
     capture.start(limit)
-    try:
-        value = fn(**kwargs)
-        if convert is not None:
-            value = convert(value)
-        value, value_chars = bound(value, limit)
-        kind = error = None
-    except BaseException as e:  # noqa: B036 - SystemExit, KeyboardInterrupt ... of the function
-        value, value_chars, kind, error = None, 0, "exception", describe(e)
+    value, value_chars, kind, error = call_bounded(fn, kwargs, convert, limit)
     output, output_chars = capture.finish()
     return (kind, value, error, output, output_chars, value_chars)
 

@@ -20,6 +20,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from grpo_jax.utils import ConfigError
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 # HF `architectures` entry written by `to_hf_config`.
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -29,10 +31,6 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 #   projection, gate/up, down) and the layer input, recomputing attention scores/probabilities and
 #   the elementwise ops; "full": the layer input only (the whole layer recomputed).
 REMAT_MODES = ("none", "dots", "full")
-
-
-class ConfigError(ValueError):
-    """A model config that cannot describe a supported model; the message names the field."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,7 @@ from grpo_jax.models.config import ModelConfig, from_hf_config, to_hf_config
 from grpo_jax.models.safetensors_io import (SafetensorsError, open_checkpoint, plan_shards,
                                             write_safetensors)
 from grpo_jax.models.transformer import Transformer, abstract_model
+from grpo_jax.utils import CheckpointError, is_var, path_name
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,6 @@ _GLOBAL_KEYS = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model; the message names the tensor or field."""
-
-
 def _hf_shape(our_shape: tuple[int, ...], kind: str, name: str) -> tuple[int, ...]:
     if kind == "same":
         return our_shape
@@ -94,10 +91,9 @@ def _ours_to_hf(array: np.ndarray, kind: str, hf_shape) -> np.ndarray:
 def _param_entries(cfg: ModelConfig, abs_model: Transformer):
     """(our path, Variable, list of HF names (one per layer, or one), kind, hf per-item shape)."""
     entries = []
-    flat = jax.tree_util.tree_flatten_with_path(nnx.state(abs_model, nnx.Param),
-                                                is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    flat = jax.tree_util.tree_flatten_with_path(nnx.state(abs_model, nnx.Param), is_leaf=is_var)[0]
     for path, var in flat:
-        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        keys = path_name(path).split("/")
         if keys[0] == "layers":
             template, kind = _LAYER_KEYS[keys[1]]
             names = [f"model.layers.{i}.{template}" for i in range(cfg.n_layers)]
@@ -206,7 +202,7 @@ def load_hf(path: str, dtype: str | None = "float32", *, param_dtype: str | None
         keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path_keys)
         return var.replace(arrays[keys])
 
-    state = jax.tree_util.tree_map_with_path(fill, abs_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    state = jax.tree_util.tree_map_with_path(fill, abs_state, is_leaf=is_var)
     return nnx.merge(graphdef, state)
 
 

@@ -29,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from grpo_jax import sharding as sharding_lib
 from grpo_jax.models.config import ModelConfig, rope_inv_freq
 from grpo_jax.models.dense import DENSE_NAME, dense
+from grpo_jax.utils import is_var, path_name
 
 # Fills masked attention scores; finite so that a fully masked row (a padding query) gives a
 # uniform average instead of NaN.
@@ -363,20 +365,17 @@ def create_model(cfg: ModelConfig, seed: int = 0, *, mesh=None, rules=None) -> T
     compiled (a compiled random initialiser costs seconds of XLA time on CPU). With `mesh`, each
     parameter is placed straight into its logical-axis sharding.
     """
-    from grpo_jax import sharding as sharding_lib
-
     graphdef, abs_state = nnx.split(abstract_model(cfg))
 
     def build(path, var):
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-        host = _host_init(name, var, seed)
+        host = _host_init(path_name(path), var, seed)
         if mesh is None:
             return var.replace(jnp.asarray(host))
         sharding = sharding_lib.named_sharding(
             mesh, sharding_lib.logical_axes_of(var), var.shape, rules or sharding_lib.DEFAULT_RULES)
         return var.replace(jax.make_array_from_callback(var.shape, sharding, lambda idx: host[idx]))
 
-    state = jax.tree_util.tree_map_with_path(build, abs_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    state = jax.tree_util.tree_map_with_path(build, abs_state, is_leaf=is_var)
     return nnx.merge(graphdef, state)
 
 

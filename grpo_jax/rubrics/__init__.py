@@ -10,8 +10,8 @@ from grpo_jax.rubrics.parsers import (XMLParser, answer_parser, assistant_texts,
                                       think_answer_parser)
 from grpo_jax.rubrics.rewards import (correct_answer, format_reward, overlong_penalty, tool_calls_metric,
                                       tool_errors_metric, tool_used)
-from grpo_jax.rubrics.concurrency import run_sync
 from grpo_jax.rubrics.rubric import RewardError, Rubric, RubricScores, check_rewards
+from grpo_jax.utils import run_sync
 
 __all__ = [
     "Rubric", "RubricScores", "RewardError", "check_rewards", "run_sync",

@@ -6,9 +6,10 @@ above `threshold` is *flagged*.  The hacks are the usual ways a policy games a c
 tags, the answer only inside the thinking, several answers, repeated or nested tags, an
 unclosed tag, answer spam and walls of numbers, the right number in the prose with a wrong
 tagged answer, the unevaluated expression from the question, format without substance, and
-very long output.  When an environment is given, the episode states come from it and the
-gold demonstration (`env.gold_completion(row)`) is replayed through it as a control: a
-rubric that also scores the gold answer low is broken the other way.
+very long output.  Given the episodes' starts and finished gold episodes (what
+`grpo_jax.envs.Environment.audit` passes: its initial states and its replayed gold
+demonstrations), the gold episodes' mean reward is a control: a rubric that also scores the
+gold answer low is broken the other way.
 """
 
 from __future__ import annotations
@@ -111,26 +112,36 @@ class AuditReport:
         return "\n".join(lines)
 
 
-def _prompt_and_state(row: Mapping[str, Any], env: Any) -> tuple[list, dict]:
-    if env is not None:
-        return env.initial_state(row)
+def _row_start(row: Mapping[str, Any]) -> tuple[list, dict]:
     prompt = list(row.get("prompt") or [{"role": "user", "content": _question(row) or ""}])
     return prompt, {"answer": row.get("answer"), "info": row.get("info", {})}
 
 
 def audit_rubric(rubric: Any, rows: Sequence[Mapping[str, Any]], *, threshold: float = 0.5,
-                 hacks: Sequence[Hack] = DEFAULT_HACKS, env: Any = None) -> AuditReport:
+                 hacks: Sequence[Hack] = DEFAULT_HACKS, starts: Sequence[tuple[list, dict]] | None = None,
+                 gold: Sequence[Any] | None = None, env: Any = None) -> AuditReport:
     """Score `rubric` on every hack built from every row and flag those scoring above `threshold`.
 
-    rows: dataset rows with at least "answer" (and "question" or "prompt"; "info" optional).
-    env:  optional environment; gives the prompts and initial states (tool counters ...) and
-          the gold demonstrations for the control score.  Pass it for an env's own rubric.
+    rows:   dataset rows with at least "answer" (and "question" or "prompt"; "info" optional).
+    starts: per row, the (prompt messages, initial state) an episode starts from (an env's
+            `initial_state(row)`: tool counters ...); default: the row's prompt and a state with
+            its answer and info.
+    gold:   finished gold episodes (`.prompt`, `.completion`, `.state`), e.g. an env's replayed
+            demonstrations: their mean reward is the control `gold_score`.
+    env:    the old spelling of `env.audit(rows, ...)` (`grpo_jax.envs.Environment.audit`), which
+            passes its starts and gold episodes here.
     A NaN reward (a failing function) counts as 0 for the mean: failing is not hacking.
     """
+    if env is not None:
+        if rubric is not env.rubric:
+            raise ValueError("audit_rubric(rubric, rows, env=env) audits env.rubric; use env.audit(rows)")
+        return env.audit(rows, threshold=threshold, hacks=hacks)
     rows = list(rows)
+    starts = [_row_start(row) for row in rows] if starts is None else list(starts)
+    if len(starts) != len(rows):
+        raise ValueError(f"{len(starts)} starts for {len(rows)} rows")
     batch = {k: [] for k in ("name", "prompts", "completions", "answers", "states", "infos", "tasks")}
-    for row in rows:
-        prompt, state = _prompt_and_state(row, env)
+    for row, (prompt, state) in zip(rows, starts):
         for hack in hacks:
             text = hack.make(str(row["answer"]), row, rubric.parser)
             if text is None:
@@ -149,13 +160,12 @@ def audit_rubric(rubric: Any, rows: Sequence[Mapping[str, Any]], *, threshold: f
     scores = {h.name: float(rewards[names == h.name].mean()) for h in hacks if (names == h.name).any()}
     flagged = [name for name, score in scores.items() if score > threshold]
     gold_score = None
-    if env is not None and hasattr(env, "gold_completion"):
-        from grpo_jax.envs.base import replay_episodes  # envs build on rubrics; import on use
-        episodes = replay_episodes(env, rows, [env.gold_completion(row) for row in rows])
-        gold = rubric.score([e.prompt for e in episodes], [e.completion for e in episodes],
-                            [e.state["answer"] for e in episodes], [e.state for e in episodes],
-                            [e.state["info"] for e in episodes], [e.state.get("task") for e in episodes])
-        gold_score = float(np.nan_to_num(gold.rewards, nan=0.0).mean())
+    if gold:
+        states = [e.state for e in gold]
+        result = rubric.score([e.prompt for e in gold], [e.completion for e in gold],
+                              [s.get("answer") for s in states], states,
+                              [s.get("info", {}) for s in states], [s.get("task") for s in states])
+        gold_score = float(np.nan_to_num(result.rewards, nan=0.0).mean())
     return AuditReport(threshold, scores, flagged, gold_score)
 
 

@@ -41,11 +41,6 @@ def _clean(text: str) -> str:
     return text.strip().rstrip(".").strip()
 
 
-def number_tokens(text: str) -> list[str]:
-    """All number-like substrings of `text` (after light LaTeX / currency clean-up)."""
-    return [m.group(0).strip() for m in _NUMBER_RE.finditer(_clean(text))]
-
-
 def parse_number(text: str | None) -> Fraction | None:
     """The exact value of the single number in `text`, or None.
 

@@ -36,13 +36,6 @@ def last_assistant_text(completion: Completion) -> str:
     return texts[-1] if texts else ""
 
 
-def full_text(completion: Completion) -> str:
-    """All message contents of a completion joined by newlines (assistant and env turns)."""
-    if isinstance(completion, str):
-        return completion
-    return "\n".join(str(m.get("content", "")) for m in completion)
-
-
 class XMLParser:
     """Reads `<field>...</field>` sections from the last assistant message.
 

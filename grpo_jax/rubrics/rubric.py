@@ -60,8 +60,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from grpo_jax import guard
-from grpo_jax.rubrics.concurrency import run_sync
 from grpo_jax.rubrics.parsers import last_assistant_text
+from grpo_jax.utils import nan_mean, run_sync
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +137,6 @@ def _as_score(value: Any) -> float:
     if not math.isfinite(score):
         raise ValueError(f"returned non-finite {score}")
     return score
-
-
-def nan_mean(values: np.ndarray) -> float:
-    """Mean of the non-NaN entries (NaN when there are none), without numpy's empty-slice warning."""
-    finite = values[~np.isnan(values)]
-    return float(finite.mean()) if finite.size else float("nan")
 
 
 class RewardError(RuntimeError):
