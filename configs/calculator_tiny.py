@@ -24,62 +24,41 @@ length (1200 steps) are what made every seed learn the copy skill (README).
 `:runlocal` is a seconds-long smoke variant (tests).
 """
 
-from grpo_jax.config_utils import default_config
+from grpo_jax.config_utils import default_config, parse_args
 
 
 def get_config(arg: str = ""):
+    args = parse_args(arg, {"runlocal": False})
     c = default_config()
-    c.seed = 0
 
-    c.model.model_type = "qwen2"
-    c.model.d_model = 128
     c.model.n_layers = 2
-    c.model.n_heads = 4
-    c.model.n_kv_heads = 2
-    c.model.head_dim = 32
-    c.model.d_ff = 384
     c.model.max_position_embeddings = 128
-    c.model.tie_embeddings = True
 
-    c.tokenizer.train_vocab_size = 320
-
-    c.env.name = "calculator"
     c.env.kwargs.difficulty = "3x3"
     c.env.kwargs.tool_format = "compact"
     c.env.kwargs.system_prompt = ""
     c.env.kwargs.max_turns = 3
-    c.env.num_train = 4000
 
-    c.sft.steps = 0
     c.sft.mixed_steps = 1200
     c.sft.batch_size = 16
     c.sft.mixed_learning_rate = 2e-3
     c.sft.num_demos = 3000
     c.sft.direct_answer_fraction = 0.6
 
-    c.sampling.temperature = 1.0
     c.sampling.max_new_tokens = 16
-    c.sampling.prompt_bucket = 32
 
-    c.rollout.group_size = 8
-    c.rollout.max_turns = 3
     c.rollout.max_seq_len = 128
 
-    c.grpo.loss_type = "grpo"
-    c.grpo.beta = 0.0
-
     c.optim.learning_rate = 3e-4
-    c.optim.max_grad_norm = 1.0
 
     c.train.num_steps = 40
-    c.train.prompts_per_step = 8
     c.train.eval_every = 20
 
     c.eval.num_examples = 200
 
     c.checkpoint.every = 10
 
-    if "runlocal" in arg:
+    if args["runlocal"]:
         c.model.d_model = 32
         c.model.n_layers = 1
         c.model.head_dim = 8

@@ -12,32 +12,27 @@ rises slowly; the config exists to exercise the task end to end, not to solve it
 `:runlocal` is a seconds-long smoke variant (tests).
 """
 
-from grpo_jax.config_utils import default_config
+from grpo_jax.config_utils import default_config, parse_args
 
 
 def get_config(arg: str = ""):
+    args = parse_args(arg, {"runlocal": False})
     c = default_config()
-    c.model.max_position_embeddings = 256
     c.env.name = "countdown"
     c.env.kwargs.num_numbers = 3
     c.env.kwargs.max_number = 20
     c.env.kwargs.max_target = 100
     c.env.kwargs.system_prompt = ""
-    c.env.num_train = 4000
     c.sft.steps = 300
     c.sft.num_demos = 3000
     c.sampling.max_new_tokens = 64
-    c.rollout.group_size = 8
     c.rollout.max_turns = 1
-    c.rollout.max_seq_len = 192
     c.optim.learning_rate = 5e-4
     c.train.num_steps = 40
-    c.train.prompts_per_step = 8
     c.train.eval_every = 20
-    c.eval.num_examples = 100
     c.eval.correct_fn = "valid_solution"
     c.checkpoint.every = 20
-    if "runlocal" in arg:
+    if args["runlocal"]:
         c.model.d_model, c.model.n_layers, c.model.head_dim, c.model.d_ff = 32, 1, 8, 64
         c.tokenizer.corpus_rows = 200
         c.env.num_train = 64

@@ -4,31 +4,27 @@ r"""Writes a trained policy as an HF checkpoint directory (loadable by transform
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from grpo_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory.")
 _OUT = flags.DEFINE_string("out", None, "Directory for the HF checkpoint.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-flags.mark_flags_as_required(["config", "workdir", "out"])
+flags.mark_flags_as_required(["out"])
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    from grpo_jax import components
     from grpo_jax.checkpoint import Checkpointer
-    from grpo_jax.trainer import Experiment
 
-    exp = Experiment(_CONFIG.value, _WORKDIR.value)
-    checkpointer = Checkpointer(os.path.join(_WORKDIR.value, "checkpoints"))
-    step, state, _, _ = exp.restore(checkpointer, _STEP.value)
+    run = components.build(cli.config(), cli.workdir())
+    checkpointer = Checkpointer(os.path.join(cli.workdir(), "checkpoints"))
+    step, state, _, _ = components.restore(run, checkpointer, _STEP.value)
     checkpointer.close()
-    exp.save_policy(state.params, _OUT.value)
+    cli.export_policy(run, state.params, _OUT.value)
     print(f"wrote the policy of step {step} to {_OUT.value}")
 
 

@@ -8,30 +8,25 @@ which another config can start from with `--config.model.hf_path=DIR/sft_model`.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, logging
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-flags.mark_flags_as_required(["config", "workdir"])
+from grpo_jax import cli
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    from grpo_jax import components, sft
     from grpo_jax.metrics import MetricsWriter
-    from grpo_jax.trainer import Experiment
 
-    exp = Experiment(_CONFIG.value, _WORKDIR.value)
-    writer = MetricsWriter(_WORKDIR.value, total_steps=_CONFIG.value.sft.steps + _CONFIG.value.sft.mixed_steps)
-    exp.warm_start(writer)
+    config = cli.config()
+    run = components.build(config, cli.workdir())
+    writer = MetricsWriter(cli.workdir(), total_steps=config.sft.steps + config.sft.mixed_steps)
+    sft.warm_start(run, writer)
     writer.close()
-    out = os.path.join(_WORKDIR.value, "sft_model")
-    exp.save_policy(exp.init_state().params, out)
+    out = os.path.join(cli.workdir(), "sft_model")
+    cli.export_policy(run, run.init_state().params, out)
     print(f"wrote the warm-started model to {out}")
 
 

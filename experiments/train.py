@@ -12,39 +12,22 @@ guide.
 """
 
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, logging
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
-    "Start jax.distributed: 'on' (values not given below are discovered: TPU pods, SLURM, "
-    "Open MPI), 'off', or 'auto' (when a value below is given or a multi-process SLURM/MPI "
-    "launch or JAX_COORDINATOR_ADDRESS is seen).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
-flags.mark_flags_as_required(["config", "workdir"])
+from grpo_jax import cli
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # checkpoint libraries log every file at INFO
-    from grpo_jax import distributed
-
-    distributed.maybe_initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    cli.initialize_distributed()
     import jax
 
     from grpo_jax import trainer
     from grpo_jax.report import before_after_table
 
-    summary = trainer.run(_CONFIG.value, _WORKDIR.value)
+    summary = trainer.run(cli.config(), cli.workdir())
     if jax.process_index() == 0:
         print(before_after_table(summary))
         print(json.dumps({k: v for k, v in summary.items() if k != "state"}, default=float))

@@ -1,21 +1,35 @@
-"""Builds the pieces of an experiment from its config: env, tokenizer, model, the step configs.
+"""`build(config, workdir) -> Run`: what a run is made of, built from its config.
 
-Kept apart from the training loop so that notebooks, `experiments/eval.py` and the tests can
-build exactly what `trainer.run` builds.
+    run = build(config, workdir)     env, tokenizer, model, mesh, the step settings, optimizer,
+                                     train step, the datasets, the root key
+    state = run.init_state()         or restore(run, checkpointer)
+    run.policy(state.params)         the policy as an NNX module
+
+Kept apart from the training loop so that notebooks, `experiments/*.py` and the tests build
+exactly what `trainer.run` builds. The pieces (`build_env`, `build_tokenizer`, `build_model`,
+`train_config` ...) are importable on their own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import numpy as np
+import tempfile
+from typing import Any
 
-from grpo_jax import platform as platform_lib
+import jax
+from flax import nnx
+
+from grpo_jax import config_utils, distributed, sft
+from grpo_jax import sharding as sharding_lib
 from grpo_jax import tokenizer as tokenizer_lib
+from grpo_jax.checkpoint import Checkpointer, abstract_like
+from grpo_jax.envs import registry
 from grpo_jax.evaluation import EvalConfig
-from grpo_jax.rollout import RolloutConfig
+from grpo_jax.rollout import RolloutConfig, check_template
 from grpo_jax.sampling import SamplingConfig
-from grpo_jax.train_step import TrainConfig
+from grpo_jax.train_step import TrainConfig, init_train_state, make_train_step, split_params
 
 log = logging.getLogger(__name__)
 
@@ -24,49 +38,14 @@ TASK_SYMBOLS = ("<calc>", "</calc>", "<answer>", "</answer>", "<think>", "</thin
 
 
 def build_env(env_config):
-    env = _make_env(env_config)
+    """The env `env_config.name` (`grpo_jax.envs.registry`) with `env_config.kwargs`, its rubric
+    reweighted by `env_config.rubric_weights`."""
+    kwargs = env_config.kwargs.to_dict() if hasattr(env_config.kwargs, "to_dict") else dict(env_config.kwargs)
+    env = registry.make_env(env_config.name, **kwargs)
     weights = dict(env_config.get("rubric_weights") or {})
     if weights:  # e.g. a rubric ablation: {"strict_format": 0.0, "tool_used": 0.0}
         env.rubric = env.rubric.reweighted(weights)
     return env
-
-
-def _make_env(env_config):
-    kwargs = env_config.kwargs.to_dict() if hasattr(env_config.kwargs, "to_dict") else dict(env_config.kwargs)
-    name = env_config.name
-    if name == "calculator":
-        from grpo_jax.envs.calculator import CalculatorEnv
-        return CalculatorEnv(**kwargs)
-    if name == "arithmetic":
-        from grpo_jax.envs.arithmetic import ArithmeticEnv
-        return ArithmeticEnv(**kwargs)
-    if name == "countdown":
-        from grpo_jax.envs.countdown import CountdownEnv
-        return CountdownEnv(**kwargs)
-    if name == "gsm8k":
-        from grpo_jax.envs.gsm8k import GSM8KEnv
-        return GSM8KEnv(**kwargs)
-    raise ValueError(f"unknown env {name!r}")
-
-
-def demonstrations(env, rows, *, direct_answer_fraction: float = 0.0, seed: int = 0):
-    """(prompt, completion) pairs for the warm start: the env's gold demonstration, or, for a
-    `direct_answer_fraction` share of the rows, an answer without the tool: the env's
-    `no_tool_completion(row)` when it has one (the calculator task restates the expression),
-    else the gold final answer alone."""
-    rng = np.random.default_rng(seed)
-    demos = []
-    for row in rows:
-        prompt, _ = env.initial_state(row)
-        if direct_answer_fraction and rng.random() < direct_answer_fraction:
-            if hasattr(env, "no_tool_completion"):
-                completion = env.no_tool_completion(row)
-            else:
-                completion = [{"role": "assistant", "content": env.parser.format(answer=row["answer"])}]
-        else:
-            completion = env.gold_completion(row)
-        demos.append((prompt, completion))
-    return demos
 
 
 def build_tokenizer(config, env, workdir: str):
@@ -86,7 +65,7 @@ def build_tokenizer(config, env, workdir: str):
         return tokenizer_lib.from_sentencepiece(model_file)
     rows = env.dataset("train", n=config.tokenizer.corpus_rows, seed=config.env.data_seed)
     corpus = []
-    for prompt, completion in demonstrations(env, rows):
+    for prompt, completion in sft.demonstrations(env, rows):
         corpus.extend(m["content"] for m in prompt + completion)
         corpus.append(env.parser.format(answer=rows[0]["answer"]))
     log.info("training a %d-piece sentencepiece model on %d texts", config.tokenizer.train_vocab_size, len(corpus))
@@ -94,9 +73,9 @@ def build_tokenizer(config, env, workdir: str):
                                              extra_symbols=TASK_SYMBOLS)
 
 
-def platform_choices(config) -> platform_lib.PlatformChoices:
-    """The run's platform settings: `config.platform`, or the platform of its devices."""
-    return platform_lib.choices(config.get("platform", "auto"))
+platform_choices = config_utils.platform_choices
+train_config = config_utils.train_config
+eval_config = config_utils.eval_config
 
 
 def model_config(config, tokenizer):
@@ -128,51 +107,15 @@ def build_model(config, tokenizer, mesh=None):
     return model
 
 
-def _positive_or_none(x):
-    return x if x else None
-
-
 def sampling_config(config, tokenizer, model) -> SamplingConfig:
-    s = config.sampling
-    return SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                          top_p=s.top_p, min_p=s.min_p, stop_token_ids=tuple(tokenizer.stop_ids),
-                          pad_id=tokenizer.pad_id, max_length=model.config.max_position_embeddings,
-                          prompt_bucket=s.prompt_bucket, batch_bucket=s.batch_bucket,
-                          geometric_batch_buckets=s.geometric_batch_buckets,
-                          decode_chunk=platform_choices(config).decode_chunk,
-                          gather_weights=s.gather_weights)
+    """`config_utils.sampling_config` with the tokenizer's stop and pad ids and the model's context."""
+    return config_utils.sampling_config(config, stop_token_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                                        max_length=model.config.max_position_embeddings)
 
 
 def rollout_config(config, tokenizer) -> RolloutConfig:
-    r = config.rollout
-    return RolloutConfig(group_size=r.group_size, max_turns=r.max_turns,
-                         max_new_tokens=config.sampling.max_new_tokens, max_seq_len=r.max_seq_len,
-                         mask_truncated=r.mask_truncated, pad_id=tokenizer.pad_id,
-                         length_multiple=r.length_multiple)
-
-
-def train_config(config) -> TrainConfig:
-    g = config.grpo
-    tis = _positive_or_none(g.tis_cap)
-    # The rollout appends at most max_new_tokens model tokens per turn: the most loss tokens a row
-    # can hold (dr_grpo's constant and the output head's bound).
-    completion_budget = config.sampling.max_new_tokens * config.rollout.max_turns
-    return TrainConfig(loss_type=g.loss_type, epsilon=g.epsilon, epsilon_high=_positive_or_none(g.epsilon_high),
-                       delta=_positive_or_none(g.delta), beta=g.beta,
-                       max_completion_length=completion_budget, max_loss_tokens=completion_budget,
-                       importance_sampling_level=g.importance_sampling_level,
-                       temperature=config.sampling.temperature, num_iterations=g.num_iterations,
-                       micro_batch_size=_positive_or_none(g.micro_batch_size),
-                       chunk_size=g.chunk_size or platform_choices(config).logprob_chunk,
-                       # With TIS the old log-probs are the trainer's own and the sampler's
-                       # reweight them; without, the sampler's log-probs are the old policy.
-                       use_sampler_logps_as_old=tis is None, tis_cap=tis)
-
-
-def eval_config(config) -> EvalConfig:
-    e = config.eval
-    return EvalConfig(correct_fn=e.correct_fn, greedy=e.greedy, k=e.k, temperature=e.temperature,
-                      num_samples_logged=e.num_samples_logged)
+    """`config_utils.rollout_config` with the tokenizer's pad id."""
+    return config_utils.rollout_config(config, pad_id=tokenizer.pad_id)
 
 
 def optimizer(config, total_updates: int):
@@ -183,7 +126,97 @@ def optimizer(config, total_updates: int):
     o = config.optim
     inner = make_optimizer(o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
                            total_steps=max(total_updates, o.warmup_steps + 1), weight_decay=o.weight_decay,
-                           b2=o.b2, max_grad_norm=_positive_or_none(o.max_grad_norm))
+                           b2=o.b2, max_grad_norm=o.max_grad_norm)
     # A non-finite gradient skips the update (the trainer then stops with a clear message).
     return optax.apply_if_finite(inner, max_consecutive_errors=1 << 30)
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What a run is made of (`build`)."""
+
+    config: Any                  # the experiment's ConfigDict
+    workdir: str                 # where the tokenizer, metrics and checkpoints live
+    mesh: Any                    # jax.sharding.Mesh of config.mesh
+    env: Any                     # the Environment (config.env)
+    tokenizer: Any
+    model: Any                   # the NNX policy (its weights: the initial / warm-start ones)
+    sampling: SamplingConfig     # rollouts' sampler settings
+    rollout: RolloutConfig
+    train: TrainConfig
+    eval: EvalConfig
+    optimizer: Any               # optax transformation (non-finite updates skipped)
+    train_step: Any              # `make_train_step`: (state, batch, ref_params) -> (state, metrics)
+    train_rows: list             # env.dataset("train")
+    eval_rows: list              # env.dataset("test")
+    root_key: Any                # jax.random.key(config.seed); step s uses fold_in(root_key, s)
+    uses_reference: bool         # grpo.beta > 0: a frozen copy of the initial weights is kept
+
+    @property
+    def step_mesh(self):
+        """The mesh of the compiled programs (None on one device)."""
+        return self.mesh if self.mesh.size > 1 else None
+
+    def policy(self, params):
+        """The policy with `params` (a train state's `nnx.Param` state) as an NNX module."""
+        graphdef, _, rest = split_params(self.model)
+        return nnx.merge(graphdef, params, rest)
+
+    def sampling_policy(self, params):
+        """The policy rollouts sample from. One process: the train state's own weights. Several:
+        a copy on this process's devices (`distributed.local_copy`), so that each process samples
+        its share of the episodes on its own, turn by turn, without waiting for the others."""
+        if not distributed.is_multiprocess():
+            return self.policy(params)
+        graphdef, _, rest = split_params(self.model)
+        return nnx.merge(graphdef, distributed.local_copy(params, self.mesh),
+                         distributed.local_copy(rest, self.mesh))
+
+    def init_state(self):
+        """The train state of the model's current weights, born sharded."""
+        return init_train_state(self.model, self.optimizer, self.root_key, mesh=self.step_mesh)
+
+
+def shared_tokenizer(config, env, workdir: str):
+    """`build_tokenizer`; with several processes, a trained one is trained by process 0 and read
+    back by the others."""
+    if not distributed.is_multiprocess():
+        return build_tokenizer(config, env, workdir)
+    tokenizer = build_tokenizer(config, env, workdir) if jax.process_index() == 0 else None
+    distributed.barrier("tokenizer")
+    return tokenizer or build_tokenizer(config, env, workdir)
+
+
+def build(config, workdir: str | None = None) -> Run:
+    """The `Run` of `config` (validated first: `ConfigError` naming the field). A trained
+    tokenizer is kept in `workdir/tokenizer` (a temporary directory when None)."""
+    config_utils.validate(config)
+    workdir = workdir or tempfile.mkdtemp(prefix="grpo_jax_")
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding_lib.mesh_from_config(config.mesh)
+    env = build_env(config.env)
+    tokenizer = shared_tokenizer(config, env, workdir)
+    model = build_model(config, tokenizer, mesh if mesh.size > 1 else None)
+    train = train_config(config)
+    opt = optimizer(config, config.train.num_steps * config.grpo.num_iterations)
+    train_rows = env.dataset("train", n=config.env.num_train, seed=config.env.data_seed)
+    # The chat template must keep earlier turns unchanged (token-in / token-out rollouts).
+    check_template(tokenizer, env, train_rows[0])
+    return Run(config=config, workdir=workdir, mesh=mesh, env=env, tokenizer=tokenizer, model=model,
+               sampling=sampling_config(config, tokenizer, model), rollout=rollout_config(config, tokenizer),
+               train=train, eval=eval_config(config), optimizer=opt,
+               train_step=make_train_step(model, opt, train, mesh=mesh if mesh.size > 1 else None),
+               train_rows=train_rows,
+               eval_rows=env.dataset("test", n=config.eval.num_examples, seed=config.env.data_seed),
+               root_key=jax.random.key(config.seed), uses_reference=config.grpo.beta > 0)
+
+
+def restore(run: Run, checkpointer: Checkpointer, step: int | None = None):
+    """(step, train state, reference params or None, meta) of a checkpoint of `run`."""
+    template = run.init_state()
+    target = {"train": abstract_like(template),
+              "ref": abstract_like(template.params) if run.uses_reference else None}
+    del template
+    step, restored, meta = checkpointer.restore(target, step)
+    return step, restored["train"], restored["ref"], meta

@@ -1,25 +1,41 @@
 """The experiment config schema (every field commented), and its validation.
 
 Configs in `configs/` start from `default_config()`, change what they need and return it locked
-(`config.lock()`), so a mistyped `--config.grpo.bta=0.1` fails instead of adding a field.
-`validate(config)` runs before anything is built or compiled and names the offending field.
+(`config.lock()`), so a mistyped `--config.grpo.bta=0.1` fails instead of adding a field. A field
+that can be off is a typed placeholder whose off is None (`--config.grpo.tis_cap=0.5` still
+parses); `parse_args("runlocal,steps=3", defaults)` reads the `:ARGS` of `--config FILE:ARGS`.
+
+The library's typed settings are made here from their groups, field by field under the same
+names (`train_config`: TrainConfig of `grpo`, `rollout_config`, `sampling_config`,
+`eval_config`); their `__post_init__` checks are the checks of those fields. `validate(config)`
+makes them (a failure becomes a `ConfigError` naming `group.field`) and adds the checks across
+groups, once, before anything is built or compiled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+from typing import Any
 
+import jax
 import ml_collections
+from ml_collections.config_dict import placeholder
 
-from grpo_jax import grpo
+from grpo_jax import sharding as sharding_lib
+from grpo_jax import utils
+from grpo_jax.envs import registry
 from grpo_jax import platform as platform_lib
 from grpo_jax.advantages import ADVANTAGE_SCALES
+from grpo_jax.evaluation import EvalConfig
+from grpo_jax.rollout import RolloutConfig
+from grpo_jax.sampling import SamplingConfig
+from grpo_jax.train_step import TrainConfig
 
-ENV_NAMES = ("calculator", "arithmetic", "countdown", "gsm8k")
 
 
-class ConfigError(ValueError):
-    """An inconsistent or malformed experiment config; the message names the field."""
+ConfigError = utils.ConfigError  # noqa: F811 - one class for every bad config (experiment or model)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -30,7 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.allow_config_change = False      # resume a workdir whose config.json differs in what was built
 
     c.model = ml_collections.ConfigDict()
-    c.model.hf_path = ""               # HF checkpoint directory; "" = build from the fields below
+    c.model.hf_path = placeholder(str)  # HF checkpoint directory; None = build from the fields below
     c.model.dtype = "float32"          # compute dtype: float32 | bfloat16 (accelerators)
     c.model.param_dtype = "float32"    # storage/master dtype of the trained weights: float32 keeps
     #                                    master weights under bfloat16 compute; "bfloat16" turns
@@ -49,12 +65,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.tie_embeddings = True      # share the input embedding and the output head
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.path = ""              # HF tokenizer dir; "" = model.hf_path, or train one (below)
+    c.tokenizer.path = placeholder(str)  # HF tokenizer dir; None = model.hf_path, or train one (below)
     c.tokenizer.train_vocab_size = 320  # vocabulary of the sentencepiece model trained for tiny tasks
     c.tokenizer.corpus_rows = 2000     # training rows whose demonstrations form its corpus
 
     c.env = ml_collections.ConfigDict()
-    c.env.name = "calculator"          # calculator | arithmetic | countdown | gsm8k
+    c.env.name = "calculator"          # a registered env (`grpo_jax.envs.registry`: calculator |
+    #                                    arithmetic | countdown | gsm8k) or "package.module:function"
+    #                                    (a plug-in: load_environment(**kwargs) -> Environment)
     c.env.kwargs = ml_collections.ConfigDict()  # keyword arguments of the env class
     c.env.rubric_weights = ml_collections.ConfigDict()  # reward function -> weight overrides (0 = metric only)
     c.env.num_train = 4000             # training problems (procedural tasks generate them)
@@ -69,7 +87,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.sft.mixed_steps = 0              # then steps on demos of which direct_answer_fraction skip the tool
     c.sft.mixed_learning_rate = 1e-3   # peak learning rate of those steps
     c.sft.direct_answer_fraction = 0.0  # tool envs: share of mixed demos that skip the tool (env.no_tool_completion)
-    c.sft.mixed_trained_tokens = 0     # > 0: mixed demos train only their first N completion tokens (the choice)
+    c.sft.mixed_trained_tokens = placeholder(int)  # N: mixed demos train only their first N completion
+    #                                    tokens (the choice); None = all
     c.sft.log_every = 50               # progress line every N steps
 
     c.sampling = ml_collections.ConfigDict()
@@ -98,15 +117,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.grpo.loss_type = "grpo"          # grpo | bnpo | dr_grpo | dapo | gspo | cispo
     c.grpo.advantage_scale = "group"   # group | batch | none (Dr. GRPO)
     c.grpo.epsilon = 0.2               # clip range below: ratio >= 1 - epsilon
-    c.grpo.epsilon_high = 0.0          # clip range above; 0 = epsilon (cispo needs it set)
-    c.grpo.delta = 0.0                 # two-sided clip cap of the ratio (INTELLECT-2); 0 = off
+    c.grpo.epsilon_high = placeholder(float)  # clip range above; None = epsilon (cispo needs it set)
+    c.grpo.delta = placeholder(float)  # two-sided clip cap of the ratio (INTELLECT-2); None = off
     c.grpo.beta = 0.0                  # KL(pi || pi_ref) weight, k3 estimator; > 0 keeps a reference
     c.grpo.importance_sampling_level = "token"  # token | sequence (GSPO)
     c.grpo.num_iterations = 1          # mu: updates per batch of rollouts
-    c.grpo.micro_batch_size = 0        # rows per gradient-accumulation step; 0 = the whole batch
-    c.grpo.chunk_size = 0              # vocabulary chunk of the log-prob computation; 0 = by
+    c.grpo.micro_batch_size = placeholder(int)  # rows per gradient-accumulation step; None = the batch
+    c.grpo.chunk_size = placeholder(int)  # vocabulary chunk of the log-prob computation; None = by
     #                                    platform (`grpo_jax.platform`: 1024 on CPU, 8192 elsewhere)
-    c.grpo.tis_cap = 0.0               # truncated importance sampling cap; 0 = off
+    c.grpo.tis_cap = placeholder(float)  # truncated importance sampling cap; None = off (the
+    #                                    sampler's log-probs are then the old policy's)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-4       # peak learning rate
@@ -114,7 +134,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 0           # linear warm-up updates
     c.optim.weight_decay = 0.0         # AdamW decoupled weight decay
     c.optim.b2 = 0.99                  # Adam second-moment decay
-    c.optim.max_grad_norm = 1.0        # global-norm gradient clipping; 0 = off
+    c.optim.max_grad_norm = ml_collections.FieldReference(1.0, field_type=float)  # global-norm
+    #                                    gradient clipping; None = off
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 50             # GRPO steps (one batch of rollouts and its updates each)
@@ -126,7 +147,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.num_examples = 100          # held-out problems
     c.eval.correct_fn = "correct_answer"  # rubric function that decides correctness
     c.eval.greedy = True               # greedy accuracy
-    c.eval.k = 0                       # samples per problem for pass@k / mean@k (0 = off)
+    c.eval.k = placeholder(int)        # samples per problem for pass@k / mean@k; None = off
     c.eval.temperature = 1.0           # temperature of those samples
     c.eval.num_samples_logged = 3      # conversations written to samples.txt per evaluation
 
@@ -146,45 +167,109 @@ def _fail(field: str, message: str):
     raise ConfigError(f"config.{field}: {message}")
 
 
+# ---------------------------------------------------------------------------------------------
+# The library's typed settings, made from their groups under the same field names.
+
+
+def _settings(cls, sources: dict[str, tuple[str, Any]]):
+    """`cls(**values)` from `sources` (field -> ("group.field", value)); a `ValueError` of its
+    checks becomes a `ConfigError` naming the config field its message names first."""
+    try:
+        return cls(**{name: value for name, (_, value) in sources.items()})
+    except ValueError as e:
+        message = str(e)
+        found = ((re.search(rf"\b{name}\b", message), where) for name, (where, _) in sources.items())
+        named = sorted((m.start(), where) for m, where in found if m)
+        _fail(named[0][1] if named else cls.__name__, message)
+
+
+def _group(cls, config, group: str) -> dict[str, tuple[str, Any]]:
+    """The fields of `cls` that `config[group]` has, as `_settings` sources."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: (f"{group}.{k}", v) for k, v in config[group].items() if k in names}
+
+
+def platform_choices(config) -> platform_lib.PlatformChoices:
+    """The run's platform settings: `config.platform`, or the platform of its devices."""
+    return platform_lib.choices(config.get("platform", "auto"))
+
+
+def train_config(config) -> TrainConfig:
+    """The `TrainConfig` of `config.grpo`; chunk_size None: the platform's."""
+    g = config.grpo
+    # The rollout appends at most max_new_tokens model tokens per turn: the most loss tokens a row
+    # can hold (dr_grpo's constant and the output head's bound).
+    budget = ("sampling.max_new_tokens", config.sampling.max_new_tokens * config.rollout.max_turns)
+    return _settings(TrainConfig, {
+        **_group(TrainConfig, config, "grpo"),
+        "max_completion_length": budget, "max_loss_tokens": budget,
+        "temperature": ("sampling.temperature", config.sampling.temperature),
+        "chunk_size": ("grpo.chunk_size", g.chunk_size or platform_choices(config).logprob_chunk),
+        # With TIS the old log-probs are the trainer's own and the sampler's reweight them;
+        # without, the sampler's log-probs are the old policy.
+        "use_sampler_logps_as_old": ("grpo.tis_cap", g.tis_cap is None)})
+
+
+def sampling_config(config, *, stop_token_ids=(), pad_id: int = 0, max_length: int | None = None) -> SamplingConfig:
+    """The `SamplingConfig` of `config.sampling` (the tokenizer's stop and pad ids, the model's
+    context as `max_length`)."""
+    return _settings(SamplingConfig, {
+        **_group(SamplingConfig, config, "sampling"), "stop_token_ids": ("tokenizer", tuple(stop_token_ids)),
+        "pad_id": ("tokenizer", pad_id), "max_length": ("model.max_position_embeddings", max_length),
+        "decode_chunk": ("platform", platform_choices(config).decode_chunk)})
+
+
+def rollout_config(config, *, pad_id: int | None = None) -> RolloutConfig:
+    """The `RolloutConfig` of `config.rollout` (max_new_tokens: the sampler's)."""
+    return _settings(RolloutConfig, {
+        **_group(RolloutConfig, config, "rollout"), "pad_id": ("tokenizer", pad_id),
+        "max_new_tokens": ("sampling.max_new_tokens", config.sampling.max_new_tokens)})
+
+
+def eval_config(config) -> EvalConfig:
+    """The `EvalConfig` of `config.eval`."""
+    return _settings(EvalConfig, _group(EvalConfig, config, "eval"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: the settings' own checks, then those across groups.
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` naming the field for anything that would fail later."""
     c = config
-    if c.env.name not in ENV_NAMES:
-        _fail("env.name", f"{c.env.name!r} is not one of {ENV_NAMES}")
-    if c.grpo.loss_type not in grpo.LOSS_TYPES:
-        _fail("grpo.loss_type", f"{c.grpo.loss_type!r} is not one of {grpo.LOSS_TYPES}")
+    try:
+        registry.find_factory(c.env.name)
+    except ValueError as e:
+        _fail("env.name", str(e))
+    if c.platform != "auto" and c.platform not in platform_lib._ALIASES:
+        _fail("platform", f"{c.platform!r}: use auto, {', '.join(platform_lib.PLATFORMS)}")
+    for make in (rollout_config, sampling_config, train_config, eval_config):
+        make(c)
     if c.grpo.advantage_scale not in ADVANTAGE_SCALES:
         _fail("grpo.advantage_scale", f"{c.grpo.advantage_scale!r} is not one of {ADVANTAGE_SCALES}")
-    if c.grpo.importance_sampling_level not in grpo.IMPORTANCE_SAMPLING_LEVELS:
-        _fail("grpo.importance_sampling_level",
-              f"{c.grpo.importance_sampling_level!r} is not one of {grpo.IMPORTANCE_SAMPLING_LEVELS}")
-    if c.grpo.loss_type == "cispo" and not c.grpo.epsilon_high > 0:
+    if c.grpo.loss_type == "cispo" and not (c.grpo.epsilon_high or 0) > 0:
         _fail("grpo.epsilon_high", "cispo needs epsilon_high > 0 (its truncation level)")
-    if c.grpo.beta < 0:
-        _fail("grpo.beta", f"must be >= 0, got {c.grpo.beta}")
     if c.rollout.group_size < 2:
         _fail("rollout.group_size", f"GRPO needs at least 2 completions per prompt, got {c.rollout.group_size}")
+    if c.sampling.temperature <= 0:
+        _fail("sampling.temperature", "GRPO samples at a temperature > 0 (greedy rollouts give "
+              "identical groups)")
+    _check_sizes(c)
+    _check_files(c)
+    _check_devices(c)
+
+
+def _check_sizes(c) -> None:
     batch = c.train.prompts_per_step * c.rollout.group_size
     if c.train.prompts_per_step < 1:
         _fail("train.prompts_per_step", f"must be >= 1, got {c.train.prompts_per_step}")
     if c.grpo.micro_batch_size and batch % c.grpo.micro_batch_size:
         _fail("grpo.micro_batch_size", f"{c.grpo.micro_batch_size} does not divide the batch of "
               f"{batch} rows (train.prompts_per_step * rollout.group_size)")
-    if c.sampling.max_new_tokens >= c.rollout.max_seq_len:
-        _fail("rollout.max_seq_len", f"{c.rollout.max_seq_len} leaves no room for a prompt with "
-              f"sampling.max_new_tokens={c.sampling.max_new_tokens}")
-    for field in ("model.hf_path", "tokenizer.path"):
-        group, name = field.split(".")
-        path = c[group][name]
-        if path and not os.path.isdir(path):
-            _fail(field, f"{path!r} is not a directory (a local HF checkpoint or tokenizer directory; "
-                  "nothing is downloaded)")
     if not c.model.hf_path and c.rollout.max_seq_len > c.model.max_position_embeddings:
         _fail("rollout.max_seq_len", f"{c.rollout.max_seq_len} (prompt + completion budget) is over the "
               f"model's context of {c.model.max_position_embeddings} (model.max_position_embeddings)")
-    if c.sampling.temperature <= 0:
-        _fail("sampling.temperature", "GRPO samples at a temperature > 0 (greedy rollouts give "
-              "identical groups)")
     for name in ("num_steps", "eval_every", "log_every"):
         if c.train[name] < 0 or (name != "num_steps" and c.train[name] == 0):
             _fail(f"train.{name}", f"must be positive, got {c.train[name]}")
@@ -192,16 +277,63 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("checkpoint.every", "checkpoint.every and checkpoint.keep must be >= 1")
     if not 0 <= c.sft.direct_answer_fraction <= 1:
         _fail("sft.direct_answer_fraction", f"must be in [0, 1], got {c.sft.direct_answer_fraction}")
-    if c.sft.mixed_trained_tokens < 0:
-        _fail("sft.mixed_trained_tokens", f"must be >= 0 (0 = all tokens), got {c.sft.mixed_trained_tokens}")
+    if c.sft.mixed_trained_tokens is not None and c.sft.mixed_trained_tokens < 1:
+        _fail("sft.mixed_trained_tokens", f"must be >= 1 (None = all tokens), got {c.sft.mixed_trained_tokens}")
     if (c.sft.steps or c.sft.mixed_steps) and c.sft.num_demos < c.sft.batch_size:
         _fail("sft.num_demos", f"{c.sft.num_demos} demonstrations cannot fill a batch of {c.sft.batch_size}")
     if c.eval.num_examples < 1:
         _fail("eval.num_examples", f"must be >= 1, got {c.eval.num_examples}")
-    if c.platform != "auto" and c.platform not in platform_lib._ALIASES:
-        _fail("platform", f"{c.platform!r}: use auto, {', '.join(platform_lib.PLATFORMS)}")
     for name in ("dtype", "param_dtype"):
         if c.model[name] not in ("float32", "bfloat16"):
             _fail(f"model.{name}", f"{c.model[name]!r}: use float32 or bfloat16")
+
+
+def _check_files(c) -> None:
+    for field in ("model.hf_path", "tokenizer.path"):
+        group, name = field.split(".")
+        path = c[group][name]
+        if path and not os.path.isdir(path):
+            _fail(field, f"{path!r} is not a directory (a local HF checkpoint or tokenizer directory; "
+                  "nothing is downloaded)")
     if c.env.name == "gsm8k" and not c.env.kwargs.get("data_dir"):
         _fail("env.kwargs.data_dir", "gsm8k needs the directory of its prepared TFDS dataset")
+
+
+def _check_devices(c) -> None:
+    """The batch splits over the processes (whole groups each) and the data-parallel devices."""
+    processes = jax.process_count()
+    if c.train.prompts_per_step % processes:
+        _fail("train.prompts_per_step", f"{c.train.prompts_per_step} prompts do not split evenly over "
+              f"{processes} processes (each rolls out whole groups)")
+    mesh = sharding_lib.mesh_from_config(c.mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = c.train.prompts_per_step * c.rollout.group_size
+    micro = c.grpo.micro_batch_size or rows
+    if rows % shards or micro % shards:
+        _fail("train.prompts_per_step", f"the batch of {rows} rows (micro-batches of {micro}) must split "
+              f"evenly over the {shards} data-parallel devices (mesh data x fsdp)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The `:ARGS` of `--config configs/NAME.py:ARGS`.
+
+
+def parse_args(arg: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """`"runlocal,steps=3"` -> `{**defaults, "runlocal": True, "steps": 3}`: comma-separated
+    `key=value` pairs (a bare `key` is True), each value cast to its default's type; an unknown
+    key is an error listing the known ones."""
+    out = dict(defaults)
+    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+        key, has_value, value = item.partition("=")
+        if key not in defaults:
+            raise ConfigError(f"config argument {key!r}: not one of {sorted(defaults)}")
+        default = defaults[key]
+        if not has_value:
+            out[key] = True
+        elif isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ConfigError(f"config argument {key}={value!r}: use true or false")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            out[key] = value if default is None else type(default)(value)
+    return out

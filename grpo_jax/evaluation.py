@@ -14,14 +14,17 @@ n = k.)
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from grpo_jax import distributed
 from grpo_jax.rollout import Rollout, RolloutConfig, model_sampler, rollout
 from grpo_jax.sampling import SamplingConfig
 from grpo_jax.trajectories import metrics_from_stats
+from grpo_jax.utils import nan_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +32,15 @@ class EvalConfig:
     correct_fn: str = "correct_answer"   # rubric function that decides correctness
     threshold: float = 0.5               # score >= threshold counts as correct
     greedy: bool = True                  # greedy accuracy (temperature 0, one sample)
-    k: int = 0                           # samples per problem for pass@k / mean@k (0 = off)
+    k: int | None = None                 # samples per problem for pass@k / mean@k (None = off)
     temperature: float = 1.0             # sampling temperature for pass@k
     num_samples_logged: int = 3          # conversations written to the samples log
+
+    def __post_init__(self):
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"k must be >= 1 or None (off), got {self.k}")
+        if not 0 < self.temperature:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 def _correct(scores, correct_fn: str, threshold: float) -> np.ndarray:
@@ -50,17 +59,13 @@ def render_conversation(messages: Sequence[dict]) -> str:
     return "\n".join(f"[{m['role']}] {m['content']}" for m in messages)
 
 
-def _nan_mean(values) -> float:
-    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-
-
 def evaluate(env, rows: Sequence[dict], tokenizer, model, key, *, sampling: SamplingConfig,
              rollout_config: RolloutConfig, config: EvalConfig = EvalConfig()) -> tuple[dict[str, float], str]:
     """Metrics (keys prefixed `eval/`) and a readable text of a few sample conversations.
 
     With several processes (`jax.distributed`), each rolls out its contiguous block of `rows`
     (`grpo_jax.distributed.process_block`) with `model`, which must then be a copy of the
-    policy on the process's own devices (`Experiment.sampling_policy`); the per-problem
+    policy on the process's own devices (`components.Run.sampling_policy`); the per-problem
     results are gathered so that every process returns the metrics of all rows, equal to a
     single process evaluating them all. Every process must call it.
     """
@@ -95,16 +100,16 @@ def evaluate(env, rows: Sequence[dict], tokenizer, model, key, *, sampling: Samp
         metrics.update({
             "eval/accuracy": float(correct.mean()),
             "eval/tool_call_rate": float(np.mean(merged["tool_calls"])),
-            "eval/reward": _nan_mean(merged["rewards"]),
+            "eval/reward": nan_mean(merged["rewards"]),
             "eval/completion_length": float(episodes.get("completion_length/mean", np.nan)),
             "eval/turns": float(episodes.get("turns/mean", np.nan)),
             "eval/truncated_frac": float(episodes.get("truncated/frac", np.nan)),
         })
         for name, values in merged.items():
             if name.startswith("score/"):
-                metrics[f"eval/reward/{name[len('score/'):]}"] = _nan_mean(values)
+                metrics[f"eval/reward/{name[len('score/'):]}"] = nan_mean(values)
         text = merged["text"]
-    if config.k > 0:
+    if config.k:
         sampled = dataclasses.replace(sampling, temperature=config.temperature)
         local = {}
         if local_rows:
@@ -128,3 +133,14 @@ def _merge(parts: Sequence[dict]) -> dict:
         values = [p[key] for p in parts]
         out[key] = sum(values, []) if isinstance(values[0], list) else np.concatenate(values)
     return out
+
+
+def evaluate_run(run, params, step: int) -> tuple[dict[str, float], str]:
+    """`evaluate` of `params` on a `components.Run`'s held-out rows, with the run's settings and
+    the key fold_in(fold_in(root_key, step), 2**20); every process calls it. Adds eval/time_s."""
+    start = time.perf_counter()
+    key = jax.random.fold_in(jax.random.fold_in(run.root_key, step), 1 << 20)
+    metrics, text = evaluate(run.env, run.eval_rows, run.tokenizer, run.sampling_policy(params), key,
+                             sampling=run.sampling, rollout_config=run.rollout, config=run.eval)
+    metrics["eval/time_s"] = time.perf_counter() - start
+    return metrics, text

@@ -59,6 +59,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 from grpo_jax import sharding as sharding_lib
 from grpo_jax.models import ModelConfig, abstract_model
 from grpo_jax.models.config import remat_mode
+from grpo_jax.utils import is_var, path_name
 
 GIB = 2 ** 30
 CATEGORIES = ("params", "gradients", "optimizer", "reference", "kv_cache", "sampling_weights",
@@ -138,29 +139,21 @@ def _leaf(category, name, shape, dtype, logical_axes, mesh, sizes, rules) -> Lea
                     math.prod(shape) * itemsize)
 
 
-def _is_var(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def _tree_leaves(category, tree, mesh, sizes, rules, dtype=None) -> list[LeafPlan]:
     """Variables shard by their logical axes (in `dtype` if given); other leaves are replicated."""
     out = []
-    for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_var)[0]:
+    for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_var)[0]:
         if not hasattr(x, "shape"):
             continue
-        axes = sharding_lib.logical_axes_of(x) if _is_var(x) else (None,) * len(x.shape)
-        out.append(_leaf(category, _path_name(path), x.shape, dtype or x.dtype, axes, mesh, sizes,
+        axes = sharding_lib.logical_axes_of(x) if is_var(x) else (None,) * len(x.shape)
+        out.append(_leaf(category, path_name(path), x.shape, dtype or x.dtype, axes, mesh, sizes,
                          rules))
     return out
 
 
 def _cast(params, dtype):
     return jax.tree.map(lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, np.dtype(dtype))), params,
-                        is_leaf=_is_var)
+                        is_leaf=is_var)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,3 +427,18 @@ def plan_memory(model_cfg: ModelConfig, mesh: Any, *, param_dtype: str | None = 
                       mesh_shape=sizes, leaves=tuple(leaves), activations=activations,
                       dtypes=dtypes, notes=notes, warnings=tuple(warnings),
                       device_memory=device_memory)
+
+
+def plan_for_run(run) -> MemoryPlan:
+    """`plan_memory` of a `components.Run`: its model, mesh, optimizer and batch, against the
+    memory of its first local device (when the backend reports it)."""
+    c = run.config
+    rows = c.train.prompts_per_step * c.rollout.group_size
+    stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)() or {}
+    limit = stats.get("bytes_limit")
+    return plan_memory(run.model.config, dict(run.mesh.shape), optimizer=run.optimizer,
+                       with_reference=run.uses_reference, kv_batch=rows, kv_length=c.rollout.max_seq_len,
+                       gather_weights=c.sampling.gather_weights,
+                       train_batch=c.grpo.micro_batch_size or rows, train_seq=c.rollout.max_seq_len,
+                       chunk_size=run.train.chunk_size, device_memory_gib=limit / GIB if limit else None,
+                       label=c.model.hf_path or f"{run.model.config.model_type} from the config")

@@ -26,10 +26,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from grpo_jax.config_utils import ConfigError
 from grpo_jax.models.logprobs import token_logprobs
 from grpo_jax.optim import keep_state_dtypes
 from grpo_jax.sharding import on_one_device
 from grpo_jax.train_step import TrainState, init_train_state, split_params
+from grpo_jax.utils import round_up
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ def pack(examples: Sequence[tuple[list[int], list[int]]], pad_id: int, length: i
          multiple: int = 16) -> dict[str, np.ndarray]:
     """Right-padded arrays: tokens, loss_mask, positions, segment_ids [N, T]."""
     longest = max(len(t) for t, _ in examples)
-    t = length or -(-longest // multiple) * multiple
+    t = length or round_up(longest, multiple)
     if longest > t:
         raise ValueError(f"a demonstration has {longest} tokens, more than the length {t}")
     n = len(examples)
@@ -165,3 +167,59 @@ def run_sft(model: nnx.Module, data: Mapping[str, np.ndarray], config: SFTConfig
             log_fn(step, host)
     nnx.update(model, state.params)
     return model
+
+
+def demonstrations(env, rows, *, direct_answer_fraction: float = 0.0, seed: int = 0):
+    """(prompt, completion) pairs for the warm start: the env's gold demonstration, or, for a
+    `direct_answer_fraction` share of the rows, an answer without the tool: the env's
+    `no_tool_completion(row)` when it has one (the calculator task restates the expression),
+    else the gold final answer alone."""
+    rng = np.random.default_rng(seed)
+    demos = []
+    for row in rows:
+        prompt, _ = env.initial_state(row)
+        if direct_answer_fraction and rng.random() < direct_answer_fraction:
+            if hasattr(env, "no_tool_completion"):
+                completion = env.no_tool_completion(row)
+            else:
+                completion = [{"role": "assistant", "content": env.parser.format(answer=row["answer"])}]
+        else:
+            completion = env.gold_completion(row)
+        demos.append((prompt, completion))
+    return demos
+
+
+def warm_start(run, writer) -> None:
+    """Supervised warm start of `run.model` (a `components.Run`) as `config.sft` says, in place:
+    `steps` on the env's gold demonstrations, then `mixed_steps` on demonstrations of which
+    `direct_answer_fraction` skip the tool (with `mixed_trained_tokens`, only their first
+    completion tokens carry loss). Progress goes to `writer` (a `metrics.MetricsWriter`)."""
+    c, seed = run.config.sft, run.config.seed
+    rows = run.env.dataset("train", n=c.num_demos, seed=run.config.env.data_seed)
+    stages = [("gold", 0.0, c.steps, c.learning_rate, seed, None)]
+    if c.mixed_steps:
+        stages.append(("mixed", c.direct_answer_fraction, c.mixed_steps, c.mixed_learning_rate,
+                       seed + 1, c.mixed_trained_tokens))
+    done, total = 0, sum(stage[2] for stage in stages)
+    for name, fraction, steps, learning_rate, stage_seed, trained_tokens in stages:
+        if not steps:
+            continue
+        demos = demonstrations(run.env, rows, direct_answer_fraction=fraction, seed=stage_seed)
+        data = pack([encode_demonstration(run.tokenizer, p, q, trained_tokens) for p, q in demos],
+                    run.tokenizer.pad_id)
+        if data["tokens"].shape[1] > run.model.config.max_position_embeddings:
+            raise ConfigError(f"config.model.max_position_embeddings: demonstrations "
+                              f"need {data['tokens'].shape[1]} positions")
+
+        def log_fn(step, metrics, offset=done, name=name):
+            writer.write(0, {**metrics, "sft/step": float(offset + step)})
+            if writer.is_writer:
+                print(f"sft ({name}) step {offset + step}/{total} | loss {metrics['sft/loss']:.3f} | "
+                      f"confident tokens {metrics['sft/token_confident']:.2f} | "
+                      f"{metrics['sft/elapsed_s']:.0f}s", flush=True)
+
+        run_sft(run.model, data, SFTConfig(
+            steps=steps, batch_size=c.batch_size, learning_rate=learning_rate,
+            warmup_steps=min(c.warmup_steps, steps // 2), chunk_size=run.train.chunk_size,
+            log_every=c.log_every), seed=stage_seed, log_fn=log_fn)
+        done += steps

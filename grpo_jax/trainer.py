@@ -1,13 +1,15 @@
 """`run(config, workdir)`: the GRPO experiment loop.
 
-    build env, tokenizer, model, mesh                       (grpo_jax.components)
-    resume from workdir/checkpoints, or warm start (SFT) and evaluate step 0
+    run = build(config, workdir)         env, tokenizer, model, mesh, settings, train step
+                                                                            (grpo_jax.components)
+    resume from workdir/checkpoints, or warm start (grpo_jax.sft) and evaluate step 0
     for step in 1..num_steps:
-        rows     = the step's prompts (a fixed permutation per epoch: a function of the step)
-        rollout  = episodes of the current policy, group_size per prompt   (grpo_jax.rollout)
-        rewards  = rubric scores (NaN where a reward function failed)
-        adv      = group_advantages(rewards)                                (grpo_jax.grpo)
-        state    = train_step(state, batch)                                 (grpo_jax.train_step)
+        batch, row = collector.collect(state, step):                        (`Collector`)
+            rows     = the step's prompts (a fixed permutation per epoch: a function of the step)
+            rollout  = episodes of the current policy, group_size per prompt (grpo_jax.rollout)
+            rewards  = rubric scores (NaN where a reward function failed), gathered over processes
+            adv      = group_advantages(rewards)                             (grpo_jax.advantages)
+        state    = run.train_step(state, batch)                             (grpo_jax.train_step)
         metrics of the previous step are fetched here (one step late: no host sync in the step)
         evaluate every eval_every steps; checkpoint every checkpoint.every steps
 
@@ -50,20 +52,21 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from grpo_jax import components, config_utils, distributed
+from grpo_jax import config_utils, distributed, guard
 from grpo_jax import sharding as sharding_lib
 from grpo_jax import workdir as workdir_lib
 from grpo_jax.advantages import group_advantages
-from grpo_jax.checkpoint import Checkpointer, abstract_like
-from grpo_jax.evaluation import evaluate
+from grpo_jax.checkpoint import Checkpointer
+from grpo_jax.components import Run, build, restore
+from grpo_jax.evaluation import evaluate_run
+from grpo_jax.memory import plan_for_run
 from grpo_jax.metrics import MetricsWriter, read_metrics, to_host
-from grpo_jax.rollout import check_template, model_sampler, rollout
-from grpo_jax import guard
-from grpo_jax.rubrics.rubric import check_rewards, nan_mean
+from grpo_jax.rollout import model_sampler, rollout
+from grpo_jax.rubrics.rubric import check_rewards
+from grpo_jax.utils import nan_mean
+from grpo_jax.sft import warm_start
 from grpo_jax.trajectories import metrics_from_stats
-from grpo_jax.train_step import init_train_state, make_train_step, split_params
 
 log = logging.getLogger(__name__)
 
@@ -83,210 +86,8 @@ def step_rows(num_rows: int, step: int, per_step: int, seed: int) -> np.ndarray:
     return np.asarray(out)
 
 
-class _StopFlag:
-    """Set by SIGTERM/SIGINT (main thread only); the loop checks it after every step."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def install(self):
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM,):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-        log.warning("received signal %d: finishing this step, then saving a checkpoint", signum)
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def check_config(config):
-    """The run's mesh, or `ConfigError` naming the field: before anything is built or written."""
-    config_utils.validate(config)
-    processes = jax.process_count()
-    if config.train.prompts_per_step % processes:
-        raise config_utils.ConfigError(
-            f"config.train.prompts_per_step: {config.train.prompts_per_step} prompts do not split "
-            f"evenly over {processes} processes (each rolls out whole groups)")
-    mesh = sharding_lib.mesh_from_config(config.mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows = config.train.prompts_per_step * config.rollout.group_size
-    micro = config.grpo.micro_batch_size or rows
-    if rows % shards or micro % shards:
-        raise config_utils.ConfigError(
-            f"config.train.prompts_per_step: the batch of {rows} rows (micro-batches of {micro}) must "
-            f"split evenly over the {shards} data-parallel devices (mesh data x fsdp)")
-    return mesh
-
-
-class Experiment:
-    """Everything `run` builds, exposed for notebooks and tools (`experiments/eval.py`)."""
-
-    def __init__(self, config, workdir: str):
-        self.mesh = check_config(config)
-        self.config = config
-        self.workdir = workdir
-        os.makedirs(workdir, exist_ok=True)
-        # This process's prompts of each step, and the global id of their first episode.
-        self.prompt_block = distributed.process_block(config.train.prompts_per_step)
-        self.episode_offset = self.prompt_block[0] * config.rollout.group_size
-        self.env = components.build_env(config.env)
-        self.tokenizer = self._build_tokenizer()
-        self.model = components.build_model(config, self.tokenizer, self.mesh if self.mesh.size > 1 else None)
-        self.sampling = components.sampling_config(config, self.tokenizer, self.model)
-        self.rollout_config = components.rollout_config(config, self.tokenizer)
-        self.train_config = components.train_config(config)
-        self.eval_config = components.eval_config(config)
-        self.train_rows = self.env.dataset("train", n=config.env.num_train, seed=config.env.data_seed)
-        self.eval_rows = self.env.dataset("test", n=config.eval.num_examples, seed=config.env.data_seed)
-        updates = config.train.num_steps * config.grpo.num_iterations
-        self.optimizer = components.optimizer(config, updates)
-        self.root_key = jax.random.key(config.seed)
-        self.graphdef, _, self.rest = split_params(self.model)
-        # The chat template must keep earlier turns unchanged (token-in / token-out rollouts).
-        check_template(self.tokenizer, self.env, self.train_rows[0])
-
-    def _build_tokenizer(self):
-        """The tokenizer; a trained one is trained by process 0 and read back by the others."""
-        if not distributed.is_multiprocess():
-            return components.build_tokenizer(self.config, self.env, self.workdir)
-        first = jax.process_index() == 0
-        tokenizer = components.build_tokenizer(self.config, self.env, self.workdir) if first else None
-        distributed.barrier("tokenizer")
-        return tokenizer or components.build_tokenizer(self.config, self.env, self.workdir)
-
-    def memory_plan(self):
-        """`grpo_jax.memory.plan_memory` of this run: its model, mesh, optimizer and batch."""
-        from grpo_jax.memory import GIB, plan_memory
-
-        c = self.config
-        rows = c.train.prompts_per_step * c.rollout.group_size
-        stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)() or {}
-        limit = stats.get("bytes_limit")
-        return plan_memory(self.model.config, dict(self.mesh.shape), optimizer=self.optimizer,
-                           with_reference=c.grpo.beta > 0, kv_batch=rows, kv_length=c.rollout.max_seq_len,
-                           gather_weights=c.sampling.gather_weights,
-                           train_batch=c.grpo.micro_batch_size or rows, train_seq=c.rollout.max_seq_len,
-                           chunk_size=self.train_config.chunk_size,
-                           device_memory_gib=limit / GIB if limit else None,
-                           label=c.model.hf_path or f"{self.model.config.model_type} from the config")
-
-    @property
-    def step_mesh(self):
-        return self.mesh if self.mesh.size > 1 else None
-
-    def policy(self, params):
-        return nnx.merge(self.graphdef, params, self.rest)
-
-    def sampling_policy(self, params):
-        """The policy rollouts sample from. One process: the train state's own weights. Several:
-        a copy on this process's devices (`distributed.local_copy`), so that each process samples
-        its share of the episodes on its own, turn by turn, without waiting for the others."""
-        if not distributed.is_multiprocess():
-            return self.policy(params)
-        return nnx.merge(self.graphdef, distributed.local_copy(params, self.mesh),
-                         distributed.local_copy(self.rest, self.mesh))
-
-    def evaluate(self, params, step: int) -> tuple[dict[str, float], str]:
-        """Held-out metrics of `params` (every process calls it; see `evaluation.evaluate`)."""
-        start = time.perf_counter()
-        metrics, text = evaluate(self.env, self.eval_rows, self.tokenizer, self.sampling_policy(params),
-                                 jax.random.fold_in(jax.random.fold_in(self.root_key, step), 1 << 20),
-                                 sampling=self.sampling, rollout_config=self.rollout_config,
-                                 config=self.eval_config)
-        metrics["eval/time_s"] = time.perf_counter() - start
-        return metrics, text
-
-    def step_prompts(self, step: int) -> list:
-        """This process's block of the rows of `step` (all of them on one process)."""
-        c = self.config
-        chosen = step_rows(len(self.train_rows), step, c.train.prompts_per_step, c.env.data_seed)
-        start, stop = self.prompt_block
-        return [self.train_rows[i] for i in chosen[start:stop]]
-
-    def train_batch(self, result, advantages, width: int) -> dict[str, Any]:
-        """The train step's batch: this process's trajectories (padded to `width`, the widest of
-        any process) and its rows of `advantages` ([B], the whole batch's), as global arrays."""
-        batch = {"tokens": result.tokens, "positions": result.positions, "segment_ids": result.segment_ids,
-                 "loss_mask": result.loss_mask, "old_logps": result.logprobs}
-        if not distributed.is_multiprocess():
-            return {**batch, "advantages": advantages}
-        pad_id = self.rollout_config.pad_id
-        batch = {k: np.pad(v, ((0, 0), (0, width - v.shape[1])),
-                           constant_values=pad_id if k == "tokens" else 0) for k, v in batch.items()}
-        start = self.episode_offset
-        batch["advantages"] = np.asarray(advantages)[start:start + len(result)]
-        rows = len(advantages)
-        return distributed.global_batch(batch, lambda ndim: sharding_lib.batch_sharding(self.mesh, ndim), rows)
-
-    def init_state(self):
-        return init_train_state(self.model, self.optimizer, self.root_key, mesh=self.step_mesh)
-
-    def restore(self, checkpointer: Checkpointer, step: int | None = None):
-        """(step, train state, reference params or None, meta) of a checkpoint of this run."""
-        template = self.init_state()
-        uses_ref = self.config.grpo.beta > 0
-        target = {"train": abstract_like(template), "ref": abstract_like(template.params) if uses_ref else None}
-        del template
-        step, restored, meta = checkpointer.restore(target, step)
-        return step, restored["train"], restored["ref"], meta
-
-    def save_policy(self, params, directory: str):
-        """Writes the policy as an HF checkpoint directory, with its tokenizer files."""
-        import shutil
-
-        from grpo_jax.models import save_hf
-
-        save_hf(self.policy(params), directory)
-        if jax.process_index() != 0:
-            return
-        if hasattr(self.tokenizer, "hf"):
-            self.tokenizer.hf.save_pretrained(directory)
-        else:  # a trained sentencepiece model: its files next to the weights
-            source = os.path.join(self.workdir, "tokenizer")
-            for name in os.listdir(source):
-                shutil.copy(os.path.join(source, name), directory)
-
-    def warm_start(self, writer: MetricsWriter):
-        """Supervised warm start (config.sft), in place: `steps` on the env's gold demonstrations,
-        then `mixed_steps` on demonstrations of which `direct_answer_fraction` skip the tool (with
-        `mixed_trained_tokens`, only their first completion tokens carry loss)."""
-        from grpo_jax import sft
-
-        c = self.config.sft
-        rows = self.env.dataset("train", n=c.num_demos, seed=self.config.env.data_seed)
-        stages = [("gold", 0.0, c.steps, c.learning_rate, self.config.seed, None)]
-        if c.mixed_steps:
-            stages.append(("mixed", c.direct_answer_fraction, c.mixed_steps, c.mixed_learning_rate,
-                           self.config.seed + 1, c.mixed_trained_tokens or None))
-        done, total = 0, sum(stage[2] for stage in stages)
-        for name, fraction, steps, learning_rate, seed, trained_tokens in stages:
-            if not steps:
-                continue
-            demos = components.demonstrations(self.env, rows, direct_answer_fraction=fraction, seed=seed)
-            data = sft.pack([sft.encode_demonstration(self.tokenizer, p, q, trained_tokens) for p, q in demos],
-                            self.tokenizer.pad_id)
-            if data["tokens"].shape[1] > self.model.config.max_position_embeddings:
-                raise config_utils.ConfigError(f"config.model.max_position_embeddings: demonstrations "
-                                               f"need {data['tokens'].shape[1]} positions")
-
-            def log_fn(step, metrics, offset=done, name=name):
-                writer.write(0, {**metrics, "sft/step": float(offset + step)})
-                if writer.is_writer:
-                    print(f"sft ({name}) step {offset + step}/{total} | loss {metrics['sft/loss']:.3f} | "
-                          f"confident tokens {metrics['sft/token_confident']:.2f} | "
-                          f"{metrics['sft/elapsed_s']:.0f}s", flush=True)
-
-            sft.run_sft(self.model, data, sft.SFTConfig(
-                steps=steps, batch_size=c.batch_size, learning_rate=learning_rate,
-                warmup_steps=min(c.warmup_steps, steps // 2), chunk_size=self.train_config.chunk_size,
-                log_every=c.log_every), seed=seed, log_fn=log_fn)
-            done += steps
+# ---------------------------------------------------------------------------------------------
+# The step's episodes: this process's rollout, gathered over processes.
 
 
 class Episodes(NamedTuple):
@@ -363,10 +164,10 @@ def _score_metrics(parts, rewards) -> dict[str, float]:
 
 
 def _rollout_row(episodes: Episodes, adv_info, elapsed_s: float) -> dict[str, float]:
+    """The step's host metrics: rollout and rubric metrics, advantage statistics, guard stats."""
     rewards = episodes.rewards
     row = {k: float(v) for k, v in episodes.rollout_metrics.items()}
-    row.update({k: float(v) for k, v in episodes.score_metrics.items()})
-    row["reward"] = float(np.nanmean(rewards)) if np.isfinite(rewards).any() else float("nan")
+    row.update({k: float(v) for k, v in episodes.score_metrics.items()})  # "reward", "reward/<f>" ...
     row["reward_std"] = float(np.nanstd(rewards)) if np.isfinite(rewards).any() else float("nan")
     row["completion_length"] = row.get("completion_length/mean", float("nan"))
     row["frac_reward_zero_std"] = float(adv_info["frac_reward_zero_std"])
@@ -376,6 +177,120 @@ def _rollout_row(episodes: Episodes, adv_info, elapsed_s: float) -> dict[str, fl
     # (workers started is left out: a resumed process starts its own).
     row.update({k: float(v) for k, v in guard.stats().items() if k != "guard/started_workers"})
     return row
+
+
+class Collector:
+    """`collect(state, step) -> (batch, row)`: the step's train batch and host metrics.
+
+    Process p rolls out its contiguous block of the step's prompts (episodes numbered by their
+    global ids, so the samples are those of a one-process run); the rewards are gathered, the
+    advantages computed on the whole batch, and p's rows become its block of the global batch.
+    """
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.block = distributed.process_block(run.config.train.prompts_per_step)
+        self.episode_offset = self.block[0] * run.config.rollout.group_size  # global id of the first
+
+    def prompts(self, step: int) -> list:
+        """This process's block of the rows of `step` (all of them on one process)."""
+        c, rows = self.run.config, self.run.train_rows
+        chosen = step_rows(len(rows), step, c.train.prompts_per_step, c.env.data_seed)
+        return [rows[i] for i in chosen[self.block[0]:self.block[1]]]
+
+    def collect(self, state, step: int) -> tuple[dict[str, Any], dict[str, float]]:
+        run, c = self.run, self.run.config
+        started = time.perf_counter()
+        sampler = model_sampler(run.sampling_policy(state.params), run.sampling)
+        result = rollout(run.env, self.prompts(step), run.tokenizer, sampler, jax.random.fold_in(run.root_key, step),
+                         run.rollout, episode_offset=self.episode_offset)
+        rollout_s = time.perf_counter() - started
+        episodes = gather_episodes(result, result.score(run.env))
+        check_rewards(episodes.rewards, episodes.score_metrics, step=step)
+        rewards = jnp.asarray(np.asarray(episodes.rewards, np.float32))
+        advantages, adv_info = _advantages(rewards, c.rollout.group_size, c.grpo.advantage_scale,
+                                           return_info=True)
+        batch = self.train_batch(result, advantages, episodes.width)
+        return batch, _rollout_row(episodes, jax.device_get(adv_info), rollout_s)
+
+    def train_batch(self, result, advantages, width: int) -> dict[str, Any]:
+        """The train step's batch: this process's trajectories (padded to `width`, the widest of
+        any process) and its rows of `advantages` ([B], the whole batch's), as global arrays."""
+        batch = {"tokens": result.tokens, "positions": result.positions, "segment_ids": result.segment_ids,
+                 "loss_mask": result.loss_mask, "old_logps": result.logprobs}
+        if not distributed.is_multiprocess():
+            return {**batch, "advantages": advantages}
+        pad_id = self.run.rollout.pad_id
+        batch = {k: np.pad(v, ((0, 0), (0, width - v.shape[1])),
+                           constant_values=pad_id if k == "tokens" else 0) for k, v in batch.items()}
+        batch["advantages"] = np.asarray(advantages)[self.episode_offset:self.episode_offset + len(result)]
+        mesh = self.run.mesh
+        return distributed.global_batch(batch, lambda ndim: sharding_lib.batch_sharding(mesh, ndim),
+                                        len(advantages))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side of the loop: late metrics, signals, the workdir.
+
+
+class _LateMetrics:
+    """A step's row, held until its device metrics are fetched (one step late: the next rollout
+    has already waited for the update, so fetching them then costs no host sync)."""
+
+    def __init__(self, writer: MetricsWriter, checkpointer: Checkpointer, config):
+        self.writer, self.checkpointer, self.config = writer, checkpointer, config
+        self.pending = None  # (step, device metrics, host row)
+
+    def hold(self, step: int, device_metrics, row: dict[str, float]):
+        self.flush()
+        self.pending = (step, device_metrics, row)
+
+    def flush(self):
+        """Writes the held row; `FloatingPointError` naming the step when its loss is not finite."""
+        if self.pending is None:
+            return
+        (step, device_metrics, row), self.pending = self.pending, None
+        row.update(to_host(device_metrics))
+        if not (math.isfinite(row.get("loss", 0.0)) and math.isfinite(row.get("grad_norm", 0.0))):
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {step} (loss={row.get('loss')}, grad_norm="
+                f"{row.get('grad_norm')}): its update was skipped and training stopped; the last "
+                f"checkpoint is step {self.checkpointer.latest_step()} under {self.checkpointer.directory}")
+        self.writer.write(step, row)
+        if step % self.config.train.log_every == 0 or step == self.config.train.num_steps:
+            self.writer.progress(step, row)
+
+
+class _StopFlag:
+    """Set by SIGTERM (main thread only); the loop checks it after every step."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM,):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        log.warning("received signal %d: finishing this step, then saving a checkpoint", signum)
+
+    def signalled(self) -> bool:
+        """A signal reached this process or, with several, any process (all stop together)."""
+        signalled = self.signal is not None
+        return distributed.any_process(signalled) if distributed.is_multiprocess() else signalled
+
+    def why(self, signalled: bool) -> str:
+        if not signalled:
+            return "stop_after"
+        return f"signal {self.signal}" if self.signal is not None else "a signal to another process"
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def claim_workdir(config, workdir: str) -> workdir_lib.WorkdirLock | None:
@@ -396,14 +311,62 @@ def claim_workdir(config, workdir: str) -> workdir_lib.WorkdirLock | None:
     return held
 
 
+def _print_memory_plan(run: Run):
+    if jax.process_index() != 0:
+        return
+    try:
+        print(plan_for_run(run).table(), flush=True)
+    except Exception as error:  # noqa: BLE001  (the plan informs; it must not stop a run)
+        log.warning("no memory plan for this config: %s: %s", type(error).__name__, error)
+
+
+def _evaluate(run: Run, writer: MetricsWriter, params, step: int) -> dict[str, float]:
+    """Evaluates `params`, logs the row and the sample conversations; returns the row."""
+    eval_row, text = evaluate_run(run, params, step)
+    writer.write(step, eval_row)
+    writer.progress(step, eval_row, prefix="eval at step")
+    writer.log_text("samples.txt", f"=== step {step}\n{text}")
+    return eval_row
+
+
+def _save(checkpointer: Checkpointer, step: int, state, ref_params, eval_before):
+    checkpointer.save(step, {"train": state, "ref": ref_params}, {"step": step, "eval_before": eval_before},
+                      force=True)
+
+
+def _begin(run: Run, writer: MetricsWriter, checkpointer: Checkpointer):
+    """A fresh start: warm start (config.sft), the initial state and reference, the evaluation
+    of step 0 and its checkpoint. Returns (0, state, reference params or None, eval row)."""
+    sft = run.config.sft
+    if sft.steps > 0 or sft.mixed_steps > 0:
+        warm_start(run, writer)
+    state = run.init_state()
+    ref_params = jax.tree.map(jnp.copy, state.params) if run.uses_reference else None
+    eval_before = _evaluate(run, writer, state.params, 0)
+    _save(checkpointer, 0, state, ref_params, eval_before)
+    return 0, state, ref_params, eval_before
+
+
+def _resumed(resumed, checkpointer: Checkpointer):
+    """(step, state, reference params, eval_before) of a restored checkpoint (`restore`)."""
+    start_step, state, ref_params, meta = resumed
+    log.info("resumed from the checkpoint of step %d", start_step)
+    print(f"resumed from step {start_step} ({checkpointer.directory})", flush=True)
+    return start_step, state, ref_params, meta.get("eval_before")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
 def run(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
     """Trains with GRPO as `config` says, writing metrics and checkpoints under `workdir`.
 
     `stop_after=s` stops after step s as SIGTERM would (checkpoint saved): a run sliced into
     time-limited jobs, or a test of resumption. Returns a summary: the evaluation before GRPO
-    (`eval_before`), after it (`eval_after`), the last step, and `stopped_early`.
+    (`eval_before`), after it (`eval_after`), the last step, `stopped_early` and the `state`.
     """
-    check_config(config)
+    config_utils.validate(config)  # before anything is built or written
     held = claim_workdir(config, workdir)
     try:
         return _run(config, workdir, stop_after)
@@ -414,124 +377,76 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any
 
 def _run(config, workdir: str, stop_after: int | None) -> dict[str, Any]:
     """`run` in a workdir this process has claimed."""
-    exp = Experiment(config, workdir)
     c = config
-    if jax.process_index() == 0:
-        try:
-            print(exp.memory_plan().table(), flush=True)
-        except Exception as error:  # noqa: BLE001  (the plan informs; it must not stop a run)
-            log.warning("no memory plan for this config: %s: %s", type(error).__name__, error)
+    # --- set-up
+    run = build(config, workdir)
+    _print_memory_plan(run)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
                                 async_save=c.checkpoint.async_save, owner=True)
-    writer = None
-    uses_ref = c.grpo.beta > 0
-    summary: dict[str, Any] = {"workdir": workdir}
-    stop = _StopFlag()
+    writer, stop = None, _StopFlag()
     stop.install()
     try:
-        start_step = None
-        if checkpointer.latest_step() is not None:
-            start_step, state, ref_params, meta = exp.restore(checkpointer)
+        # --- resume from the newest checkpoint, or begin: warm start, evaluate, checkpoint step 0
+        resumed = restore(run, checkpointer) if checkpointer.latest_step() is not None else None
+        restored_step = None if resumed is None else resumed[0]
         if jax.process_index() == 0:  # what a killed run logged past the start goes
-            workdir_lib.rewind(workdir, start_step)
+            workdir_lib.rewind(workdir, restored_step)
         writer = MetricsWriter(workdir, total_steps=c.train.num_steps,
-                               purge_step=0 if start_step is None else start_step + 1)
-        if start_step is None:
-            if c.sft.steps > 0 or c.sft.mixed_steps > 0:
-                exp.warm_start(writer)
-            state = exp.init_state()
-            ref_params = jax.tree.map(jnp.copy, state.params) if uses_ref else None
-            eval_row, text = exp.evaluate(state.params, 0)
-            writer.write(0, eval_row)
-            writer.progress(0, eval_row, prefix="eval at step")
-            writer.log_text("samples.txt", f"=== step 0\n{text}")
-            summary["eval_before"] = eval_row
-            checkpointer.save(0, {"train": state, "ref": ref_params}, {"step": 0, "eval_before": eval_row},
-                              force=True)
-            start_step = 0
-        else:
-            summary["eval_before"] = meta.get("eval_before")
-            log.info("resumed from the checkpoint of step %d", start_step)
-            print(f"resumed from step {start_step} ({checkpointer.directory})", flush=True)
-
-        step_fn = make_train_step(exp.model, exp.optimizer, exp.train_config, mesh=exp.step_mesh)
-        pending = None  # (step, device metrics, host row) of the step whose metrics are in flight
-
-        def flush():
-            nonlocal pending
-            if pending is None:
-                return
-            step, device_metrics, row = pending
-            pending = None
-            row.update(to_host(device_metrics))
-            if not (math.isfinite(row.get("loss", 0.0)) and math.isfinite(row.get("grad_norm", 0.0))):
-                raise FloatingPointError(
-                    f"non-finite loss or gradient at step {step} (loss={row.get('loss')}, grad_norm="
-                    f"{row.get('grad_norm')}): its update was skipped and training stopped; the last "
-                    f"checkpoint is step {checkpointer.latest_step()} under {checkpointer.directory}")
-            writer.write(step, row)
-            if step % c.train.log_every == 0 or step == c.train.num_steps:
-                writer.progress(step, row)
+                               purge_step=0 if restored_step is None else restored_step + 1)
+        start_step, state, ref_params, eval_before = (
+            _begin(run, writer, checkpointer) if resumed is None else _resumed(resumed, checkpointer))
+        summary: dict[str, Any] = {"workdir": workdir, "eval_before": eval_before}
+        collector, late = Collector(run), _LateMetrics(writer, checkpointer, c)
 
         last_step = start_step
         for step in range(start_step + 1, c.train.num_steps + 1):
+            # --- rollout, score, advantages (this process's block; rewards gathered)
             started = time.perf_counter()
-            key = jax.random.fold_in(exp.root_key, step)
-            sampler = model_sampler(exp.sampling_policy(state.params), exp.sampling)
-            result = rollout(exp.env, exp.step_prompts(step), exp.tokenizer, sampler, key, exp.rollout_config,
-                             episode_offset=exp.episode_offset)
-            rollout_s = time.perf_counter() - started
-            flush()  # the rollout above already waited for the previous update
-            episodes = gather_episodes(result, result.score(exp.env))
-            check_rewards(episodes.rewards, episodes.score_metrics, step=step)
-            rewards = jnp.asarray(np.asarray(episodes.rewards, np.float32))
-            advantages, adv_info = _advantages(rewards, c.rollout.group_size, c.grpo.advantage_scale,
-                                               return_info=True)
-            batch = exp.train_batch(result, advantages, episodes.width)
-            state, device_metrics = step_fn(state, batch, ref_params)
-            row = _rollout_row(episodes, jax.device_get(adv_info), rollout_s)
+            try:
+                batch, row = collector.collect(state, step)
+            finally:  # the previous step's metrics (the rollout waited for its update), even
+                late.flush()  # when this step's rewards all failed
+            # --- update
+            state, device_metrics = run.train_step(state, batch, ref_params)
             # The next rollout samples from these weights anyway; waiting here keeps a second
             # multi-device program (a gather, the sampler) from starting while the step runs:
             # XLA:CPU runs devices on one thread pool, and two collective programs in flight
             # can deadlock when devices outnumber threads.
             jax.block_until_ready(state.params)
             row["step_time"] = time.perf_counter() - started
-            pending = (step, device_metrics, row)
+            # --- log (one step late), evaluate, checkpoint, stop
+            late.hold(step, device_metrics, row)
             last_step = step
-
             if step % c.train.eval_every == 0 or step == c.train.num_steps:
-                flush()
-                eval_row, text = exp.evaluate(state.params, step)
-                writer.write(step, eval_row)
-                writer.progress(step, eval_row, prefix="eval at step")
-                writer.log_text("samples.txt", f"=== step {step}\n{text}")
-                summary["eval_after"] = eval_row
-            signalled = stop.signal is not None
-            if distributed.is_multiprocess():  # all processes stop together, or none
-                signalled = distributed.any_process(signalled)
+                late.flush()
+                summary["eval_after"] = _evaluate(run, writer, state.params, step)
+            signalled = stop.signalled()
             stopping = signalled or step == stop_after
             if step % c.checkpoint.every == 0 or step == c.train.num_steps or stopping:
-                flush()
-                checkpointer.save(step, {"train": state, "ref": ref_params},
-                                  {"step": step, "eval_before": summary.get("eval_before")}, force=True)
+                late.flush()
+                _save(checkpointer, step, state, ref_params, eval_before)
             if stopping:
                 checkpointer.wait()
-                why = ("stop_after" if not signalled else f"signal {stop.signal}" if stop.signal is not None
-                       else "a signal to another process")
-                print(f"stopped by {why} after step {step}; checkpoint saved under "
+                print(f"stopped by {stop.why(signalled)} after step {step}; checkpoint saved under "
                       f"{checkpointer.directory}", flush=True)
                 break
-        flush()
+        # --- finish
+        late.flush()
         checkpointer.wait()
-        summary.update({"last_step": last_step, "stopped_early": last_step < c.train.num_steps})
-        if ("eval_after" not in summary and last_step == c.train.num_steps
-                and os.path.exists(os.path.join(workdir, "metrics.jsonl"))):
-            summary["eval_after"] = next((r for r in reversed(read_metrics(workdir))
-                                          if r["step"] == last_step and "eval/accuracy" in r), None)
-        summary["state"] = state
-        return summary
+        return _finish(summary, workdir, state, last_step, c.train.num_steps)
     finally:
         stop.restore()
         if writer is not None:
             writer.close()
         checkpointer.close()
+
+
+def _finish(summary, workdir: str, state, last_step: int, num_steps: int) -> dict[str, Any]:
+    """The run's summary; a run resumed after its last evaluation reads `eval_after` back."""
+    summary.update({"last_step": last_step, "stopped_early": last_step < num_steps})
+    if ("eval_after" not in summary and last_step == num_steps
+            and os.path.exists(os.path.join(workdir, "metrics.jsonl"))):
+        summary["eval_after"] = next((r for r in reversed(read_metrics(workdir))
+                                      if r["step"] == last_step and "eval/accuracy" in r), None)
+    summary["state"] = state
+    return summary

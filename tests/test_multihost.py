@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from tokenizer_fixtures import sp_tokenizer, sp_tokenizer_dir  # noqa: F401  (fixtures used by name)
 
-from grpo_jax import distributed, trainer
+from grpo_jax import components, distributed, trainer
 from grpo_jax import rollout as rl
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.envs import EnvGroup
@@ -119,10 +119,10 @@ def _restored_params(workdir):
     config = _config()
     with config.unlocked():
         config.mesh.data, config.mesh.fsdp = 1, -1  # not the mesh the checkpoint was written on
-    exp = trainer.Experiment(config, workdir)
+    run = components.build(config, workdir)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
-        step, state, _, _ = exp.restore(checkpointer)
+        step, state, _, _ = components.restore(run, checkpointer)
     finally:
         checkpointer.close()
     return step, jax.tree.map(np.asarray, jax.device_get(state.params))

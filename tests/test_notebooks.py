@@ -94,7 +94,7 @@ def test_with_overrides_sets_fields_on_a_copy_and_rejects_typos():
                                             "env.rubric_weights": {"strict_format": 0.0}})
     assert (config.grpo.loss_type, config.grpo.epsilon_high) == ("dapo", 0.28)
     assert config.env.rubric_weights.to_dict() == {"strict_format": 0.0}
-    assert (base.grpo.loss_type, base.grpo.epsilon_high) == ("grpo", 0.0)  # the base is untouched
+    assert (base.grpo.loss_type, base.grpo.epsilon_high) == ("grpo", None)  # the base is untouched
     assert config.is_locked
     with pytest.raises(KeyError, match="grpo.bta"):
         ablation.with_overrides(base, {"grpo.bta": 0.1})

@@ -11,7 +11,7 @@ from grpo_jax.envs.calculator import CalculatorEnv, calculator
 from grpo_jax.envs.countdown import CountdownEnv, check_solution
 from grpo_jax.envs.procedural import split_of
 from grpo_jax.envs.safe_math import ExpressionError, evaluate, parse_and_evaluate
-from grpo_jax.rubrics import audit_rubric, think_answer_parser
+from grpo_jax.rubrics import think_answer_parser
 
 
 # -- safe arithmetic ---------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def test_calculator_rewards_for_other_behaviours():
 def test_default_task_rubrics_pass_the_audit(make_env):
     env = make_env()
     rows = env.dataset("test", 4)
-    report = audit_rubric(env.rubric, rows, env=env, threshold=0.5)
+    report = env.audit(rows, threshold=0.5)
     assert report.passed, report.summary()
     assert report.gold_score >= 1.2
 
@@ -157,7 +157,7 @@ def test_group_of_tasks_audits_and_scores():
     group = EnvGroup([ArithmeticEnv(), CountdownEnv(), CalculatorEnv()])
     rows = group.dataset("train", 9, seed=2)
     assert sorted(r["task"] for r in rows) == ["arithmetic"] * 3 + ["calculator"] * 3 + ["countdown"] * 3
-    report = audit_rubric(group.rubric, rows, env=group)
+    report = group.audit(rows)
     assert report.passed, report.summary()
     episodes = replay_episodes(group, rows, [group.gold_completion(r) for r in rows])
     scores = group.score_episodes(episodes)

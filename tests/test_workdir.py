@@ -149,7 +149,7 @@ def test_lock_is_released_when_the_run_fails(tmp_path, monkeypatch):
     def broken(config, workdir):
         raise RuntimeError("broken build")
 
-    monkeypatch.setattr(trainer, "Experiment", broken)
+    monkeypatch.setattr(trainer, "build", broken)
     with pytest.raises(RuntimeError, match="broken build"):
         trainer.run(_config(), str(tmp_path))
     with workdir_lib.lock(str(tmp_path)):

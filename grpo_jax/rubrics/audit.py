@@ -119,7 +119,7 @@ def _row_start(row: Mapping[str, Any]) -> tuple[list, dict]:
 
 def audit_rubric(rubric: Any, rows: Sequence[Mapping[str, Any]], *, threshold: float = 0.5,
                  hacks: Sequence[Hack] = DEFAULT_HACKS, starts: Sequence[tuple[list, dict]] | None = None,
-                 gold: Sequence[Any] | None = None, env: Any = None) -> AuditReport:
+                 gold: Sequence[Any] | None = None) -> AuditReport:
     """Score `rubric` on every hack built from every row and flag those scoring above `threshold`.
 
     rows:   dataset rows with at least "answer" (and "question" or "prompt"; "info" optional).
@@ -128,14 +128,10 @@ def audit_rubric(rubric: Any, rows: Sequence[Mapping[str, Any]], *, threshold: f
             its answer and info.
     gold:   finished gold episodes (`.prompt`, `.completion`, `.state`), e.g. an env's replayed
             demonstrations: their mean reward is the control `gold_score`.
-    env:    the old spelling of `env.audit(rows, ...)` (`grpo_jax.envs.Environment.audit`), which
-            passes its starts and gold episodes here.
+    An env audits its own rubric with `env.audit(rows)` (`grpo_jax.envs.Environment.audit`),
+    which passes its starts and gold episodes here.
     A NaN reward (a failing function) counts as 0 for the mean: failing is not hacking.
     """
-    if env is not None:
-        if rubric is not env.rubric:
-            raise ValueError("audit_rubric(rubric, rows, env=env) audits env.rubric; use env.audit(rows)")
-        return env.audit(rows, threshold=threshold, hacks=hacks)
     rows = list(rows)
     starts = [_row_start(row) for row in rows] if starts is None else list(starts)
     if len(starts) != len(rows):
