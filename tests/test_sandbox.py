@@ -515,3 +515,10 @@ def test_missing_mechanisms_are_loud_once(caplog, monkeypatch):
         assert full.warning == ""
     else:
         assert full.warning.startswith("sandbox isolation degraded"), full
+
+
+def test_process_tree_is_still_importable_from_isolation():
+    """`kill_tree` and `descendants` moved to `process_tree`; `isolation` re-exports them."""
+    from grpo_jax.envs import isolation, process_tree
+    assert isolation.kill_tree is process_tree.kill_tree
+    assert isolation.descendants is process_tree.descendants

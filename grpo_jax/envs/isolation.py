@@ -3,7 +3,9 @@
 Standard library only. `grpo_jax.envs.sandbox` runs this file's source in the child
 interpreter (which cannot import grpo_jax) before `sandbox_child` installs the audit hook;
 `enter(config)` returns only in the process that will run the user's code. The parent
-imports it too, for `kill_tree`.
+imports it too, for `MECHANISMS`. Process-tree killing is in `process_tree` (re-exported
+here); in the child, which cannot import grpo_jax, the loader puts its functions in this
+module's globals before running it.
 
 With namespaces (root, or any user where unprivileged user namespaces are allowed), three
 processes:
@@ -29,6 +31,9 @@ writes to the work directory and reads to the same paths as above, and refuses T
 """
 
 import ctypes, os, platform, signal, stat
+
+if "kill_tree" not in globals():  # imported normally, not loaded by the sandbox's child
+    from grpo_jax.envs.process_tree import descendants, kill_tree  # noqa: F401
 
 NOBODY = 65534
 MECHANISMS = ("filesystem_ns", "pid_ns", "net_ns", "no_privileges", "landlock", "landlock_net",
@@ -338,41 +343,6 @@ def _reap_until(pid):
 
 def _exit_code(status):
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-
-
-def descendants(root):
-    """Live (not zombie) descendants of `root`, parents before children, via /proc."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry, "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] not in (b"Z", b"X"):
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    found, queue = [], [root]
-    while queue:
-        for pid in children.get(queue.pop(0), ()):
-            found.append(pid)
-            queue.append(pid)
-    return found
-
-
-def kill_tree(root, rounds=100):
-    """SIGKILLs every descendant of `root` (not `root`), rescanning until none is left:
-    a process forked between two scans is found by the next."""
-    for _ in range(rounds):
-        victims = descendants(root)
-        if not victims:
-            return
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 # ---------------------------------------------------------------------------- privileges

@@ -3,7 +3,8 @@
 ``run_python(code)`` writes ``code`` to ``main.py`` in a fresh temporary directory, runs it
 in a child interpreter and returns a ``SandboxResult`` (stdout, stderr, exit code, why it
 stopped, wall time, and which kernel mechanisms were in force). The directory is deleted
-afterwards.
+afterwards. This module builds the child's program and reads its result;
+``grpo_jax.envs.supervisor`` is the parent's side of the run (pipes, limits, killing).
 
 Threat model. The code comes from a policy being trained: usually harmless, sometimes
 careless (endless loops, huge prints, a million files, a daemon left running), now and then
@@ -48,16 +49,13 @@ import logging
 import math
 import os
 import pathlib
-import selectors
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 
-from grpo_jax.envs import isolation, sandbox_child
+from grpo_jax.envs import isolation, process_tree, sandbox_child, supervisor
 
 STATUSES = ("ok", "error", "timeout", "memory", "output_limit", "disk_limit", "forbidden",
             "killed")
@@ -66,8 +64,6 @@ _EXIT_MEMORY = sandbox_child.EXIT_MEMORY
 _EXIT_FORBIDDEN = sandbox_child.EXIT_FORBIDDEN
 _MAX_OPEN_FILES = 256
 _MAX_DISK_FILES = 4096  # files and directories in the work directory
-_READ_CHUNK = 65536
-_DISK_POLL_S = 0.1  # without the tmpfs quota: how often the parent measures the directory
 _DEADLINE_MARGIN_S = 10  # helpers give up this long after the timeout if the parent died
 # What the code may see: system directories and the interpreter, read-only; device files.
 _SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
@@ -79,24 +75,28 @@ _log = logging.getLogger(__name__)
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
-# The child's program: the two bootstrap modules' sources, loaded as modules; the isolation
-# module is emptied (its ctypes handles dropped) before the user's code runs.
+# The child's program: the bootstrap modules' sources, loaded as modules (process_tree's
+# functions put in isolation's globals, as it cannot import them); the isolation module is
+# emptied (its ctypes handles dropped) before the user's code runs.
 _LOADER = """\
 import sys, types
-def load(name, source):
+def load(name, source, **names):
     module = types.ModuleType(name)
+    module.__dict__.update(names)
     exec(compile(source, name + ".py", "exec"), module.__dict__)
     return module
-isolation, child = load("isolation", ISOLATION), load("sandbox_child", CHILD)
-del ISOLATION, CHILD
+tree = load("process_tree", PROCESS_TREE)
+isolation = load("isolation", ISOLATION, descendants=tree.descendants, kill_tree=tree.kill_tree)
+child = load("sandbox_child", CHILD)
+del PROCESS_TREE, ISOLATION, CHILD, tree
 isolation.enter(CONFIG)
 isolation.__dict__.clear()
 del isolation, load
 child.main(*LIMITS)
 """
-_SOURCES = "ISOLATION = %r\nCHILD = %r\n" % (
-    pathlib.Path(isolation.__file__).read_text(encoding="utf-8"),
-    pathlib.Path(sandbox_child.__file__).read_text(encoding="utf-8"))
+_SOURCES = "PROCESS_TREE = %r\nISOLATION = %r\nCHILD = %r\n" % tuple(
+    pathlib.Path(module.__file__).read_text(encoding="utf-8")
+    for module in (process_tree, isolation, sandbox_child))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,11 +240,12 @@ def _run(code: str, *, timeout_s: float, memory_mb: int, max_output_bytes: int =
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         try:
-            return _supervise(argv, workdir, env, stdin.encode("utf-8", "replace"),
-                              timeout_s, max_output_bytes, status_read, status_write,
-                              disk_bytes)
+            outcome = supervisor.supervise(
+                argv, workdir, env, stdin.encode("utf-8", "replace"), timeout_s,
+                max_output_bytes, status_read, status_write, disk_bytes, _MAX_DISK_FILES)
         finally:
-            os.close(status_read)  # status_write is closed by _supervise once started
+            os.close(status_read)  # status_write is closed by supervise once started
+        return _result(outcome)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -257,147 +258,32 @@ def _read_paths() -> tuple[str, ...]:
     return tuple(sorted(os.path.abspath(p) for p in paths if os.path.lexists(p)))
 
 
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _supervise(argv, workdir, env, stdin_bytes: bytes, timeout_s: float,
-               max_output_bytes: int, status_read: int, status_write: int,
-               disk_bytes: int) -> SandboxResult:
-    """Starts the child, streams its pipes with bounded buffers, enforces the wall clock
-    (and, without the tmpfs, the disk quota), and kills all it started whatever happens."""
-    start = time.monotonic()
-    deadline = start + timeout_s
-    try:
-        proc = subprocess.Popen(
-            argv, cwd=workdir, env=env, start_new_session=True, close_fds=True,
-            pass_fds=(status_write,),
-            stdin=subprocess.PIPE if stdin_bytes else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    finally:
-        os.close(status_write)
-    buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
-    overflow = {fd: False for fd in buffers}
-    status_lines = bytearray()
-    stopped_by = None  # "timeout" | "output_limit" | "disk_limit" when the parent stopped it
-    group_killed = False
-    next_disk_poll = start + _DISK_POLL_S
-    pending_stdin = memoryview(stdin_bytes)
-    stdin_fd = proc.stdin.fileno() if proc.stdin is not None else -1
-    selector = selectors.DefaultSelector()
-    try:
-        for fd in (proc.stdout.fileno(), proc.stderr.fileno(), status_read):
-            os.set_blocking(fd, False)
-            selector.register(fd, selectors.EVENT_READ)
-        if stdin_bytes:
-            os.set_blocking(stdin_fd, False)
-            selector.register(stdin_fd, selectors.EVENT_WRITE)
-        while selector.get_map():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                stopped_by = "timeout"
-                break
-            for key, _ in selector.select(min(remaining, _DISK_POLL_S)):
-                fd = key.fd
-                if fd == stdin_fd:
-                    try:
-                        written = os.write(fd, pending_stdin[:_READ_CHUNK])
-                    except (BrokenPipeError, BlockingIOError) as error:
-                        written = 0 if isinstance(error, BlockingIOError) else len(pending_stdin)
-                    pending_stdin = pending_stdin[written:]
-                    if not pending_stdin:
-                        selector.unregister(fd)
-                        proc.stdin.close()
-                    continue
-                try:
-                    chunk = os.read(fd, _READ_CHUNK)
-                except BlockingIOError:
-                    continue
-                if not chunk:
-                    selector.unregister(fd)
-                    continue
-                if fd == status_read:
-                    status_lines += chunk[: 65536 - len(status_lines)]
-                    continue
-                buffer = buffers[fd]
-                buffer += chunk[: max_output_bytes + 1 - len(buffer)]
-                if len(buffer) > max_output_bytes:
-                    overflow[fd] = True
-                    del buffer[max_output_bytes:]
-                    stopped_by = "output_limit"
-            if not stopped_by and time.monotonic() >= next_disk_poll:
-                next_disk_poll = time.monotonic() + _DISK_POLL_S
-                if _disk_used(workdir, disk_bytes, _MAX_DISK_FILES):
-                    stopped_by = "disk_limit"
-            if stopped_by:
-                break
-            if not group_killed and proc.poll() is not None:
-                # The main process is gone; kill whatever it left behind so
-                # that inherited pipe ends close and the loop sees EOF.
-                _kill_group(proc.pid)
-                group_killed = True
-        if stopped_by is None:
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.001))
-            except subprocess.TimeoutExpired:
-                stopped_by = "timeout"
-    finally:
-        _stop(proc)
-        selector.close()
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-    try:  # whatever the helpers wrote before they ended
-        while len(status_lines) < 65536 and (chunk := os.read(status_read, _READ_CHUNK)):
-            status_lines += chunk
-    except BlockingIOError:
-        pass
-    report = _parse_status(bytes(status_lines))
-    returncode = proc.returncode
+def _result(outcome: supervisor.Outcome) -> SandboxResult:
+    """The run's status, output and isolation, from what the parent and the helpers saw."""
+    report = _parse_status(outcome.status_lines)
+    returncode = outcome.returncode
     if "exit" in report:
         returncode = os.waitstatus_to_exitcode(report["exit"])
-    disk_full = report["disk_full"] or stopped_by == "disk_limit"
-    status = stopped_by or _status_from_returncode(returncode)
+    disk_full = report["disk_full"] or outcome.stopped_by == "disk_limit"
+    status = outcome.stopped_by or _status_from_returncode(returncode)
     if disk_full and status in ("error", "killed"):
         status = "disk_limit"
-    warning = _warning(report["isolation"], report["notes"])
-    stdout_fd, stderr_fd = list(buffers)
     return SandboxResult(
         status=status,
-        stdout=bytes(buffers[stdout_fd]).decode("utf-8", "replace"),
-        stderr=bytes(buffers[stderr_fd]).decode("utf-8", "replace"),
+        stdout=outcome.stdout.decode("utf-8", "replace"),
+        stderr=outcome.stderr.decode("utf-8", "replace"),
         returncode=returncode,
-        wall_time_s=time.monotonic() - start,
-        stdout_truncated=overflow[stdout_fd],
-        stderr_truncated=overflow[stderr_fd],
+        wall_time_s=outcome.wall_time_s,
+        stdout_truncated=outcome.stdout_truncated,
+        stderr_truncated=outcome.stderr_truncated,
         disk_full=disk_full,
         isolation=report["isolation"],
-        warning=warning,
+        warning=_warning(report["isolation"], report["notes"]),
     )
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Kills every process of the run and returns once they are gone.
-
-    With a PID namespace, killing its init (the outer process's child) makes the kernel
-    kill the rest; the outer process reaps init after that and exits. Without one, the
-    outer process is a subreaper: its descendants are found and killed here, and it reaps
-    them before exiting.
-    """
-    if proc.poll() is None:
-        isolation.kill_tree(proc.pid)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-    _kill_group(proc.pid)
-    proc.wait()
-
-
 def _parse_status(data: bytes) -> dict:
+    """The helpers' status lines as {"isolation", "notes", "disk_full"[, "exit"]}."""
     mechanisms, notes, exit_status, disk_full = set(), [], None, False
     for line in data.decode("utf-8", "replace").splitlines():
         kind, _, text = line.partition(" ")
@@ -445,30 +331,8 @@ def _warning(mechanisms: tuple[str, ...], notes: list[str]) -> str:
     return text
 
 
-def _disk_used(workdir: str, max_bytes: int, max_entries: int) -> bool:
-    """Whether the directory holds more than ``max_bytes`` (allocated) or ``max_entries``
-    files; stops counting at the first limit passed."""
-    used, entries, stack = 0, 0, [workdir]
-    while stack:
-        try:
-            with os.scandir(stack.pop()) as it:
-                for entry in it:
-                    entries += 1
-                    try:
-                        info = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    used += info.st_blocks * 512
-                    if used > max_bytes or entries > max_entries:
-                        return True
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-        except OSError:
-            continue
-    return False
-
-
 def _status_from_returncode(returncode: int) -> str:
+    """The status a run that the parent did not stop gets from its exit code."""
     if returncode == 0:
         return "ok"
     if returncode == _EXIT_FORBIDDEN:
