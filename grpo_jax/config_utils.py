@@ -248,8 +248,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         make(c)
     if c.grpo.advantage_scale not in ADVANTAGE_SCALES:
         _fail("grpo.advantage_scale", f"{c.grpo.advantage_scale!r} is not one of {ADVANTAGE_SCALES}")
-    if c.grpo.loss_type == "cispo" and not (c.grpo.epsilon_high or 0) > 0:
-        _fail("grpo.epsilon_high", "cispo needs epsilon_high > 0 (its truncation level)")
     if c.rollout.group_size < 2:
         _fail("rollout.group_size", f"GRPO needs at least 2 completions per prompt, got {c.rollout.group_size}")
     if c.sampling.temperature <= 0:

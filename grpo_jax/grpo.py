@@ -224,9 +224,7 @@ def policy_loss_sum(logps, old_logps, advantages, mask, *, ref_logps=None, loss_
         max_completion_length, ref_logps is not None, sampler_logps is not None, tis_cap)
     inputs = [logps, old_logps] + [x for x in (ref_logps, sampler_logps) if x is not None]
     dtype = jnp.result_type(*[jnp.asarray(x).dtype for x in inputs], jnp.float32)
-
     present_BT = jnp.asarray(mask) != 0
-    present_f_BT = present_BT.astype(dtype)
 
     def masked(x_BT):
         # Replace masked positions *before* arithmetic so that NaN / -inf padding can
@@ -235,55 +233,80 @@ def policy_loss_sum(logps, old_logps, advantages, mask, *, ref_logps=None, loss_
 
     logps_BT, old_logps_BT = masked(logps), masked(old_logps)
     advantages_B1 = jnp.asarray(advantages).astype(dtype)[:, None]
-    num_tokens_B = present_f_BT.sum(axis=-1)
-    sg = jax.lax.stop_gradient
-
-    log_ratio_BT = logps_BT - old_logps_BT
-    if settings["sequence_level"]:
-        seq_log_ratio_B = log_ratio_BT.sum(axis=-1) / jnp.maximum(num_tokens_B, 1.0)
-        ratio_BT = jnp.exp(sg(seq_log_ratio_B))[:, None] * jnp.exp(logps_BT - sg(logps_BT))
-    else:
-        ratio_BT = jnp.exp(log_ratio_BT)
-
-    eps_low, eps_high = epsilon, settings["epsilon_high"]
+    num_tokens_B = present_BT.astype(dtype).sum(axis=-1)
+    ratio_BT = _ratio(logps_BT, old_logps_BT, num_tokens_B, settings["sequence_level"])
+    tis_weight_BT, raw_tis_BT = 1.0, None
     if settings["use_tis"]:
-        sampler_logps_BT = masked(sampler_logps)
-        raw_tis_BT = jnp.exp(old_logps_BT - sampler_logps_BT)
-        tis_weight_BT = sg(jnp.minimum(raw_tis_BT, tis_cap))
-    else:
-        tis_weight_BT = 1.0
-
-    if loss_type == "cispo":
-        lower = 1.0 - eps_low if cispo_clip_low else -jnp.inf
-        is_weight_BT = sg(jnp.clip(ratio_BT, lower, 1.0 + eps_high))
-        pg_loss_BT = -tis_weight_BT * is_weight_BT * advantages_B1 * logps_BT
-        clip_high_BT = ratio_BT > 1.0 + eps_high
-        clip_low_BT = (ratio_BT < 1.0 - eps_low) if cispo_clip_low else jnp.zeros_like(present_BT)
-    else:
-        unclipped_ratio_BT = ratio_BT if delta is None else jnp.minimum(ratio_BT, delta)
-        clipped_ratio_BT = jnp.clip(ratio_BT, 1.0 - eps_low, 1.0 + eps_high)
-        surrogate_BT = jnp.minimum(unclipped_ratio_BT * advantages_B1,
-                                   clipped_ratio_BT * advantages_B1)
-        pg_loss_BT = -tis_weight_BT * surrogate_BT
-        clip_low_BT = (ratio_BT < 1.0 - eps_low) & (advantages_B1 < 0)
-        clip_high_BT = (ratio_BT > 1.0 + eps_high) & (advantages_B1 > 0)
-
-    token_loss_BT = pg_loss_BT
-    if ref_logps is not None:
-        kl_BT = k3_kl(logps_BT, masked(ref_logps))
-        if settings["use_kl"]:
-            token_loss_BT = token_loss_BT + beta * kl_BT
+        raw_tis_BT = jnp.exp(old_logps_BT - masked(sampler_logps))
+        tis_weight_BT = jax.lax.stop_gradient(jnp.minimum(raw_tis_BT, tis_cap))
+    token_loss_BT, clip_low_BT, clip_high_BT = _token_loss(
+        loss_type, ratio_BT, logps_BT, advantages_B1, tis_weight_BT, epsilon=epsilon,
+        epsilon_high=settings["epsilon_high"], delta=delta, cispo_clip_low=cispo_clip_low)
+    kl_BT = None if ref_logps is None else k3_kl(logps_BT, masked(ref_logps))
+    if settings["use_kl"]:
+        token_loss_BT = token_loss_BT + beta * kl_BT
 
     if loss_type in _PER_SEQUENCE_MEAN:
         row_weight_B1 = (1.0 / jnp.maximum(num_tokens_B, 1.0))[:, None]
     else:
         row_weight_B1 = 1.0
     loss_sum = jnp.sum(jnp.where(present_BT, row_weight_B1 * token_loss_BT, 0.0))
+    metric_sums = _metric_sums(
+        present_BT, dtype, ratio_BT, advantages_B1, clip_low_BT, clip_high_BT, kl_BT=kl_BT,
+        delta=delta, tis_weight_BT=tis_weight_BT, raw_tis_BT=raw_tis_BT, tis_cap=tis_cap)
+    return loss_sum, metric_sums
 
+
+def _ratio(logps_BT, old_logps_BT, num_tokens_B, sequence_level: bool):
+    """The importance ratio ``r_it`` of each token (masked positions hold 0 log-probs):
+
+        token:     r_it = exp(logp_it - old_logp_it)
+        sequence:  r_it = sg(s_i) exp(logp_it - sg(logp_it)),
+                   s_i  = exp((1/n_i) sum_t m_it (logp_it - old_logp_it))    (GSPO-token)
+    """
+    sg = jax.lax.stop_gradient
+    log_ratio_BT = logps_BT - old_logps_BT
+    if not sequence_level:
+        return jnp.exp(log_ratio_BT)
+    seq_log_ratio_B = log_ratio_BT.sum(axis=-1) / jnp.maximum(num_tokens_B, 1.0)
+    return jnp.exp(sg(seq_log_ratio_B))[:, None] * jnp.exp(logps_BT - sg(logps_BT))
+
+
+def _token_loss(loss_type, ratio_BT, logps_BT, advantages_B1, tis_weight_BT, *, epsilon,
+                epsilon_high, delta, cispo_clip_low):
+    """Each token's policy-gradient loss, ``w_it`` the TIS weight (or 1):
+
+        clipped surrogates (PPO; min(r, delta) is r without delta):
+          l_it = -w_it min(min(r_it, delta) A_i, clip(r_it, 1 - eps, 1 + eps_high) A_i)
+        cispo (MiniMax-M1; lower = 1 - eps with cispo_clip_low, else none):
+          l_it = -w_it sg(clip(r_it, lower, 1 + eps_high)) A_i log pi_theta(y_it)
+
+    Returns ``(l_BT, clip_low_BT, clip_high_BT)``: where the lower / upper clip is active
+    (r < 1 - eps with A < 0 / r > 1 + eps_high with A > 0; cispo: its weight truncated).
+    """
+    if loss_type == "cispo":
+        lower = 1.0 - epsilon if cispo_clip_low else -jnp.inf
+        is_weight_BT = jax.lax.stop_gradient(jnp.clip(ratio_BT, lower, 1.0 + epsilon_high))
+        loss_BT = -tis_weight_BT * is_weight_BT * advantages_B1 * logps_BT
+        clip_high_BT = ratio_BT > 1.0 + epsilon_high
+        if cispo_clip_low:
+            return loss_BT, ratio_BT < 1.0 - epsilon, clip_high_BT
+        return loss_BT, jnp.zeros(ratio_BT.shape, bool), clip_high_BT
+    unclipped_ratio_BT = ratio_BT if delta is None else jnp.minimum(ratio_BT, delta)
+    clipped_ratio_BT = jnp.clip(ratio_BT, 1.0 - epsilon, 1.0 + epsilon_high)
+    surrogate_BT = jnp.minimum(unclipped_ratio_BT * advantages_B1, clipped_ratio_BT * advantages_B1)
+    clip_low_BT = (ratio_BT < 1.0 - epsilon) & (advantages_B1 < 0)
+    clip_high_BT = (ratio_BT > 1.0 + epsilon_high) & (advantages_B1 > 0)
+    return -tis_weight_BT * surrogate_BT, clip_low_BT, clip_high_BT
+
+
+def _metric_sums(present_BT, dtype, ratio_BT, advantages_B1, clip_low_BT, clip_high_BT, *,
+                 kl_BT, delta, tis_weight_BT, raw_tis_BT, tis_cap):
+    """The un-normalised metrics of ``policy_loss_sum`` (token sums, min/max ratio, counts)."""
     def token_sum(x_BT):
         return jnp.sum(jnp.where(present_BT, x_BT, 0.0).astype(dtype))
 
-    ratio_value_BT = sg(ratio_BT)
+    ratio_value_BT = jax.lax.stop_gradient(ratio_BT)
     metric_sums = {
         "clip_ratio/low": token_sum(clip_low_BT),
         "clip_ratio/high": token_sum(clip_high_BT),
@@ -292,16 +315,16 @@ def policy_loss_sum(logps, old_logps, advantages, mask, *, ref_logps=None, loss_
         "ratio/min": jnp.min(jnp.where(present_BT, ratio_value_BT, jnp.inf)),
         "ratio/max": jnp.max(jnp.where(present_BT, ratio_value_BT, -jnp.inf)),
         "num_tokens": jnp.sum(present_BT, dtype=jnp.int32),
-        "num_sequences": jnp.sum(num_tokens_B > 0, dtype=jnp.int32),
+        "num_sequences": jnp.sum(jnp.any(present_BT, axis=-1), dtype=jnp.int32),
     }
-    if ref_logps is not None:
-        metric_sums["kl"] = token_sum(sg(kl_BT))
+    if kl_BT is not None:
+        metric_sums["kl"] = token_sum(jax.lax.stop_gradient(kl_BT))
     if delta is not None:
         metric_sums["clip_ratio/delta"] = token_sum((ratio_value_BT > delta) & (advantages_B1 < 0))
-    if settings["use_tis"]:
+    if raw_tis_BT is not None:
         metric_sums["tis/weight_mean"] = token_sum(tis_weight_BT)
         metric_sums["tis/frac_capped"] = token_sum(raw_tis_BT > tis_cap)
-    return loss_sum, metric_sums
+    return metric_sums
 
 
 def metric_reduction(name):
@@ -379,19 +402,23 @@ def _static_float(x: Any):
     return float(x)
 
 
-def _resolve_settings(loss_type, importance_sampling_level, epsilon, epsilon_high, delta, beta,
-                      max_completion_length, has_ref, has_sampler, tis_cap):
+def check_settings(*, loss_type="grpo", epsilon=0.2, epsilon_high=None, delta=None,
+                   importance_sampling_level="token", beta=0.0):
+    """Raises ``ValueError`` naming the setting for a loss setting ``policy_loss`` rejects.
+
+    The one place these checks live: ``policy_loss_sum`` runs them at trace time and
+    ``TrainConfig`` (``grpo_jax.train_inputs``) when it is made, so a config fails before compiling.
+    Traced ``epsilon``, ``epsilon_high``, ``delta`` or ``beta`` skip their range checks.
+    """
     _check_choice("loss_type", loss_type, LOSS_TYPES)
     _check_choice("importance_sampling_level", importance_sampling_level,
                   IMPORTANCE_SAMPLING_LEVELS)
-    if loss_type == "dr_grpo":
-        _check_max_completion_length(max_completion_length)
-    if epsilon_high is None:
-        if loss_type == "cispo":
-            raise ValueError("loss_type='cispo' needs epsilon_high: its IS weight is truncated "
-                             "at 1 + epsilon_high (MiniMax-M1 tunes only this upper bound)")
-        epsilon_high = epsilon
-    eps, eps_high = _static_float(epsilon), _static_float(epsilon_high)
+    eps = _static_float(epsilon)
+    eps_high = eps if epsilon_high is None else _static_float(epsilon_high)
+    if loss_type == "cispo" and (epsilon_high is None or (eps_high is not None and eps_high <= 0)):
+        raise ValueError(f"epsilon_high must be > 0 for loss_type='cispo', got {epsilon_high}: its "
+                         "IS weight is truncated at 1 + epsilon_high (MiniMax-M1 tunes only this "
+                         "upper bound)")
     for name, value in (("epsilon", eps), ("epsilon_high", eps_high)):
         if value is not None and value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
@@ -405,6 +432,15 @@ def _resolve_settings(loss_type, importance_sampling_level, epsilon, epsilon_hig
     b = _static_float(beta)
     if b is not None and b < 0:
         raise ValueError(f"beta must be >= 0, got {b}")
+
+
+def _resolve_settings(loss_type, importance_sampling_level, epsilon, epsilon_high, delta, beta,
+                      max_completion_length, has_ref, has_sampler, tis_cap):
+    check_settings(loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta,
+                   importance_sampling_level=importance_sampling_level, beta=beta)
+    if loss_type == "dr_grpo":
+        _check_max_completion_length(max_completion_length)
+    b = _static_float(beta)
     use_kl = b is None or b > 0
     if use_kl and not has_ref:
         raise ValueError("beta > 0 (or a traced beta) adds a KL penalty to the reference "
@@ -418,7 +454,7 @@ def _resolve_settings(loss_type, importance_sampling_level, epsilon, epsilon_hig
             raise ValueError(f"tis_cap must be > 0, got {cap}")
     return {
         "sequence_level": loss_type == "gspo" or importance_sampling_level == "sequence",
-        "epsilon_high": epsilon_high,
+        "epsilon_high": epsilon if epsilon_high is None else epsilon_high,
         "use_kl": use_kl,
         "use_tis": tis_cap is not None,
     }

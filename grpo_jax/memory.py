@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -346,87 +346,98 @@ def plan_memory(model_cfg: ModelConfig, mesh: Any, *, param_dtype: str | None = 
       device_memory_gib: memory of one device (e.g. 80 for an H100) for the fits check.
     """
     sizes = mesh_axis_sizes(mesh)
-    amesh = abstract_mesh(sizes)
+    at = (abstract_mesh(sizes), sizes, rules)  # where every leaf is placed: mesh, sizes, rules
     param_dtype = param_dtype or model_cfg.param_dtype
     cfg = model_cfg.replace(param_dtype=np.dtype(param_dtype).name)
     compute_dtype = np.dtype(cfg.dtype).name
     masters = compute_dtype != cfg.param_dtype
+    reference_dtype = reference_dtype or param_dtype
     params = nnx.state(abstract_model(cfg), nnx.Param)
-    leaves: list[LeafPlan] = _tree_leaves("params", params, amesh, sizes, rules)
-    leaves += _tree_leaves("gradients", params, amesh, sizes, rules, dtype=grad_dtype)
-    notes = {"params": f"policy weights (masters of {compute_dtype} compute)" if masters
-             else "policy weights", "gradients": "accumulator sharded like params"}
-    dtypes = {"params": np.dtype(param_dtype).name, "gradients": np.dtype(grad_dtype).name}
+    categories = {
+        "params": _Category(_tree_leaves("params", params, *at),
+                            f"policy weights (masters of {compute_dtype} compute)" if masters
+                            else "policy weights", np.dtype(param_dtype).name),
+        "gradients": _Category(_tree_leaves("gradients", params, *at, dtype=grad_dtype),
+                               "accumulator sharded like params", np.dtype(grad_dtype).name),
+        "optimizer": _optimizer_category(optimizer, optimizer_dtype, params, at),
+        "reference": _Category(_tree_leaves("reference", params, *at, dtype=reference_dtype),
+                               "frozen reference policy (beta > 0), sharded like params",
+                               np.dtype(reference_dtype).name) if with_reference
+                     else _Category([], "none (beta = 0)"),
+        "kv_cache": _kv_cache_category(cfg, kv_batch, kv_length, kv_dtype, at),
+        "sampling_weights": _sampling_weights_category(params, gather_weights, masters,
+                                                       compute_dtype, at),
+    }
+    remat = cfg.remat if remat is None else remat_mode(remat)
+    activations = None
+    if train_batch and train_seq:
+        activations = activation_bytes(cfg, at[0], sizes, batch=train_batch, seq=train_seq,
+                                       remat=remat, chunk_size=chunk_size, rules=rules)
+        categories["activations"] = _Category([], f"ESTIMATE for {train_batch} x {train_seq} "
+                                              f"tokens, remat {remat}", np.dtype(cfg.dtype).name)
+    else:
+        categories["activations"] = _Category([], "not estimated (give train_batch and train_seq)")
+    leaves = [leaf for category in categories.values() for leaf in category.leaves]
+    # Gradients, moments and reference weights shard like the params: report params only.
+    warnings = _divisibility_warnings(
+        [x for x in leaves if x.category in ("params", "kv_cache")], at[0], rules)
+    device_memory = None if device_memory_gib is None else int(device_memory_gib * GIB)
+    return MemoryPlan(label=label or cfg.model_type, num_params=cfg.num_params(),
+                      mesh_shape=sizes, leaves=tuple(leaves), activations=activations,
+                      dtypes={k: c.dtype for k, c in categories.items() if c.dtype is not None},
+                      notes={k: c.note for k, c in categories.items()}, warnings=tuple(warnings),
+                      device_memory=device_memory)
 
+
+class _Category(NamedTuple):  # a category's arrays, the assumption shown for it, its dtype
+    leaves: list[LeafPlan]
+    note: str
+    dtype: str | None = None
+
+
+def _optimizer_category(optimizer, optimizer_dtype, params, at) -> _Category:
     if isinstance(optimizer, str):
         makers = {"adamw": optax.adamw, "adam": optax.adam}
         if optimizer not in makers:
             raise ValueError(f"optimizer {optimizer!r}: use one of {sorted(makers)}, an optax "
                              "transformation or None")
         opt_state = jax.eval_shape(makers[optimizer](1e-3).init, _cast(params, optimizer_dtype))
-        notes["optimizer"] = f"{optimizer}: mu + nu sharded like params"
-        dtypes["optimizer"] = np.dtype(optimizer_dtype).name
-    elif optimizer is not None:
+        return _Category(_tree_leaves("optimizer", opt_state, *at),
+                         f"{optimizer}: mu + nu sharded like params", np.dtype(optimizer_dtype).name)
+    if optimizer is not None:
         opt_state = jax.eval_shape(optimizer.init, params)
-        notes["optimizer"] = "optax state of the given transformation"
-        dtypes["optimizer"] = "mixed"
-    else:
-        opt_state = ()
-        notes["optimizer"] = "none"
-    leaves += _tree_leaves("optimizer", opt_state, amesh, sizes, rules)
+        return _Category(_tree_leaves("optimizer", opt_state, *at),
+                         "optax state of the given transformation", "mixed")
+    return _Category([], "none")
 
-    reference_dtype = reference_dtype or param_dtype
-    if with_reference:
-        leaves += _tree_leaves("reference", params, amesh, sizes, rules, dtype=reference_dtype)
-        notes["reference"] = "frozen reference policy (beta > 0), sharded like params"
-        dtypes["reference"] = np.dtype(reference_dtype).name
-    else:
-        notes["reference"] = "none (beta = 0)"
 
+def _kv_cache_category(cfg: ModelConfig, kv_batch: int, kv_length: int, kv_dtype, at) -> _Category:
+    """The sampler's cache: per layer k [B, Hkv, Dh, S], v [B, Hkv, S, Dh], kv_valid [B, S]."""
+    if not (kv_batch and kv_length):
+        return _Category([], "none (give kv_batch and kv_length)")
     kv_dtype = np.dtype(kv_dtype or cfg.dtype).name
-    if kv_batch and kv_length:
-        # L arrays per k and v, listed as one stacked over a replicated "layers" axis (same bytes).
-        B, K, S, Dh = kv_batch, cfg.n_kv_heads, kv_length, cfg.head_dim
-        for name, shape, axes in (("k", (B, K, Dh, S), sharding_lib.KV_K_AXES),
-                                  ("v", (B, K, S, Dh), sharding_lib.KV_V_AXES)):
-            leaves.append(_leaf("kv_cache", name, (cfg.n_layers,) + shape, kv_dtype, ("layers",) + axes,
-                                amesh, sizes, rules))
-        leaves.append(_leaf("kv_cache", "kv_valid", (B, S), "bool", sharding_lib.KV_VALID_AXES,
-                            amesh, sizes, rules))
-        leaves.append(_leaf("kv_cache", "index", (), "int32", (), amesh, sizes, rules))
-        notes["kv_cache"] = f"L x k [B={B}, Hkv, Dh, S={S}], v [B, Hkv, S, Dh] + kv_valid"
-        dtypes["kv_cache"] = kv_dtype
-    else:
-        notes["kv_cache"] = "none (give kv_batch and kv_length)"
+    # L arrays per k and v, listed as one stacked over a replicated "layers" axis (same bytes).
+    B, K, S, Dh = kv_batch, cfg.n_kv_heads, kv_length, cfg.head_dim
+    leaves = [_leaf("kv_cache", name, (cfg.n_layers,) + shape, kv_dtype, ("layers",) + axes, *at)
+              for name, shape, axes in (("k", (B, K, Dh, S), sharding_lib.KV_K_AXES),
+                                        ("v", (B, K, S, Dh), sharding_lib.KV_V_AXES))]
+    leaves.append(_leaf("kv_cache", "kv_valid", (B, S), "bool", sharding_lib.KV_VALID_AXES, *at))
+    leaves.append(_leaf("kv_cache", "index", (), "int32", (), *at))
+    return _Category(leaves, f"L x k [B={B}, Hkv, Dh, S={S}], v [B, Hkv, S, Dh] + kv_valid",
+                     kv_dtype)
 
-    if gather_weights or masters:
-        layout = sharding_lib.sampling_rules(rules, gather_weights=gather_weights)
-        leaves += _tree_leaves("sampling_weights", params, amesh, sizes, layout, dtype=compute_dtype)
-        notes["sampling_weights"] = ("copy gathered over fsdp, split over tp, for the rollout"
-                                     if gather_weights else "cast copy in the train layout, for the rollout")
-        dtypes["sampling_weights"] = compute_dtype
-    else:
-        notes["sampling_weights"] = "none (the sampler reads the params)"
 
-    remat = cfg.remat if remat is None else remat_mode(remat)
-    activations = None
-    if train_batch and train_seq:
-        activations = activation_bytes(cfg, amesh, sizes, batch=train_batch, seq=train_seq,
-                                       remat=remat, chunk_size=chunk_size, rules=rules)
-        notes["activations"] = (f"ESTIMATE for {train_batch} x {train_seq} tokens, "
-                                f"remat {remat}")
-        dtypes["activations"] = np.dtype(cfg.dtype).name
-    else:
-        notes["activations"] = "not estimated (give train_batch and train_seq)"
-
-    # Gradients, moments and reference weights shard like the params: report params only.
-    warnings = _divisibility_warnings(
-        [x for x in leaves if x.category in ("params", "kv_cache")], amesh, rules)
-    device_memory = None if device_memory_gib is None else int(device_memory_gib * GIB)
-    return MemoryPlan(label=label or cfg.model_type, num_params=cfg.num_params(),
-                      mesh_shape=sizes, leaves=tuple(leaves), activations=activations,
-                      dtypes=dtypes, notes=notes, warnings=tuple(warnings),
-                      device_memory=device_memory)
+def _sampling_weights_category(params, gather_weights: bool, masters: bool, compute_dtype: str,
+                               at) -> _Category:
+    """The compute-dtype copy the sampler reads: gathered over fsdp, or cast in the train layout."""
+    if not (gather_weights or masters):
+        return _Category([], "none (the sampler reads the params)")
+    mesh, sizes, rules = at
+    layout = sharding_lib.sampling_rules(rules, gather_weights=gather_weights)
+    leaves = _tree_leaves("sampling_weights", params, mesh, sizes, layout, dtype=compute_dtype)
+    return _Category(leaves, "copy gathered over fsdp, split over tp, for the rollout"
+                     if gather_weights else "cast copy in the train layout, for the rollout",
+                     compute_dtype)
 
 
 def plan_for_run(run) -> MemoryPlan:

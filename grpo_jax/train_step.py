@@ -1,5 +1,8 @@
 """The compiled GRPO train step: `(state, batch) -> (state, metrics)`, sharded and donated.
 
+Its settings (`TrainConfig`) and batch checks (`prepare_batch`) are in `grpo_jax.train_inputs`,
+its state (`TrainState`, `init_train_state`) in `grpo_jax.train_state`; both re-exported here.
+
 Batch (a dict of arrays; `B` rows, `T` token positions, all `[B, T]` unless noted):
 
     tokens        int32    prompt + completion (+ environment turns) of each row
@@ -62,170 +65,14 @@ from grpo_jax import grpo
 from grpo_jax import sharding as sharding_lib
 from grpo_jax.models.logprobs import loss_columns, token_logprobs_at
 from grpo_jax.optim import current_learning_rate, keep_state_dtypes
-from grpo_jax.utils import dataclass_from, is_var
-
-_REQUIRED_KEYS = ("tokens", "loss_mask", "advantages")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Static settings of the step (hashable; changing one recompiles)."""
-
-    loss_type: str = "grpo"                   # one of grpo.LOSS_TYPES
-    epsilon: float = 0.2                      # clip range low: ratio >= 1 - epsilon
-    epsilon_high: float | None = None         # clip range high (None: epsilon); cispo needs it
-    delta: float | None = None                # INTELLECT-2 two-sided clip of the ratio, > 1 + eps_high
-    beta: float = 0.0                         # k3 KL weight; > 0 needs reference params
-    max_completion_length: int | None = None  # dr_grpo's constant L
-    # At most this many loss tokens (loss_mask != 0) per row, e.g. max_new_tokens x max_turns:
-    # when fewer than the row's positions, the output head runs at each row's first
-    # `max_loss_tokens` loss positions only (a row with more raises in `step`). None: everywhere.
-    max_loss_tokens: int | None = None
-    importance_sampling_level: str = "token"  # "token" or "sequence" (GSPO)
-    temperature: float = 1.0                  # the sampler's temperature (greedy sampling: 1)
-    num_iterations: int = 1                   # mu: optimizer updates on each batch
-    micro_batch_size: int | None = None       # rows per gradient-accumulation step; None: all
-    chunk_size: int | None = None             # vocabulary columns per log-prob chunk; None:
-    #                                           `models.logprobs.DEFAULT_CHUNK_SIZE` (runs choose
-    #                                           theirs by platform: `grpo_jax.platform`)
-    use_sampler_logps_as_old: bool = True     # False: old log-probs from the policy in-step
-    tis_cap: float | None = None              # truncated importance sampling cap (needs False above)
-    cispo_clip_low: bool = False              # cispo: also clip its weight below at 1 - epsilon
-    fuse_projections: bool = True             # q/k/v, gate/up as one matmul each where unsharded
-
-    def __post_init__(self):
-        if self.loss_type not in grpo.LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {grpo.LOSS_TYPES}, got {self.loss_type!r}")
-        if self.importance_sampling_level not in grpo.IMPORTANCE_SAMPLING_LEVELS:
-            raise ValueError("importance_sampling_level must be one of "
-                             f"{grpo.IMPORTANCE_SAMPLING_LEVELS}, got {self.importance_sampling_level!r}")
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
-        if self.max_loss_tokens is not None and self.max_loss_tokens < 1:
-            raise ValueError(f"max_loss_tokens must be >= 1 or None, got {self.max_loss_tokens}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (use 1 for greedy samples), got {self.temperature}")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.tis_cap is not None and self.use_sampler_logps_as_old:
-            raise ValueError("tis_cap corrects the sampler/trainer mismatch: it needs "
-                             "use_sampler_logps_as_old=False (old log-probs recomputed in-step)")
-
-    @classmethod
-    def from_any(cls, config: "TrainConfig | Mapping[str, Any] | Any") -> "TrainConfig":
-        """Accepts a TrainConfig, a dict or a ConfigDict with (a subset of) these fields."""
-        return dataclass_from(cls, config, what="train config")
-
-
-class TrainState(NamedTuple):
-    """Everything the step updates. `params` is the `nnx.State` of the model's `nnx.Param`s."""
-
-    params: Any
-    opt_state: Any
-    step: jax.Array   # int32 scalar: train steps taken
-    key: jax.Array    # root key; per-step randomness is fold_in(key, step)
-
-
-# ---------------------------------------------------------------------------------------------
-# State creation and shardings.
-# ---------------------------------------------------------------------------------------------
-def split_params(model: nnx.Module):
-    """`(graphdef, params, rest)` with `params` the `nnx.Param` state (what the step trains)."""
-    return nnx.split(model, nnx.Param, ...)
-
-
-def _replicated(mesh):
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def _tree_shardings(tree, mesh, rules):
-    """Variables by their logical axes; any other leaf (counts, keys, scalars) replicated."""
-    def one(x):
-        if is_var(x):
-            return sharding_lib.named_sharding(mesh, sharding_lib.logical_axes_of(x), x.shape, rules)
-        return _replicated(mesh)
-    return jax.tree.map(one, tree, is_leaf=is_var)
-
-
-def train_state_shardings(model: nnx.Module, optimizer: optax.GradientTransformation, mesh,
-                          rules=sharding_lib.DEFAULT_RULES) -> TrainState:
-    """A `TrainState` of `NamedSharding`s: parameters and optimizer moments by logical axes.
-
-    `model` may be abstract (`grpo_jax.models.abstract_model`). The optimizer state inherits the
-    parameters' `nnx.Param` wrappers (optax maps over their values), so its moments carry the
-    same logical axes and shard like the parameters.
-    """
-    _, params, _ = split_params(model)
-    abstract_opt = jax.eval_shape(optimizer.init, params)
-    return TrainState(params=_tree_shardings(params, mesh, rules),
-                      opt_state=_tree_shardings(abstract_opt, mesh, rules),
-                      step=_replicated(mesh), key=_replicated(mesh))
-
-
-def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, key, *,
-                     mesh=None, rules=sharding_lib.DEFAULT_RULES) -> TrainState:
-    """The initial state, born sharded on `mesh` (optimizer state created by a jitted init).
-
-    The state holds a copy of the model's parameters: the step donates (frees) the state's
-    buffers, and `model` stays usable. The policy after some steps is
-    `nnx.merge(graphdef, state.params, rest)` (`split_params`).
-    """
-    _, params, _ = split_params(model)
-    if mesh is None:
-        return _init_state(optimizer, params, key)
-    shardings = train_state_shardings(model, optimizer, mesh, rules)
-    init = jax.jit(_init_state.__wrapped__, static_argnums=0, out_shardings=shardings)
-    return init(optimizer, jax.device_put(params, shardings.params), key)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _init_state(optimizer, params, key) -> TrainState:
-    # The outputs of a jit are new buffers: the state owns a copy of the parameters.
-    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
+from grpo_jax.train_inputs import TrainConfig, prepare_batch  # noqa: F401 (re-export)
+from grpo_jax.train_state import (TrainState, _replicated, init_train_state,  # noqa: F401 (re-export)
+                                  split_params, train_state_shardings)
 
 
 # ---------------------------------------------------------------------------------------------
 # The loss of one micro-batch.
 # ---------------------------------------------------------------------------------------------
-def prepare_batch(batch: Mapping[str, jax.Array], cfg: TrainConfig) -> dict[str, jax.Array]:
-    """The model inputs [B, T] plus the shifted targets, mask and sampler log-probs [B, T - 1]."""
-    missing = [k for k in _REQUIRED_KEYS if k not in batch]
-    needs_sampler = cfg.use_sampler_logps_as_old or cfg.tis_cap is not None
-    if needs_sampler and batch.get("old_logps") is None:
-        missing.append("old_logps")
-    if missing:
-        raise ValueError(f"batch lacks {missing}; it has {sorted(batch)}")
-    tokens = jnp.asarray(batch["tokens"], jnp.int32)
-    if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens must be [B, T] with T >= 2, got {tokens.shape}")
-    b, t = tokens.shape
-    for name in ("positions", "segment_ids", "loss_mask", "old_logps"):
-        if batch.get(name) is not None and jnp.shape(batch[name]) != (b, t):
-            raise ValueError(f"{name} must be [B, T] = {(b, t)} like tokens, got {jnp.shape(batch[name])}")
-    if jnp.shape(batch["advantages"]) != (b,):
-        raise ValueError(f"advantages must be [B] = {(b,)}, got {jnp.shape(batch['advantages'])}")
-    positions = batch.get("positions")
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    segment_ids = batch.get("segment_ids")
-    if segment_ids is None:
-        segment_ids = jnp.ones((b, t), jnp.int32)
-    prepared = {
-        "tokens": tokens,
-        "positions": jnp.asarray(positions, jnp.int32),
-        "segment_ids": jnp.asarray(segment_ids, jnp.int32),
-        "mask": jnp.asarray(batch["loss_mask"], jnp.float32)[:, 1:],
-        "advantages": jnp.asarray(batch["advantages"], jnp.float32),
-    }
-    if needs_sampler:
-        prepared["sampler_logps"] = jnp.asarray(batch["old_logps"], jnp.float32)[:, 1:]
-    return prepared
-
-
 def scored_columns(micro: Mapping[str, jax.Array], cfg: TrainConfig):
     """[B, K] columns of the shifted [B, T - 1] arrays where the output head runs (each row's
     loss positions first, `models.logprobs.loss_columns`), or None for all of them."""
@@ -318,16 +165,6 @@ def _reduce_metric_sums(sums_KM: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
-def projections_unsharded(mesh, rules=sharding_lib.DEFAULT_RULES) -> bool:
-    """Whether the head and MLP axes of the weights are unsplit on `mesh`, so that q/k/v and
-    gate/up can be concatenated without regathering (see `Transformer.hidden_states(fuse=)`)."""
-    if mesh is None:
-        return True
-    return all(spec == PartitionSpec(None) or spec == PartitionSpec()
-               for spec in (sharding_lib.logical_to_spec((axis,), None, mesh, rules)
-                            for axis in ("heads", "kv_heads", "mlp")))
-
-
 def _check_loss_tokens(loss_mask, max_loss_tokens):
     """A host (numpy) mask with a row of more than `max_loss_tokens` loss tokens would lose some
     of them silently: raise. Device arrays are not read back (no sync in the step's path)."""
@@ -341,8 +178,8 @@ def _check_loss_tokens(loss_mask, max_loss_tokens):
 
 def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, cfg: TrainConfig,
                     *, mesh=None, rules=sharding_lib.DEFAULT_RULES,
-                    compiler_options: Mapping[str, Any] | None = None) -> Callable:
-    """Builds `step(state, batch, ref_params=None) -> (state, metrics)`, one `jax.jit`.
+                    compiler_options: Mapping[str, Any] | None = None) -> "TrainStep":
+    """Builds the `TrainStep` `step(state, batch, ref_params=None) -> (state, metrics)`, one `jax.jit`.
 
     Args:
       model: the policy's `Transformer` (may be abstract: only its structure is used).
@@ -360,113 +197,190 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
     the underlying jitted function of `(state, batch, ref_params)` (for `lower`/`compile`).
     """
     cfg = TrainConfig.from_any(cfg)
+    layout = _step_layout(model, optimizer, cfg, mesh, rules)
     graphdef, _, rest = split_params(model)
-    uses_ref = cfg.beta > 0
-    keeps_sampler_old = cfg.use_sampler_logps_as_old
+    body = _StepBody(cfg, optimizer, graphdef, rest,
+                     fuse=cfg.fuse_projections and sharding_lib.can_fuse_projections(mesh, rules),
+                     constrain_micro=layout.constrain_micro, constrain_grads=layout.constrain_grads)
+    jitted = jax.jit(body.train_step, donate_argnums=0, compiler_options=compiler_options,
+                     **layout.jit_shardings)
+    return TrainStep(jitted, cfg, batch_shards=layout.batch_shards)
 
-    def forward(params):
-        return nnx.merge(graphdef, params, rest)
 
-    fuse = cfg.fuse_projections and projections_unsharded(mesh, rules)
+class _StepLayout(NamedTuple):
+    """Where the step's arrays live: the sharding constraints of the micro-batches and of the
+    gradient accumulator, the devices the batch rows split over, and `jax.jit`'s shardings."""
 
-    def micro_loss(params, micro, old_BT, ref_BT, normalizer, use_current_as_old):
-        policy = forward(params)
-        hidden = policy.hidden_states(micro["tokens"], micro["positions"], micro["segment_ids"], fuse=fuse)
-        return loss_from_hidden(hidden, policy.unembedding(), micro, cfg, normalizer=normalizer,
-                                old_logps_BT=old_BT, ref_logps_BT=ref_BT,
-                                use_current_as_old=use_current_as_old)
+    constrain_micro: Callable   # [n_micro, mb, ...] -> the same, rows over the batch axes
+    constrain_grads: Callable   # gradients -> the same, sharded like the params
+    batch_shards: int
+    jit_shardings: dict[str, Any]   # in_shardings / out_shardings ({} without a mesh)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    if mesh is not None:
-        batch_spec = sharding_lib.logical_to_spec(("batch",), None, mesh, rules)
-        state_sh = train_state_shardings(model, optimizer, mesh, rules)
+def _step_layout(model, optimizer, cfg: TrainConfig, mesh, rules) -> _StepLayout:
+    """The `_StepLayout` on `mesh`: state by logical axes, batch rows over the `batch` axes,
+    metrics replicated; without a mesh, no constraints and no shardings."""
+    if mesh is None:
+        return _StepLayout(_identity, _identity, 1, {})
+    batch_spec = sharding_lib.logical_to_spec(("batch",), None, mesh, rules)
+    state_sh = train_state_shardings(model, optimizer, mesh, rules)
+    batch_shards = math.prod(mesh.shape[a] for a in jax.tree.leaves(tuple(batch_spec)))
 
-        batch_shards = math.prod(mesh.shape[a] for a in jax.tree.leaves(tuple(batch_spec)))
+    def constrain_micro(x):  # [n_micro, mb, ...]: rows of each micro-batch over the batch axes
+        mb_spec = sharding_lib.logical_to_spec(("batch",), x.shape[1:2], mesh, rules)
+        spec = PartitionSpec(None, *mb_spec)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-        def constrain_micro(x):  # [n_micro, mb, ...]: rows of each micro-batch over the batch axes
-            mb_spec = sharding_lib.logical_to_spec(("batch",), x.shape[1:2], mesh, rules)
-            spec = PartitionSpec(None, *mb_spec)
-            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    def constrain_grads(g):
+        return jax.lax.with_sharding_constraint(g, state_sh.params)
 
-        def constrain_grads(g):
-            return jax.lax.with_sharding_constraint(g, state_sh.params)
-    else:
-        constrain_micro = constrain_grads = lambda x: x
+    batch_sh = NamedSharding(mesh, batch_spec)  # a prefix: rows over the batch axes
+    ref_sh = state_sh.params if cfg.beta > 0 else None
+    jit_shardings = {"in_shardings": (state_sh, batch_sh, ref_sh),
+                     "out_shardings": (state_sh, _replicated(mesh))}
+    return _StepLayout(constrain_micro, constrain_grads, batch_shards, jit_shardings)
 
-    def train_step(state: TrainState, batch, ref_params):
+
+def _identity(x):
+    return x
+
+
+def _num_micro_batches(rows: int, cfg: TrainConfig) -> int:
+    mb = cfg.micro_batch_size or rows
+    if rows % mb:
+        raise ValueError(f"micro_batch_size={mb} must divide the batch size {rows}")
+    return rows // mb
+
+
+def _step_metrics(stats_I: dict[str, jax.Array], sums_IK: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The step's metrics from the [mu] update stats and the [mu, n_micro] metric sums: means
+    over the iterations; `lr` of the last update."""
+    metrics = _reduce_metric_sums(sums_IK)
+    metrics.update({k: jnp.mean(v) for k, v in stats_I.items() if k != "lr"})
+    if "lr" in stats_I:
+        metrics["lr"] = stats_I["lr"][-1]
+    return metrics
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _StepBody:
+    """The traced step, outermost first: `train_step` -> `iteration` (mu times) ->
+    `accumulate_grads` (over the micro-batches) -> `micro_loss`. Micro-batched arrays are
+    [n_micro, mb, ...] (`_to_micro`); log-probs are [n_micro, mb, T - 1]."""
+
+    cfg: TrainConfig
+    optimizer: optax.GradientTransformation
+    graphdef: Any
+    rest: Any
+    fuse: bool
+    constrain_micro: Callable
+    constrain_grads: Callable
+
+    def forward(self, params):
+        """The model with these parameters."""
+        return nnx.merge(self.graphdef, params, self.rest)
+
+    def train_step(self, state: TrainState, batch, ref_params):
+        """`(state, batch, ref_params) -> (state, metrics)`: the reference and old log-probs,
+        then mu `iteration`s (the step of the module docstring)."""
+        cfg = self.cfg
         data = prepare_batch(batch, cfg)
-        b = data["tokens"].shape[0]
-        mb = cfg.micro_batch_size or b
-        if b % mb:
-            raise ValueError(f"micro_batch_size={mb} must divide the batch size {b}")
-        n_micro = b // mb
+        n_micro = _num_micro_batches(data["tokens"].shape[0], cfg)
         normalizer = grpo.loss_normalizer(data["mask"], cfg.loss_type, cfg.max_completion_length)
-        micro = _to_micro(data, n_micro, constrain_micro)
-
-        ref_logps = None
-        if uses_ref:
-            ref_model = forward(ref_params)  # outside grad_fn: no gradient reaches it
-            ref_logps = jax.lax.map(lambda m: score_tokens(ref_model, m, cfg, fuse=fuse), micro)
-        if keeps_sampler_old:
+        micro = _to_micro(data, n_micro, self.constrain_micro)
+        ref_logps = self.ref_logps(micro, ref_params)
+        if cfg.use_sampler_logps_as_old:
             old_logps = micro["sampler_logps"]
         else:  # placeholder, filled by the first iteration's own log-probs
             old_logps = jnp.zeros(micro["mask"].shape, jnp.float32)
-
-        def iteration(carry, index):
-            params, opt_state, old = carry
-            first = index == 0
-            recompute_old = jnp.logical_and(first, not keeps_sampler_old)
-
-            def accumulate(grads, xs):
-                m, old_m, ref_m = xs
-                (loss, (sums, logps)), g = grad_fn(params, m, old_m, ref_m, normalizer, recompute_old)
-                grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
-                return constrain_grads(grads), (loss, sums, logps)
-
-            zeros = constrain_grads(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-            grads, (losses, sums, logps) = _scan(accumulate, zeros, (micro, old, ref_logps), n_micro)
-            grad_norm = optax.tree_utils.tree_norm(grads)
-            updates, new_opt_state = optimizer.update(grads, opt_state, params)
-            opt_state = keep_state_dtypes(new_opt_state, opt_state)
-            params = optax.apply_updates(params, updates)
-            if not keeps_sampler_old:
-                old = jnp.where(first, logps, old)
-            lr = current_learning_rate(opt_state)
-            stats = {"loss": jnp.sum(losses), "grad_norm": grad_norm}
-            if lr is not None:
-                stats["lr"] = jnp.asarray(lr, jnp.float32)
-            return (params, opt_state, old), (stats, sums)
-
-        (params, opt_state, _), (stats, sums) = _scan(
+        iteration = functools.partial(self.iteration, micro, ref_logps, normalizer)
+        (params, opt_state, _), (stats_I, sums_IK) = _scan(
             iteration, (state.params, state.opt_state, old_logps), jnp.arange(cfg.num_iterations),
             cfg.num_iterations)
-        metrics = _reduce_metric_sums(sums)
-        metrics.update({k: jnp.mean(v) for k, v in stats.items() if k != "lr"})
-        if "lr" in stats:
-            metrics["lr"] = stats["lr"][-1]
         new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1, key=state.key)
-        return new_state, metrics
+        return new_state, _step_metrics(stats_I, sums_IK)
 
-    if mesh is None:
-        jitted = jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options)
-    else:
-        batch_sh = NamedSharding(mesh, batch_spec)  # a prefix: rows over the batch axes
-        ref_sh = state_sh.params if uses_ref else None
-        jitted = jax.jit(train_step, in_shardings=(state_sh, batch_sh, ref_sh),
-                         out_shardings=(state_sh, _replicated(mesh)), donate_argnums=0,
-                         compiler_options=compiler_options)
+    def ref_logps(self, micro, ref_params):
+        """log pi_ref(micro) (forward only, outside the gradient), or None when beta is 0."""
+        if not self.cfg.beta > 0:
+            return None
+        ref_model = self.forward(ref_params)
+        return jax.lax.map(lambda m: score_tokens(ref_model, m, self.cfg, fuse=self.fuse), micro)
 
-    def step(state: TrainState, batch: Mapping[str, Any], ref_params=None):
+    def iteration(self, micro, ref_logps, normalizer, carry, index):
+        """One of the mu updates, `carry = (theta, opt_state, old_logps)`:
+
+            g = accumulate_grads(theta)
+            theta, opt_state = optimizer(g, theta, opt_state)
+            old = sg(log pi_theta)     after the first iteration, when old log-probs are recomputed
+
+        Returns the new carry and `(stats, metric_sums)` (stats: loss, grad_norm, lr).
+        """
+        params, opt_state, old_logps = carry
+        first = index == 0
+        keeps_sampler_old = self.cfg.use_sampler_logps_as_old
+        recompute_old = jnp.logical_and(first, not keeps_sampler_old)
+        grads, (losses_K, sums_K, logps) = self.accumulate_grads(
+            params, micro, old_logps, ref_logps, normalizer, recompute_old)
+        grad_norm = optax.tree_utils.tree_norm(grads)
+        updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
+        opt_state = keep_state_dtypes(new_opt_state, opt_state)
+        params = optax.apply_updates(params, updates)
+        if not keeps_sampler_old:
+            old_logps = jnp.where(first, logps, old_logps)
+        stats = {"loss": jnp.sum(losses_K), "grad_norm": grad_norm}
+        lr = current_learning_rate(opt_state)
+        if lr is not None:
+            stats["lr"] = jnp.asarray(lr, jnp.float32)
+        return (params, opt_state, old_logps), (stats, sums_K)
+
+    def accumulate_grads(self, params, micro, old_logps, ref_logps, normalizer, recompute_old):
+        """The gradient of the full batch's loss, summed micro-batch by micro-batch in float32:
+
+            g = sum_k grad_theta policy_loss_sum(micro_k) / normalizer     (lax.scan over k)
+
+        Returns `(g, (losses_K, metric_sums_K, logps))`, `logps` the current log-probs.
+        """
+        grad_fn = jax.value_and_grad(self.micro_loss, has_aux=True)
+
+        def accumulate(grads, xs):
+            m, old_m, ref_m = xs
+            (loss, (sums, logps)), g = grad_fn(params, m, old_m, ref_m, normalizer, recompute_old)
+            grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
+            return self.constrain_grads(grads), (loss, sums, logps)
+
+        zeros = self.constrain_grads(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+        n_micro = micro["tokens"].shape[0]
+        return _scan(accumulate, zeros, (micro, old_logps, ref_logps), n_micro)
+
+    def micro_loss(self, params, micro, old_BT, ref_BT, normalizer, use_current_as_old):
+        """`policy_loss_sum(micro) / normalizer` of the policy with `params` (`loss_from_hidden`)."""
+        policy = self.forward(params)
+        hidden_BTD = policy.hidden_states(micro["tokens"], micro["positions"], micro["segment_ids"],
+                                          fuse=self.fuse)
+        return loss_from_hidden(hidden_BTD, policy.unembedding(), micro, self.cfg,
+                                normalizer=normalizer, old_logps_BT=old_BT, ref_logps_BT=ref_BT,
+                                use_current_as_old=use_current_as_old)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """`step(state, batch, ref_params=None) -> (state, metrics)`: the host checks (reference
+    given when beta > 0, rows split evenly, no row over `max_loss_tokens`), then `jitted`, the
+    compiled `(state, batch, ref_params)` function (for `lower`, `compile`, `jax.export`)."""
+
+    jitted: Callable
+    config: TrainConfig
+    batch_shards: int = 1   # devices the batch rows are split over
+
+    def __call__(self, state: TrainState, batch: Mapping[str, Any], ref_params=None):
+        cfg, uses_ref = self.config, self.config.beta > 0
         if uses_ref and ref_params is None:
             raise ValueError(f"beta={cfg.beta} > 0: pass ref_params (the reference model's params)")
         batch = {k: v for k, v in batch.items() if v is not None}
         _check_loss_tokens(batch.get("loss_mask"), cfg.max_loss_tokens)
         rows = jnp.shape(batch["tokens"])[0] if "tokens" in batch else 0
-        if mesh is not None and rows % batch_shards:
-            raise ValueError(f"the batch has {rows} rows, not a multiple of the {batch_shards} "
+        if rows % self.batch_shards:
+            raise ValueError(f"the batch has {rows} rows, not a multiple of the {self.batch_shards} "
                              "devices its rows are split over (the mesh's batch axes)")
-        return jitted(state, batch, ref_params if uses_ref else None)
-
-    step.jitted = jitted
-    return step
+        return self.jitted(state, batch, ref_params if uses_ref else None)

@@ -124,8 +124,9 @@ def test_fused_projections_give_the_same_update():
     plain, m_plain = _one_step(ts.TrainConfig(fuse_projections=False), batch, SGD)
     assert _max_diff(fused.params, plain.params) < 1e-6
     np.testing.assert_allclose(m_fused["grad_norm"], m_plain["grad_norm"], rtol=1e-5)
-    assert not ts.projections_unsharded(sharding.make_mesh(data=1, fsdp=2, tp=4))
-    assert ts.projections_unsharded(sharding.make_mesh(data=1, fsdp=8, tp=1))
+    assert not sharding.can_fuse_projections(sharding.make_mesh(data=1, fsdp=2, tp=4))
+    assert sharding.can_fuse_projections(sharding.make_mesh(data=1, fsdp=8, tp=1))
+    assert sharding.can_fuse_projections(None)
 
 
 def test_head_at_loss_positions_only_gives_the_same_update():

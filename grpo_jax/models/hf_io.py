@@ -22,6 +22,7 @@ and a multi-host run only reads the shards its own devices need.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -152,47 +153,19 @@ def load_hf(path: str, dtype: str | None = "float32", *, param_dtype: str | None
         raise CheckpointError(str(e)) from e
     abs_model = abstract_model(cfg)
     graphdef, abs_state = nnx.split(abs_model)
-    target_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
-    device = jax.local_devices()[0]
-
-    used, checked = set(), set()
+    reader = _TensorReader(path, tensors, allow_nonfinite, np.dtype(jnp.dtype(cfg.param_dtype)))
     arrays = {}
     for keys, var, names, kind, item_shape, hf_shape in _param_entries(cfg, abs_model):
-        for name in names:
-            if name not in tensors:
-                raise CheckpointError(f"{path}: tensor {name!r} is missing from the checkpoint "
-                                      f"(needed for {'.'.join(keys)})")
-            got = tensors[name].shape(name)
-            if tuple(got) != tuple(hf_shape):
-                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(got)}, the config "
-                                      f"implies {tuple(hf_shape)}")
-        used.update(names)
-        stacked = keys[0] == "layers"
-
-        def load_item(i, names=names, kind=kind, item_shape=item_shape):
-            try:
-                raw = tensors[names[i]].get(names[i])
-            except SafetensorsError as e:
-                raise CheckpointError(str(e)) from e
-            if not allow_nonfinite and names[i] not in checked and not np.isfinite(raw).all():
-                raise CheckpointError(f"{path}: tensor {names[i]!r} holds NaN or inf values "
-                                      "(load_hf(..., allow_nonfinite=True) loads it anyway)")
-            checked.add(names[i])  # each device's shard reads the tensor again: check it once
-            return _hf_to_ours(raw, kind, item_shape)
-
-        def callback(index, load_item=load_item, stacked=stacked):
-            if not stacked:
-                return np.asarray(load_item(0)[index], dtype=target_dtype)
-            layers = range(*index[0].indices(cfg.n_layers))
-            return np.stack([np.asarray(load_item(i)[index[1:]], dtype=target_dtype) for i in layers])
-
+        reader.check(names, hf_shape, needed_for=".".join(keys))
         if mesh is not None:
             sharding = sharding_lib.named_sharding(mesh, sharding_lib.logical_axes_of(var), var.shape, rules)
         else:
-            sharding = jax.sharding.SingleDeviceSharding(device)
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        n_layers = cfg.n_layers if keys[0] == "layers" else None
+        callback = functools.partial(reader.shard, names, kind, item_shape, n_layers)
         arrays[keys] = jax.make_array_from_callback(tuple(var.shape), sharding, callback)
 
-    extra = [n for n in tensors if n not in used and not n.endswith(_IGNORED_SUFFIXES)
+    extra = [n for n in tensors if n not in reader.used and not n.endswith(_IGNORED_SUFFIXES)
              and not (cfg.tie_embeddings and n == "lm_head.weight")]
     if extra:
         log.warning("%s: %d checkpoint tensors are not used by the model, e.g. %s",
@@ -204,6 +177,49 @@ def load_hf(path: str, dtype: str | None = "float32", *, param_dtype: str | None
 
     state = jax.tree_util.tree_map_with_path(fill, abs_state, is_leaf=is_var)
     return nnx.merge(graphdef, state)
+
+
+class _TensorReader:
+    """The tensors of an open checkpoint, read into our layout: shapes checked up front, values
+    checked finite once each (every device's shard reads its tensor again)."""
+
+    def __init__(self, path: str, tensors, allow_nonfinite: bool, dtype: np.dtype):
+        self.path, self.tensors, self.allow_nonfinite, self.dtype = path, tensors, allow_nonfinite, dtype
+        self.used: set[str] = set()      # names the model takes
+        self.checked: set[str] = set()   # names whose values were checked finite
+
+    def check(self, names, hf_shape, *, needed_for: str) -> None:
+        """Every one of `names` is in the checkpoint with the HF shape the config implies."""
+        for name in names:
+            if name not in self.tensors:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint "
+                                      f"(needed for {needed_for})")
+            got = self.tensors[name].shape(name)
+            if tuple(got) != tuple(hf_shape):
+                raise CheckpointError(f"{self.path}: tensor {name!r} has shape {tuple(got)}, the "
+                                      f"config implies {tuple(hf_shape)}")
+        self.used.update(names)
+
+    def item(self, name: str, kind: str, item_shape) -> np.ndarray:
+        """Tensor `name` in our layout (`_hf_to_ours`)."""
+        try:
+            raw = self.tensors[name].get(name)
+        except SafetensorsError as e:
+            raise CheckpointError(str(e)) from e
+        if not self.allow_nonfinite and name not in self.checked and not np.isfinite(raw).all():
+            raise CheckpointError(f"{self.path}: tensor {name!r} holds NaN or inf values "
+                                  "(load_hf(..., allow_nonfinite=True) loads it anyway)")
+        self.checked.add(name)
+        return _hf_to_ours(raw, kind, item_shape)
+
+    def shard(self, names, kind: str, item_shape, n_layers: int | None, index) -> np.ndarray:
+        """One device's shard `index` of a parameter (`jax.make_array_from_callback`'s callback):
+        of the one tensor `names[0]`, or, with `n_layers`, stacked over the layers `index[0]`."""
+        if n_layers is None:
+            return np.asarray(self.item(names[0], kind, item_shape)[index], dtype=self.dtype)
+        layers = range(*index[0].indices(n_layers))
+        return np.stack([np.asarray(self.item(names[i], kind, item_shape)[index[1:]], dtype=self.dtype)
+                         for i in layers])
 
 
 def _host_array(value: jax.Array) -> np.ndarray:
