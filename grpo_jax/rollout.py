@@ -1,12 +1,12 @@
 """The multi-step rollout: many episodes at once, tokens in / tokens out.
 
-`rollout(env, rows, tokenizer, sample_fn, key, config)` plays `config.group_size` episodes per
+`rollout(env, rows, tokenizer, sampler, key, config)` plays `config.group_size` episodes per
 row and returns a `Rollout` (see `grpo_jax.trajectories`). One turn of the loop is
 
     1. ONE batched sampler call for every live episode. Turn 0 samples each row's prompt with
        n = group_size (the group shares its prefill); later turns sample each live episode's
-       whole token history with n = 1. A sampler that takes `row_ids` gets each row's global
-       episode id (`episode_offset` + its index), so an episode's draws do not depend on which
+       whole token history with n = 1. The sampler gets each row's global episode id
+       (`episode_offset` + its index) as its `row_ids`, so an episode's draws do not depend on which
        episodes share its call (or its process, when a batch is split over processes).
     2. The sampled ids are appended to the episode as they are (loss mask 1, the sampler's
        log-probs). A turn cut by `max_new_tokens` (no stop token) gets the template's
@@ -58,10 +58,9 @@ rewards and length metrics).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import jax
 
@@ -71,16 +70,25 @@ from grpo_jax.tokenizer import TemplateError, Tokenizer
 from grpo_jax.trajectories import FINISH_REASONS, TRUNCATION_REASONS, Rollout, pack_episodes
 from grpo_jax.utils import dataclass_from, run_sync
 
-__all__ = ["FINISH_REASONS", "TRUNCATION_REASONS", "Rollout", "RolloutConfig", "SampleFn",
+__all__ = ["FINISH_REASONS", "TRUNCATION_REASONS", "ModelSampler", "Rollout", "RolloutConfig", "SampleFn", "Sampler",
            "check_template", "model_sampler", "rollout"]
 
 logger = logging.getLogger(__name__)
 
-# sample_fn(prompts, key, n[, row_ids=ids]) -> Samples: n completions per prompt, rows
-# prompt-major. A sampler that takes `row_ids` gets the global episode id of each output row
-# and keys its random draws by them (`grpo_jax.sampling.generate`), so an episode samples the
-# same tokens whichever batch, turn-mate or process it is sampled with.
-SampleFn = Callable[..., Samples]
+class Sampler(Protocol):
+    """What a rollout samples from: `sampler(prompts, key, n, row_ids) -> Samples`, n completions
+    per prompt, rows prompt-major. `row_ids` are the global episode ids of the output rows; a
+    sampler keys its random draws by them (`grpo_jax.sampling.generate`), so an episode samples
+    the same tokens whichever batch, turn-mate or process it is sampled with. `rollout` checks
+    `max_new_tokens` against its config and `stop_token_ids` against the chat template."""
+
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...]
+
+    def __call__(self, prompts: list[list[int]], key, n: int, row_ids: Sequence[int]) -> Samples: ...
+
+
+SampleFn = Sampler  # the earlier name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,22 +121,31 @@ class RolloutConfig:
         return dataclass_from(cls, config, what="rollout config")
 
 
-def model_sampler(model, sampling_config: SamplingConfig | Mapping[str, Any]) -> SampleFn:
-    """A `SampleFn` over `grpo_jax.sampling.generate` with `sampling_config` (its `n` is set per
-    call). The returned function carries `max_new_tokens` and `stop_token_ids`, which `rollout`
-    checks against its config and the chat template's end-of-turn token.
+@dataclasses.dataclass(frozen=True)
+class ModelSampler:
+    """The `Sampler` of a model: `grpo_jax.sampling.generate` with `config` (its `n` set per
+    call) on `model`, which should be in the sampling form (`model_sampler` makes it)."""
 
-    It samples from `sampling_model(model)`, made here once: every turn of a rollout reads the
-    same compute-dtype copy, which is freed with the sampler."""
+    model: Any
+    config: SamplingConfig
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.config.max_new_tokens
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        return self.config.stop_token_ids
+
+    def __call__(self, prompts: list[list[int]], key, n: int, row_ids: Sequence[int] | None = None) -> Samples:
+        return generate(self.model, prompts, key, dataclasses.replace(self.config, n=n), row_ids=row_ids)
+
+
+def model_sampler(model, sampling_config: SamplingConfig | Mapping[str, Any]) -> ModelSampler:
+    """A `ModelSampler` of `sampling_model(model)`, made here once: every turn of a rollout reads
+    the same compute-dtype copy of the weights, which is freed with the sampler."""
     cfg = SamplingConfig.from_any(sampling_config)
-    model = sampling_model(model, gather_weights=cfg.gather_weights)
-
-    def sample(prompts: list[list[int]], key, n: int, row_ids=None) -> Samples:
-        return generate(model, prompts, key, dataclasses.replace(cfg, n=n), row_ids=row_ids)
-
-    sample.max_new_tokens = cfg.max_new_tokens
-    sample.stop_token_ids = cfg.stop_token_ids
-    return sample
+    return ModelSampler(sampling_model(model, gather_weights=cfg.gather_weights), cfg)
 
 
 # -- the chat template check -------------------------------------------------------------------
@@ -195,13 +212,12 @@ class _Episode:
             self.state["truncated"] = True
 
 
-def _check_sampler(sample_fn: SampleFn, config: RolloutConfig, end_of_turn: Sequence[int]):
-    max_new = getattr(sample_fn, "max_new_tokens", None)
-    if max_new is not None and max_new != config.max_new_tokens:
+def _check_sampler(sampler: Sampler, config: RolloutConfig, end_of_turn: Sequence[int]):
+    max_new, stops = sampler.max_new_tokens, sampler.stop_token_ids
+    if max_new != config.max_new_tokens:
         raise ValueError(f"the sampler draws up to {max_new} tokens a turn but the rollout config "
                          f"budgets max_new_tokens={config.max_new_tokens}; make them equal")
-    stops = getattr(sample_fn, "stop_token_ids", None)
-    if stops is not None and end_of_turn[0] not in stops:
+    if end_of_turn[0] not in stops:
         raise ValueError(f"the sampler's stop_token_ids {tuple(stops)} lack the chat template's "
                          f"end-of-turn id {end_of_turn[0]}: every turn would run to max_new_tokens")
 
@@ -225,14 +241,6 @@ def _add_turn(episode: _Episode, samples: Samples, row: int, tokenizer: Tokenize
     return stopped
 
 
-def _takes_row_ids(sample_fn: SampleFn) -> bool:
-    try:
-        parameters = inspect.signature(sample_fn).parameters
-    except (TypeError, ValueError):  # builtins, some C callables
-        return False
-    return "row_ids" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-
-
 def _reason_after_turn(env: Environment, episode: _Episode, stopped: bool, max_turns: int) -> str | None:
     """Why the episode ends after its latest turn, or None when the env should reply."""
     if not stopped:
@@ -252,7 +260,7 @@ def _fail(episode: _Episode, index: int, error: BaseException, where: str):
                    index, episode.row_index, where, error)
 
 
-def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sample_fn: SampleFn, key,
+def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sampler: Sampler, key,
             config: RolloutConfig | Mapping[str, Any], *, episode_offset: int = 0) -> Rollout:
     """Plays `config.group_size` episodes of `env` for each of `rows` (see the module docstring).
 
@@ -260,9 +268,9 @@ def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sample_
       env: an `Environment` (its `initial_state`, `is_completed`, `env_response` drive the turns).
       rows: dataset rows; row i's episodes are `i * group_size ... (i + 1) * group_size - 1`.
       tokenizer: a `grpo_jax.tokenizer.Tokenizer` with a chat template.
-      sample_fn: `(prompts, key, n[, row_ids]) -> Samples`, e.g. `model_sampler(model,
-        sampling_config)`; one that takes `row_ids` is given the global id of every row it
-        samples (turn 0: the groups of the rows that fit; later turns: the live episodes).
+      sampler: a `Sampler`, e.g. `model_sampler(model, sampling_config)`; it is given the
+        global id of every row it samples (turn 0: the groups of the rows that fit; later
+        turns: the live episodes).
       key: a `jax.random` key; turn k samples with `fold_in(key, k)`.
       config: a `RolloutConfig` (or a mapping of its fields).
       episode_offset: global id of this call's first episode: episode k (row k // group_size)
@@ -281,89 +289,24 @@ def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sample_
     if config.check_template:
         check_template(tokenizer, env, rows[0])
     end_of_turn = tuple(tokenizer.end_of_turn_ids)
-    _check_sampler(sample_fn, config, end_of_turn)
-    pass_ids = _takes_row_ids(sample_fn)
-    max_turns = min(env.max_turns, config.max_turns or env.max_turns)
-    group = config.group_size
-    # A turn needs room for its prompt, max_new_tokens and (if cut) the end-of-turn ids.
-    room_for_turn = config.max_new_tokens + len(end_of_turn)
-    fits = lambda length: length + room_for_turn <= config.max_seq_len  # noqa: E731
-
+    _check_sampler(sampler, config, end_of_turn)
+    turns = _Turns(env, tokenizer, config, end_of_turn)
     start = time.perf_counter()
-    episodes: list[_Episode] = []
-    prompt_ids: list[list[int]] = []
-    for i, row in enumerate(rows):
-        for j in range(group):
-            prompt, state = env.initial_state(row)
-            if j == 0:
-                prompt_ids.append(tokenizer.encode_chat(prompt, add_generation_prompt=True))
-            state["completion_tokens"] = 0
-            episodes.append(_Episode(i, list(prompt), state, list(prompt_ids[i]), [0] * len(prompt_ids[i]),
-                                     [0.0] * len(prompt_ids[i]), list(prompt)))
-    first_rows = [i for i in range(len(rows)) if fits(len(prompt_ids[i]))]
-    for i in sorted(set(range(len(rows))) - set(first_rows)):
-        for e in episodes[i * group:(i + 1) * group]:
-            e.finish("sequence_budget")
+    episodes, prompt_ids, first_rows = turns.start(rows)
     index_of = {id(e): k for k, e in enumerate(episodes)}
-
-    sampler_s = env_s = 0.0
-    sampler_calls = 0
-    turn = 0
+    group, turn = config.group_size, 0
     live = [e for i in first_rows for e in episodes[i * group:(i + 1) * group]]
     while live:
         if turn == 0:
             prompts, n = [prompt_ids[i] for i in first_rows], group
         else:
             prompts, n = [e.tokens for e in live], 1
-        ids = {"row_ids": [episode_offset + index_of[id(e)] for e in live]} if pass_ids else {}
-        t0 = time.perf_counter()
-        samples = sample_fn([list(p) for p in prompts], jax.random.fold_in(key, turn), n, **ids)
-        sampler_s += time.perf_counter() - t0
-        sampler_calls += 1
-        if len(samples.lengths) != len(live):
-            raise ValueError(f"the sampler returned {len(samples.lengths)} rows for {len(prompts)} "
-                             f"prompts x n={n}")
-        waiting = []
-        for row, e in enumerate(live):
-            stopped = _add_turn(e, samples, row, tokenizer, end_of_turn, config.max_new_tokens)
-            try:
-                reason = _reason_after_turn(env, e, stopped, max_turns)
-            except Exception as error:
-                _fail(e, index_of[id(e)], error, "is_completed")
-                continue
-            if reason is None and not fits(len(e.tokens) + 1):  # no room even for a 1-token reply
-                reason = "sequence_budget"
-            if reason is None:
-                waiting.append(e)
-            else:
-                e.finish(reason)
-
-        t0 = time.perf_counter()
-        replies = []
-        if waiting:  # one episode's failure does not stop the others: its exception is its reply
-            replies = run_sync(lambda: respond_all(env, [list(e.messages) for e in waiting],
-                                                   [e.state for e in waiting], return_exceptions=True))
-        env_s += time.perf_counter() - t0
-        live = []
-        for e, result in zip(waiting, replies):
-            if isinstance(result, BaseException):
-                _fail(e, index_of[id(e)], result, "env_response")
-                continue
-            try:
-                reply, e.state = [dict(m) for m in result[0]], result[1]
-                suffix = tokenizer.encode_turn_suffix(reply, add_generation_prompt=True)
-            except Exception as error:  # a malformed reply, or one the template cannot render
-                _fail(e, index_of[id(e)], error, "tokenizing the env reply")
-                continue
-            if not fits(len(e.tokens) + len(suffix)):
-                e.finish("sequence_budget")
-                continue
-            e.extend(suffix, 0)
-            e.messages.extend(reply)
-            live.append(e)
+        row_ids = [episode_offset + index_of[id(e)] for e in live]
+        samples = turns.sample(sampler, prompts, jax.random.fold_in(key, turn), n, row_ids)
+        waiting = turns.after_sampling(live, samples, index_of)
+        live = turns.reply(waiting, index_of)
         turn += 1
-
-    total_s = time.perf_counter() - start
+    turns.timing["total_s"] = time.perf_counter() - start
     pad_id = tokenizer.pad_id if config.pad_id is None else config.pad_id
     return pack_episodes(
         [dict(tokens=e.tokens, mask=e.mask, logprobs=e.logprobs, prompt=e.prompt,
@@ -371,5 +314,96 @@ def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sample_
               num_turns=e.num_turns) for e in episodes],
         group_size=group, pad_id=pad_id, length_multiple=config.length_multiple,
         max_seq_len=config.max_seq_len, mask_truncated=config.mask_truncated,
-        mask_env_errors=config.mask_env_errors,
-        timing=dict(sampler_s=sampler_s, env_s=env_s, total_s=total_s, sampler_calls=sampler_calls))
+        mask_env_errors=config.mask_env_errors, timing=turns.timing)
+
+
+class _Turns:
+    """The steps of one rollout's turn loop, with the budget and the timings they share."""
+
+    def __init__(self, env: Environment, tokenizer: Tokenizer, config: RolloutConfig, end_of_turn):
+        self.env, self.tokenizer, self.config, self.end_of_turn = env, tokenizer, config, end_of_turn
+        self.max_turns = min(env.max_turns, config.max_turns or env.max_turns)
+        # A turn needs room for its prompt, max_new_tokens and (if cut) the end-of-turn ids.
+        self.room_for_turn = config.max_new_tokens + len(end_of_turn)
+        self.timing = dict(sampler_s=0.0, env_s=0.0, total_s=0.0, sampler_calls=0)
+
+    def fits(self, length: int) -> bool:
+        return length + self.room_for_turn <= self.config.max_seq_len
+
+    def start(self, rows):
+        """Every row's `group_size` episodes (row-major), each row's prompt ids, and the rows
+        whose prompt leaves room for a turn (the others end at once: "sequence_budget")."""
+        episodes, prompt_ids, group = [], [], self.config.group_size
+        for i, row in enumerate(rows):
+            for j in range(group):
+                prompt, state = self.env.initial_state(row)
+                if j == 0:
+                    prompt_ids.append(self.tokenizer.encode_chat(prompt, add_generation_prompt=True))
+                state["completion_tokens"] = 0
+                ids = prompt_ids[i]
+                episodes.append(_Episode(i, list(prompt), state, list(ids), [0] * len(ids), [0.0] * len(ids),
+                                         list(prompt)))
+        first_rows = [i for i in range(len(rows)) if self.fits(len(prompt_ids[i]))]
+        for i in sorted(set(range(len(rows))) - set(first_rows)):
+            for e in episodes[i * group:(i + 1) * group]:
+                e.finish("sequence_budget")
+        return episodes, prompt_ids, first_rows
+
+    def sample(self, sampler: Sampler, prompts, key, n: int, row_ids) -> Samples:
+        """ONE sampler call for every live episode (n per prompt), timed and checked."""
+        t0 = time.perf_counter()
+        samples = sampler([list(p) for p in prompts], key, n, row_ids)
+        self.timing["sampler_s"] += time.perf_counter() - t0
+        self.timing["sampler_calls"] += 1
+        if len(samples.lengths) != len(row_ids):
+            raise ValueError(f"the sampler returned {len(samples.lengths)} rows for {len(prompts)} "
+                             f"prompts x n={n}")
+        return samples
+
+    def after_sampling(self, live, samples: Samples, index_of) -> list[_Episode]:
+        """Appends each live episode's sampled turn; returns those the env should reply to (the
+        others end with their reason)."""
+        waiting = []
+        for row, e in enumerate(live):
+            stopped = _add_turn(e, samples, row, self.tokenizer, self.end_of_turn, self.config.max_new_tokens)
+            try:
+                reason = _reason_after_turn(self.env, e, stopped, self.max_turns)
+            except Exception as error:
+                _fail(e, index_of[id(e)], error, "is_completed")
+                continue
+            if reason is None and not self.fits(len(e.tokens) + 1):  # no room even for a 1-token reply
+                reason = "sequence_budget"
+            if reason is None:
+                waiting.append(e)
+            else:
+                e.finish(reason)
+        return waiting
+
+    def reply(self, waiting, index_of) -> list[_Episode]:
+        """The env's replies to the waiting episodes, all concurrently, appended as env tokens;
+        returns the episodes that go on. One episode's failure is its own: its exception is its
+        reply."""
+        t0 = time.perf_counter()
+        replies = []
+        if waiting:
+            replies = run_sync(lambda: respond_all(self.env, [list(e.messages) for e in waiting],
+                                                   [e.state for e in waiting], return_exceptions=True))
+        self.timing["env_s"] += time.perf_counter() - t0
+        live = []
+        for e, result in zip(waiting, replies):
+            if isinstance(result, BaseException):
+                _fail(e, index_of[id(e)], result, "env_response")
+                continue
+            try:
+                reply, e.state = [dict(m) for m in result[0]], result[1]
+                suffix = self.tokenizer.encode_turn_suffix(reply, add_generation_prompt=True)
+            except Exception as error:  # a malformed reply, or one the template cannot render
+                _fail(e, index_of[id(e)], error, "tokenizing the env reply")
+                continue
+            if not self.fits(len(e.tokens) + len(suffix)):
+                e.finish("sequence_budget")
+                continue
+            e.extend(suffix, 0)
+            e.messages.extend(reply)
+            live.append(e)
+        return live

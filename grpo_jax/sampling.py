@@ -166,18 +166,6 @@ def _map_loop(s: "_LoopState", place) -> "_LoopState":
                       done=rows(s.done), tokens=rows(s.tokens), logprobs=rows(s.logprobs))
 
 
-def mesh_of(tree):
-    """The mesh the arrays of `tree` are laid out on, or None when they live on one device."""
-    for x in jax.tree.leaves(tree):
-        sharding = getattr(x, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            return sharding.mesh if sharding.mesh.size > 1 else None
-        if sharding is not None and len(sharding.device_set) > 1:
-            raise SamplingError("the model's arrays are on several devices without a NamedSharding: "
-                                "place them with grpo_jax.sharding (a mesh) to sample")
-    return None
-
-
 def sampling_model(model, *, gather_weights: bool = True, rules=sharding_lib.DEFAULT_RULES):
     """The weights the sampler reads: the model in its compute dtype and, on a mesh, in the
     sampling layout (`grpo_jax.sharding.sampling_rules`).
@@ -189,7 +177,7 @@ def sampling_model(model, *, gather_weights: bool = True, rules=sharding_lib.DEF
     """
     graphdef, state = nnx.split(model)
     cfg = model.config
-    mesh = mesh_of(state)
+    mesh = sharding_lib.mesh_of(state)
     variables = jax.tree.leaves(state, is_leaf=is_var)
     arrays, treedef = jax.tree.flatten(state)
     compute = jnp.dtype(cfg.dtype)
@@ -351,11 +339,9 @@ def pad_prompts(prompts: Sequence[Sequence[int]], cfg: SamplingConfig, row_shard
     return tokens, valid, count
 
 
-def _fusable(state) -> bool:
-    # Fusing q/k/v and gate/up concatenates weights along their head / MLP axes, which would
-    # regather them when those axes are sharded: fuse only weights every device holds whole.
-    return all(getattr(x, "sharding", None) is None or x.sharding.is_fully_replicated
-               for x in jax.tree.leaves(state))
+def _fuse(layout: Layout, cfg: SamplingConfig) -> bool:
+    return sharding_lib.can_fuse_projections(
+        layout.mesh, sharding_lib.sampling_rules(layout.rules, gather_weights=cfg.gather_weights))
 
 
 def _cache_length(prompt_len: int, cfg: SamplingConfig) -> int:
@@ -371,7 +357,7 @@ def programs(model, num_prompts: int, prompt_len: int, config, *, rules=sharding
     """
     cfg = SamplingConfig.from_any(config)
     graphdef, state = nnx.split(model)
-    layout = Layout(mesh_of(state), tuple(rules))
+    layout = Layout(sharding_lib.mesh_of(state), tuple(rules))
     b = batch_rows(num_prompts, cfg, layout.row_shards)
     n = b * cfg.n
     spec = lambda shape, dtype, axes=None: jax.ShapeDtypeStruct(  # noqa: E731
@@ -386,7 +372,7 @@ def programs(model, num_prompts: int, prompt_len: int, config, *, rules=sharding
     loop = jax.eval_shape(prefill, *prefill_args)
     if layout.mesh is not None:  # the loop state arrives as the prefill lays it out
         loop = _map_loop(loop, lambda x, axes: spec(x.shape, x.dtype, axes))
-    decode = functools.partial(_decode, cfg=cfg, fuse=_fusable(state), layout=layout)
+    decode = functools.partial(_decode, cfg=cfg, fuse=_fuse(layout, cfg), layout=layout)
     return {"prefill": (jax.jit(prefill, static_argnums=0), prefill_args),
             "decode": (jax.jit(decode, static_argnums=0), (graphdef, abstract_state, loop, rows((n,), jnp.int32), key))}
 
@@ -415,7 +401,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key, config, *, row_ids=No
     _validate(prompts, cfg, mcfg.vocab_size, context)
     model = sampling_model(model, gather_weights=cfg.gather_weights, rules=rules)
     graphdef, state = nnx.split(model)
-    layout = Layout(mesh_of(state), tuple(rules))
+    layout = Layout(sharding_lib.mesh_of(state), tuple(rules))
     tokens, valid, count = pad_prompts(prompts, cfg, layout.row_shards)
     rows = count * cfg.n
     real = np.arange(rows) if row_ids is None else np.asarray(row_ids, np.int64)
@@ -429,7 +415,7 @@ def generate(model, prompts: Sequence[Sequence[int]], key, config, *, row_ids=No
         tokens, valid, row_ids_N, real_N = map(put, (tokens, valid, np.asarray(row_ids_N), np.asarray(real_N)))
     loop = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), row_ids_N, real_N, key, cfg=cfg,
                     cache_length=_cache_length(tokens.shape[1], cfg), layout=layout)
-    loop = _decode(graphdef, state, loop, row_ids_N, key, cfg=cfg, fuse=_fusable(state), layout=layout)
+    loop = _decode(graphdef, state, loop, row_ids_N, key, cfg=cfg, fuse=_fuse(layout, cfg), layout=layout)
     out_tokens, out_logprobs, done, steps = jax.device_get((loop.tokens, loop.logprobs, loop.done, loop.step))
     m = cfg.max_new_tokens
     out_tokens, out_logprobs, done = out_tokens[:rows, :m], out_logprobs[:rows, :m], done[:rows]

@@ -29,7 +29,7 @@ from flax import nnx
 from grpo_jax.config_utils import ConfigError
 from grpo_jax.models.logprobs import token_logprobs
 from grpo_jax.optim import keep_state_dtypes
-from grpo_jax.sharding import on_one_device
+from grpo_jax.sharding import can_fuse_projections, mesh_of
 from grpo_jax.train_step import TrainState, init_train_state, split_params
 from grpo_jax.utils import round_up
 
@@ -103,7 +103,7 @@ def make_sft_step(model: nnx.Module, optimizer: optax.GradientTransformation,
                   chunk_size: int | None = None):
     """A jitted `(state, batch) -> (state, metrics)` minimising the masked token NLL."""
     graphdef, params, rest = split_params(model)
-    fuse = on_one_device(params)  # fused projections would regather sharded weights
+    fuse = can_fuse_projections(mesh_of(params))  # the default rules placed them
 
     def loss_fn(params, batch):
         policy = nnx.merge(graphdef, params, rest)

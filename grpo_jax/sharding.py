@@ -162,6 +162,23 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedShard
     return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1), None, rules)
 
 
-def on_one_device(tree) -> bool:
-    """Whether every array of `tree` lives on a single device (nothing sharded or replicated)."""
-    return all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(tree) if hasattr(x, "sharding"))
+def mesh_of(tree) -> Mesh | None:
+    """The mesh the arrays of `tree` are laid out on, or None when they live on one device."""
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh if sharding.mesh.size > 1 else None
+        if sharding is not None and len(sharding.device_set) > 1:
+            raise ShardingError("arrays on several devices without a NamedSharding: place them with "
+                                "grpo_jax.sharding (a mesh)")
+    return None
+
+
+def can_fuse_projections(mesh, rules=DEFAULT_RULES) -> bool:
+    """Whether q/k/v and gate/up may be concatenated into one wide matmul each
+    (`models.transformer.fuse_layer`): no mesh, or the head and MLP axes unsplit under `rules`
+    (concatenating along a split axis would regather the weights)."""
+    if mesh is None:
+        return True
+    return all(logical_to_spec((axis,), None, mesh, rules) in (PartitionSpec(None), PartitionSpec())
+               for axis in ("q_heads", "kv_heads", "mlp"))

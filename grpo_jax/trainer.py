@@ -63,8 +63,7 @@ from grpo_jax.evaluation import evaluate_run
 from grpo_jax.memory import plan_for_run
 from grpo_jax.metrics import MetricsWriter, read_metrics, to_host
 from grpo_jax.rollout import model_sampler, rollout
-from grpo_jax.rubrics.rubric import check_rewards
-from grpo_jax.utils import nan_mean
+from grpo_jax.rubrics.rubric import check_rewards, score_metrics
 from grpo_jax.sft import warm_start
 from grpo_jax.trajectories import metrics_from_stats
 
@@ -135,32 +134,23 @@ def merge_episodes(parts, own: int = 0) -> Episodes:
 
 
 def _score_metrics(parts, rewards) -> dict[str, float]:
-    """`RubricScores.metrics` of the gathered episodes: "reward", "reward_nan_fraction",
-    "reward/<function>", "failures/<function>" and (task groups) "reward/<task>", recomputed
-    on the concatenated arrays; any other key is averaged, weighted by episodes."""
+    """`RubricScores.metrics` of the gathered episodes: `rubrics.score_metrics` on the
+    concatenated arrays (per task when the processes' metrics have tasks: an `EnvGroup`); a
+    metric it does not make is averaged over processes, weighted by episodes."""
     sizes = [len(p["rewards"]) for p in parts]
     names = list(dict.fromkeys(name for p in parts for name in p["scores"]))
     scores = {name: np.concatenate([p["scores"].get(name, np.full(n, np.nan)) for p, n in zip(parts, sizes)])
               for name in names}
-    tasks = np.asarray([t for p in parts for t in p["tasks"]], dtype=object)
-    out = {}
-    for key in dict.fromkeys(k for p in parts for k in p["metrics"]):
-        name = key.split("/", 1)[1] if "/" in key else None
-        if key == "reward":
-            out[key] = nan_mean(rewards)
-        elif key == "reward_nan_fraction":
-            out[key] = float(np.isnan(rewards).mean()) if len(rewards) else 0.0
-        elif key.startswith("failures/") and name in scores:
-            out[key] = float(sum(p["failures"].get(name, 0) for p in parts))
-        elif key.startswith("reward/") and name in scores:
-            out[key] = nan_mean(scores[name])
-        elif key.startswith("reward/") and name in set(tasks):
-            out[key] = nan_mean(rewards[tasks == name])
-        else:
-            log.warning("metric %r has no exact multi-process reduction: averaged over processes", key)
-            pairs = [(float(p["metrics"][key]), n) for p, n in zip(parts, sizes) if key in p["metrics"]]
-            out[key] = sum(v * n for v, n in pairs) / max(sum(n for _, n in pairs), 1)
-    return out
+    failures = {name: sum(p["failures"].get(name, 0) for p in parts) for name in names}
+    tasks = [t for p in parts for t in p["tasks"]]
+    keys = list(dict.fromkeys(k for p in parts for k in p["metrics"]))
+    grouped = any(f"reward/{t}" in keys for t in set(tasks) if t is not None)
+    out = score_metrics(rewards, scores, failures, tasks if grouped else None)
+    for key in (k for k in keys if k not in out):
+        log.warning("metric %r has no exact multi-process reduction: averaged over processes", key)
+        pairs = [(float(p["metrics"][key]), n) for p, n in zip(parts, sizes) if key in p["metrics"]]
+        out[key] = sum(v * n for v, n in pairs) / max(sum(n for _, n in pairs), 1)
+    return {k: out[k] for k in keys}  # the processes' keys, in their order
 
 
 def _rollout_row(episodes: Episodes, adv_info, elapsed_s: float) -> dict[str, float]:
@@ -387,14 +377,7 @@ def _run(config, workdir: str, stop_after: int | None) -> dict[str, Any]:
     stop.install()
     try:
         # --- resume from the newest checkpoint, or begin: warm start, evaluate, checkpoint step 0
-        resumed = restore(run, checkpointer) if checkpointer.latest_step() is not None else None
-        restored_step = None if resumed is None else resumed[0]
-        if jax.process_index() == 0:  # what a killed run logged past the start goes
-            workdir_lib.rewind(workdir, restored_step)
-        writer = MetricsWriter(workdir, total_steps=c.train.num_steps,
-                               purge_step=0 if restored_step is None else restored_step + 1)
-        start_step, state, ref_params, eval_before = (
-            _begin(run, writer, checkpointer) if resumed is None else _resumed(resumed, checkpointer))
+        writer, (start_step, state, ref_params, eval_before) = _resume_or_begin(run, checkpointer, workdir)
         summary: dict[str, Any] = {"workdir": workdir, "eval_before": eval_before}
         collector, late = Collector(run), _LateMetrics(writer, checkpointer, c)
 
@@ -439,6 +422,22 @@ def _run(config, workdir: str, stop_after: int | None) -> dict[str, Any]:
         if writer is not None:
             writer.close()
         checkpointer.close()
+
+
+def _resume_or_begin(run: Run, checkpointer: Checkpointer, workdir: str):
+    """The metrics writer and (start step, state, reference params, eval before) of the newest
+    checkpoint, or of a new start (`_begin`); what a killed run logged past it is rewound."""
+    resumed = restore(run, checkpointer) if checkpointer.latest_step() is not None else None
+    restored_step = None if resumed is None else resumed[0]
+    if jax.process_index() == 0:
+        workdir_lib.rewind(workdir, restored_step)
+    writer = MetricsWriter(workdir, total_steps=run.config.train.num_steps,
+                           purge_step=0 if restored_step is None else restored_step + 1)
+    try:
+        return writer, (_begin(run, writer, checkpointer) if resumed is None else _resumed(resumed, checkpointer))
+    except BaseException:
+        writer.close()
+        raise
 
 
 def _finish(summary, workdir: str, state, last_step: int, num_steps: int) -> dict[str, Any]:

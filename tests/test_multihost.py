@@ -215,7 +215,7 @@ def test_local_mesh_sizes_divide_the_global_ones(shape, local, expected):
 
 
 class EpisodeIdSampler:
-    """A `SampleFn` that takes `row_ids`: episode e calls the calculator in its first e % 3 turns,
+    """A `Sampler` keyed by `row_ids`: episode e calls the calculator in its first e % 3 turns,
     then answers e % 5, so episodes end after different numbers of turns."""
 
     def __init__(self, tokenizer):

@@ -27,7 +27,7 @@ ROW = {"question": "What is 673 * 342?", "answer": "230166", "info": {"expressio
 
 
 class ScriptedSampler:
-    """A `SampleFn` that writes `policy(prompt_text, j)` (+ the end-of-turn token) for sample j of
+    """A `Sampler` that writes `policy(prompt_text, j)` (+ the end-of-turn token) for sample j of
     each prompt; text longer than `max_new_tokens` is cut (STOP_LENGTH). Every sampled token gets
     a distinct fake log-prob, and every call is recorded."""
 
@@ -40,7 +40,7 @@ class ScriptedSampler:
         self.sampled = []     # (ids, logprobs) per sampled row, in call order
         self._counter = 0
 
-    def __call__(self, prompts, key, n):
+    def __call__(self, prompts, key, n, row_ids):
         self.calls.append(([list(p) for p in prompts], n))
         self.keys.append(tuple(np.asarray(jax.random.key_data(key)).ravel().tolist()))
         eot = self.tokenizer.end_of_turn_ids[0]

@@ -14,8 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from grpo_jax.envs.base import Environment, Message, Row, State
-from grpo_jax.rubrics.rubric import RubricScores
-from grpo_jax.utils import nan_mean
+from grpo_jax.rubrics.rubric import RubricScores, score_metrics
 
 
 class GroupRubric:
@@ -57,7 +56,6 @@ class GroupRubric:
         scores: dict[str, np.ndarray] = {}
         failures: dict[str, int] = {}
         errors: dict[str, str] = {}
-        metrics: dict[str, float] = {}
         for task, env in self.envs.items():
             index = [i for i, t in enumerate(tasks) if t == task]
             if not index:
@@ -68,18 +66,13 @@ class GroupRubric:
                                    tokens_BT=None if tokens_BT is None else tokens_BT[np.asarray(index)],
                                    mask_BT=None if mask_BT is None else mask_BT[np.asarray(index)])
             rewards[index] = sub.rewards
-            metrics[f"reward/{task}"] = sub.metrics["reward"]
             for name, values in sub.scores.items():
                 key = f"{task}/{name}"
                 scores[key] = np.full(n, np.nan)
                 scores[key][index] = values
                 failures[key] = sub.failures[name]
-                metrics[f"reward/{key}"] = sub.metrics[f"reward/{name}"]
-                metrics[f"failures/{key}"] = sub.metrics[f"failures/{name}"]
             errors.update({f"{task}/{k}": v for k, v in sub.errors.items()})
-        metrics["reward"] = nan_mean(rewards)
-        metrics["reward_nan_fraction"] = float(np.isnan(rewards).mean()) if n else 0.0
-        return RubricScores(rewards, scores, failures, errors, metrics)
+        return RubricScores(rewards, scores, failures, errors, score_metrics(rewards, scores, failures, tasks))
 
 
 class EnvGroup(Environment):

@@ -10,11 +10,11 @@ from grpo_jax.rubrics.parsers import (XMLParser, answer_parser, assistant_texts,
                                       think_answer_parser)
 from grpo_jax.rubrics.rewards import (correct_answer, format_reward, overlong_penalty, tool_calls_metric,
                                       tool_errors_metric, tool_used)
-from grpo_jax.rubrics.rubric import RewardError, Rubric, RubricScores, check_rewards
+from grpo_jax.rubrics.rubric import RewardError, Rubric, RubricScores, check_rewards, score_metrics
 from grpo_jax.utils import run_sync
 
 __all__ = [
-    "Rubric", "RubricScores", "RewardError", "check_rewards", "run_sync",
+    "Rubric", "RubricScores", "RewardError", "check_rewards", "score_metrics", "run_sync",
     "XMLParser", "answer_parser", "think_answer_parser", "assistant_texts", "last_assistant_text",
     "parse_number", "math_equal", "extract_gsm8k_answer",
     "correct_answer", "format_reward", "tool_used", "tool_calls_metric", "tool_errors_metric",

@@ -126,6 +126,25 @@ class RubricScores:
     metrics: dict[str, float]
 
 
+def score_metrics(rewards: np.ndarray, scores: Mapping[str, np.ndarray], failures: Mapping[str, int],
+                  tasks: Sequence[Any] | None = None) -> dict[str, float]:
+    """`RubricScores.metrics` from the per-episode arrays: "reward" (NaN-mean of `rewards`),
+    "reward_nan_fraction", and with `tasks` (an `EnvGroup`'s episodes) "reward/<task>" for each
+    task; then "reward/<name>" (NaN-mean) and "failures/<name>" for each scored function. The
+    same formulas serve one rubric's batch and a batch gathered from several processes."""
+    rewards = np.asarray(rewards, np.float64)
+    metrics = {"reward": nan_mean(rewards),
+               "reward_nan_fraction": float(np.isnan(rewards).mean()) if len(rewards) else 0.0}
+    if tasks is not None:
+        tasks = np.asarray(tasks, dtype=object)
+        for task in dict.fromkeys(tasks.tolist()):
+            metrics[f"reward/{task}"] = nan_mean(rewards[tasks == task])
+    for name, values in scores.items():
+        metrics[f"reward/{name}"] = nan_mean(values)
+        metrics[f"failures/{name}"] = float(failures.get(name, 0))
+    return metrics
+
+
 def _as_score(value: Any) -> float:
     """A returned value as a float score; raises on anything that is not a finite real number."""
     if isinstance(value, (bool, np.bool_, numbers.Real)):
@@ -335,12 +354,7 @@ class Rubric:
                 failures[tf.name] = 0
                 if tf.weight != 0:
                     rewards += tf.weight * token_scores[tf.name]
-        metrics = {"reward": nan_mean(rewards),
-                   "reward_nan_fraction": float(np.isnan(rewards).mean()) if n else 0.0}
-        for name, values in scores.items():
-            metrics[f"reward/{name}"] = nan_mean(values)
-            metrics[f"failures/{name}"] = float(failures[name])
-        return RubricScores(rewards, scores, failures, errors, metrics)
+        return RubricScores(rewards, scores, failures, errors, score_metrics(rewards, scores, failures))
 
     def score(self, prompts, completions, answers=None, states=None, infos=None, tasks=None,
               *, tokens_BT=None, mask_BT=None) -> RubricScores:
