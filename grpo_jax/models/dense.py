@@ -8,9 +8,8 @@ Two things set them apart from a plain einsum:
   of both operands) is written as a plain [M, K] x [K, N] matmul on an explicitly transposed copy
   of the narrower of x and dy. Left to itself, XLA:CPU ran these products as Eigen dots (outside
   the XNNPACK/YNNPACK matmul fusions that run everything else), after transposing copies of the
-  wide operand, e.g. the [tokens, 2 * d_ff] gate/up gradient. Measured on a 2-core CPU (the
-  32 x 192 train step of `benchmarks/train_step.py`, micro-batches of 8, ten interleaved runs):
-  median 4.26 s against 4.63 s for the plain einsum. Accelerators run transposed operands
+  wide operand, e.g. the [tokens, 2 * d_ff] gate/up gradient (the train step's figures:
+  docs/performance.md, "Weight gradients on CPU"). Accelerators run transposed operands
   natively (cuBLAS, the TPU MXU), so there the plain einsum's gradient is used.
 
 Which form a model uses is `ModelConfig.cpu_weight_grad`, set from `grpo_jax.platform` on the

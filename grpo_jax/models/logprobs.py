@@ -27,8 +27,7 @@ import jax.numpy as jnp
 
 # Vocabulary columns per chunk when none is given: the accelerators' choice. Runs pick theirs in
 # `grpo_jax.platform` (1024 on CPU: a [N, 1024] float32 chunk stays in cache while it is
-# exponentiated and reduced; on a 2-core CPU the forward + backward ran 1.3-1.5x faster than
-# with 8192 columns).
+# exponentiated and reduced: docs/performance.md, "Log-prob chunks").
 DEFAULT_CHUNK_SIZE = 8192
 
 
@@ -126,7 +125,7 @@ def _chunked_logprobs_bwd(inv_tau, chunk, with_entropy, residuals, cotangents):
     num_chunks = -(-vocab // chunk)
 
     # Everything in [C, N] layout (N = B * T): dz.T feeds dW = dz.T @ h as is, and the cheaper
-    # transposed operand is the one of dh (measured on CPU: ~20% faster than [N, C], whose dW
+    # transposed operand is the one of dh (on CPU faster than [N, C], whose dW
     # product made XLA write a transposed copy of dz).
     h_ND = hidden_BTD.reshape(-1, d)
     targets_N, lse_N, g_logp_N = targets_BT.reshape(-1), lse.reshape(-1), g_logp.reshape(-1)
