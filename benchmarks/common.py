@@ -84,3 +84,10 @@ def environment_info() -> dict[str, Any]:
         "load_avg_1m": load_average(),
         "python": platform.python_version(),
     }
+
+
+def check_positive(parser, args, names):
+    """`parser.error` naming the first of `names` (argparse dests) set to a value <= 0."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment_info, interleaved_times, matmul_peak_flops, time_call  # noqa: E402
+from common import check_positive, environment_info, interleaved_times, matmul_peak_flops, time_call  # noqa: E402
 
 from grpo_jax import platform as platform_lib  # noqa: E402
 from grpo_jax import sampling  # noqa: E402
@@ -107,9 +107,7 @@ def parse_args(argv=None):
     parser.add_argument("--bandwidth-gbs", type=float, default=None,
                         help="the device's memory bandwidth (default: the datasheet's, if known)")
     args = parser.parse_args(argv)
-    for name in ("repeats", "samples", "prompt_len", "prompts", "new_tokens", "layers", "vocab_size"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
+    check_positive(parser, args, ("repeats", "samples", "prompt_len", "prompts", "new_tokens", "layers", "vocab_size"))
     return args
 
 

@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment_info, interleaved_times, matmul_peak_rates  # noqa: E402
+from common import check_positive, environment_info, interleaved_times, matmul_peak_rates  # noqa: E402
 
 from grpo_jax import optim  # noqa: E402
 from grpo_jax import train_step as ts  # noqa: E402
@@ -149,9 +149,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not 0 < args.prompt < args.length:
         parser.error(f"need 0 < --prompt < --length, got {args.prompt} and {args.length}")
-    for name in ("rows", "repeats", "layers", "vocab_size"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
+    check_positive(parser, args, ("rows", "repeats", "layers", "vocab_size"))
     rows = min(args.rows, 8) if args.quick else args.rows
     if args.micro_batch_size is not None and (args.micro_batch_size <= 0 or rows % args.micro_batch_size):
         parser.error(f"--micro-batch-size {args.micro_batch_size} must divide the {rows} rows")
@@ -162,8 +160,9 @@ def main():
     args = parse_args()
     choices = platform_lib.choices()  # the devices this benchmark runs on
     cfg = preset(args.preset) if args.preset else MODEL
-    cfg = cfg.replace(remat=args.remat, cpu_weight_grad=choices.cpu_weight_grad, dtype=args.dtype, param_dtype=args.param_dtype or args.dtype,
-                      n_layers=args.layers or cfg.n_layers, vocab_size=args.vocab_size or cfg.vocab_size)
+    cfg = cfg.replace(remat=args.remat, cpu_weight_grad=choices.cpu_weight_grad, dtype=args.dtype,
+                      param_dtype=args.param_dtype or args.dtype, n_layers=args.layers or cfg.n_layers,
+                      vocab_size=args.vocab_size or cfg.vocab_size)
     chunk = args.chunk_size or choices.logprob_chunk
     rows, length, prompt = args.rows, args.length, args.prompt
     if args.quick:
