@@ -191,10 +191,17 @@ def sampling_model(model, *, gather_weights: bool = True, rules=sharding_lib.DEF
                      for v, a in zip(variables, arrays)]
     if all(a.dtype == d and a.sharding == sh for a, d, sh in zip(arrays, dtypes, shardings)):
         return model
-    cast = jax.jit(lambda xs: [x.astype(d) for x, d in zip(xs, dtypes)], out_shardings=shardings)
+    cast = _cast_program(tuple(map(jnp.dtype, dtypes)), tuple(shardings))
     copy = nnx.merge(graphdef, jax.tree.unflatten(treedef, cast(arrays)))
     copy.config = cfg.replace(param_dtype=cfg.dtype)
     return copy
+
+
+@functools.lru_cache(maxsize=8)
+def _cast_program(dtypes: tuple, shardings: tuple):
+    """One jitted cast-and-reshard per (dtypes, shardings): every rollout of a run reuses it
+    (a fresh `jax.jit` each call would trace and compile again every step)."""
+    return jax.jit(lambda xs: [x.astype(d) for x, d in zip(xs, dtypes)], out_shardings=list(shardings))
 
 
 # ---------------------------------------------------------------------------------------------

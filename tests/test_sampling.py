@@ -292,6 +292,9 @@ def test_bfloat16_weights_sample_close_to_the_teacher_forced_forward(pair, tmp_p
     model = load_hf(save_hf_model(hf, str(tmp_path)), dtype="bfloat16")  # float32 masters
     assert model.layers.wq[...].dtype == jnp.float32
     assert sampling.sampling_model(model).layers.wq[...].dtype == jnp.bfloat16  # what decode reads
+    misses = sampling._cast_program.cache_info().misses
+    sampling.sampling_model(model)  # the next rollout's copy: the same compiled cast
+    assert sampling._cast_program.cache_info().misses == misses
     prompts = _prompts(2)
     cfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, n=2, prompt_bucket=8, batch_bucket=4)
     s = sampling.generate(model, prompts, jax.random.key(5), cfg)
