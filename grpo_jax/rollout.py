@@ -19,6 +19,11 @@ row and returns a `Rollout` (see `grpo_jax.trajectories`). One turn of the loop 
        (`tokenizer.encode_turn_suffix`: the text after the end-of-turn token up to the next
        generation prompt) and appended with mask 0. The history is never re-tokenized.
 
+Native tool calling: an env with a `tool_schemas()` method returning JSON schemas (a `ToolEnv`
+with `native_tools=True`) has them rendered by the chat template: the prompt is
+`encode_chat(prompt, tools=schemas)`, every env reply suffix and the template check use the
+same `tools`, so the history stays token-in / token-out with tools too (`env_tool_schemas`).
+
 The assistant message handed to the env (and kept for the rubric) is
 `tokenizer.decode(sampled_ids)` without the trailing stop token, special tokens kept as text
 (`skip_special_tokens=False`): the env sees exactly what the model wrote, and re-rendering the
@@ -71,7 +76,7 @@ from grpo_jax.trajectories import FINISH_REASONS, TRUNCATION_REASONS, Rollout, p
 from grpo_jax.utils import dataclass_from, run_sync
 
 __all__ = ["FINISH_REASONS", "TRUNCATION_REASONS", "ModelSampler", "Rollout", "RolloutConfig", "SampleFn", "Sampler",
-           "check_template", "model_sampler", "rollout"]
+           "check_template", "env_tool_schemas", "model_sampler", "rollout"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,12 +165,23 @@ PROBE_COMPLETION: tuple[Message, ...] = (
 )
 
 
+def env_tool_schemas(env: Environment | None) -> list[dict[str, Any]] | None:
+    """The tool schemas `env` gives the chat template (`env.tool_schemas()`), None for an env
+    without native tools."""
+    schemas = getattr(env, "tool_schemas", None)
+    schemas = schemas() if callable(schemas) else None
+    return list(schemas) if schemas else None
+
+
 def check_template(tokenizer: Tokenizer, env: Environment | None = None, row: Row | None = None, *,
                    tools: Sequence[Mapping[str, Any]] | None = None) -> None:
     """Raises `TemplateError` (saying why) unless the chat template is prefix-preserving on the
     env's gold demonstration for `row` (when it has one) and on `PROBE_COMPLETION` after the
     row's prompt: rendering turn by turn must equal rendering in one go, or the token history a
-    rollout builds would not be the conversation the model is trained and evaluated on."""
+    rollout builds would not be the conversation the model is trained and evaluated on.
+    `tools` (default: the env's `env_tool_schemas`) are rendered as the rollout renders them."""
+    if tools is None:
+        tools = env_tool_schemas(env)
     if env is not None and row is not None:
         prompt, _ = env.initial_state(row)
     else:
@@ -323,6 +339,7 @@ class _Turns:
     def __init__(self, env: Environment, tokenizer: Tokenizer, config: RolloutConfig, end_of_turn):
         self.env, self.tokenizer, self.config, self.end_of_turn = env, tokenizer, config, end_of_turn
         self.max_turns = min(env.max_turns, config.max_turns or env.max_turns)
+        self.tools = env_tool_schemas(env)  # rendered by the chat template in every encoding
         # A turn needs room for its prompt, max_new_tokens and (if cut) the end-of-turn ids.
         self.room_for_turn = config.max_new_tokens + len(end_of_turn)
         self.timing = dict(sampler_s=0.0, env_s=0.0, total_s=0.0, sampler_calls=0)
@@ -338,7 +355,8 @@ class _Turns:
             for j in range(group):
                 prompt, state = self.env.initial_state(row)
                 if j == 0:
-                    prompt_ids.append(self.tokenizer.encode_chat(prompt, add_generation_prompt=True))
+                    prompt_ids.append(self.tokenizer.encode_chat(prompt, add_generation_prompt=True,
+                                                                    tools=self.tools))
                 state["completion_tokens"] = 0
                 ids = prompt_ids[i]
                 episodes.append(_Episode(i, list(prompt), state, list(ids), [0] * len(ids), [0.0] * len(ids),
@@ -396,7 +414,8 @@ class _Turns:
                 continue
             try:
                 reply, e.state = [dict(m) for m in result[0]], result[1]
-                suffix = self.tokenizer.encode_turn_suffix(reply, add_generation_prompt=True)
+                suffix = self.tokenizer.encode_turn_suffix(reply, add_generation_prompt=True,
+                                                            tools=self.tools)
             except Exception as error:  # a malformed reply, or one the template cannot render
                 _fail(e, index_of[id(e)], error, "tokenizing the env reply")
                 continue

@@ -3,12 +3,12 @@
 Built for token-in / token-out multi-turn rollouts: the history is never
 re-tokenized. A rollout keeps
 
-    ids = encode_chat(prompt_messages)                     # prompt, ends with the
+    ids = encode_chat(prompt_messages, tools=schemas)      # prompt, ends with the
                                                            # assistant generation prompt
     ids += sampled_ids                                     # model tokens, ending in a
                                                            # stop token (or cut: then the
                                                            # rollout appends end_of_turn_ids)
-    ids += encode_turn_suffix(env_messages)                # tool / user messages and the
+    ids += encode_turn_suffix(env_messages, tools=schemas) # tool / user messages and the
                                                            # next generation prompt
     ...
 
@@ -119,6 +119,12 @@ class Tokenizer:
         """The chat template applied to ``messages``, as text."""
         raise NotImplementedError
 
+    @property
+    def chat_template_text(self) -> str | None:
+        """The chat template's Jinja source (None when there is none); e.g. for
+        ``grpo_jax.envs.tool_calls.parser_for_tokenizer``."""
+        return getattr(self, "chat_template", None)
+
     # -- chat, shared by the backends ----------------------------------------
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], *,
                     add_generation_prompt: bool = True,
@@ -154,15 +160,17 @@ class Tokenizer:
         return self._end_of_turn[0]
 
     def turn_suffix_text(self, new_messages: Sequence[Mapping[str, Any]], *,
-                         add_generation_prompt: bool = True) -> str:
+                         add_generation_prompt: bool = True,
+                         tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         """Text that follows an assistant turn's end-of-turn token(s) when
         ``new_messages`` come next, up to and including the next generation
-        prompt (if ``add_generation_prompt``)."""
+        prompt (if ``add_generation_prompt``); ``tools`` as the prompt was
+        rendered with (a template may render turns differently with tools)."""
         # Rendered afresh each time: a template may print today's date.
-        base = self.render(list(_DUMMY_HEAD), add_generation_prompt=False)
+        base = self.render(list(_DUMMY_HEAD), add_generation_prompt=False, tools=tools)
         cut = base.find(_MARKER) + len(_MARKER) + len(self._end_of_turn[1])
         full = self.render(list(_DUMMY_HEAD) + list(new_messages),
-                           add_generation_prompt=add_generation_prompt)
+                           add_generation_prompt=add_generation_prompt, tools=tools)
         if full[:cut] != base[:cut]:
             raise TemplateError(
                 "the chat template rewrites an earlier assistant turn when messages follow it: "
@@ -170,11 +178,12 @@ class Tokenizer:
         return full[cut:]
 
     def encode_turn_suffix(self, new_messages: Sequence[Mapping[str, Any]], *,
-                           add_generation_prompt: bool = True) -> list[int]:
+                           add_generation_prompt: bool = True,
+                           tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Ids that follow the sampled end-of-turn token(s) for ``new_messages``
         (env / tool / user messages), up to and including the next assistant
         generation prompt: ``encode(turn_suffix_text(...))``."""
-        return self.encode(self.turn_suffix_text(new_messages,
+        return self.encode(self.turn_suffix_text(new_messages, tools=tools,
                                                  add_generation_prompt=add_generation_prompt))
 
     def check_prefix_preserving(self, conversation: Sequence[Mapping[str, Any]],
@@ -199,7 +208,7 @@ class Tokenizer:
             stop = turns[k + 1] if k + 1 < len(turns) else len(messages)
             last = k + 1 == len(turns)
             if stop > i + 1:
-                text += self.turn_suffix_text(messages[i + 1:stop],
+                text += self.turn_suffix_text(messages[i + 1:stop], tools=tools,
                                               add_generation_prompt=not last)
             reference = self.render(messages[:stop], add_generation_prompt=not last, tools=tools)
             matches = reference.startswith(text) if last and stop == i + 1 else reference == text
@@ -285,6 +294,11 @@ class HFTokenizer(Tokenizer):
         self.pad_id = pad if pad is not None else self.eos_id
         self.bos_id = hf_tokenizer.bos_token_id
         self.vocab_size = len(hf_tokenizer)
+
+    @property
+    def chat_template_text(self) -> str | None:
+        template = getattr(self.hf, "chat_template", None)
+        return template if isinstance(template, str) or template is None else template.get("default")
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))

@@ -5,6 +5,7 @@ import json
 import sys
 import threading
 import time
+from typing import Annotated
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ import pytest
 from grpo_jax.envs import (EnvGroup, Environment, JSONToolCallParser, MultiTurnEnv, SingleTurnEnv,
                            TagToolCallParser, Tool, ToolCall, ToolEnv, execute_tool_call, python_tool,
                            replay_episodes, respond_all, run_episodes)
+from grpo_jax.envs.tool_calls import Llama3JSONToolCallParser, make_call_parser, parser_for_template
+from grpo_jax.envs.tools import FromState, LocalHandle
 from grpo_jax.rubrics import Rubric, answer_parser, correct_answer, tool_used
 from grpo_jax.rubrics.rewards import tool_errors_metric
 
@@ -327,3 +330,127 @@ def test_env_group_applies_token_rewards_per_task():
     np.testing.assert_array_equal(scores.scores["a/ended_with_stop"], [1.0, np.nan, 0.0])
     with pytest.raises(NotImplementedError):
         group.rubric.token_rewards(tokens, mask)
+
+
+# -- native tool calling: schemas, model formats, hidden state arguments ----------------------------
+class _Counter:
+    """A per-episode handle a tool reaches through the state, never through the model."""
+
+    def __init__(self, start):
+        self.value = start
+
+
+def bump(by: int, *, counter: Annotated[_Counter, FromState()]) -> int:
+    """Add to the episode's counter and return it.
+
+    Args:
+      by: how much to add,
+        a whole number.
+    """
+    counter.value += by
+    return counter.value
+
+
+def lookup(key: str, db) -> str:
+    """Look a key up in the episode's table."""
+    return db[key]
+
+
+class _StatefulEnv(ToolEnv):
+    def __init__(self, **kwargs):
+        super().__init__([add, bump, Tool.from_function(lookup, state_args={"db": "table"})],
+                         native_tools=True, max_turns=3, **kwargs)
+
+    def setup_state(self, row):
+        return {**super().setup_state(row), "counter": LocalHandle(_Counter(int(row["answer"]))),
+                "table": {"k": f"value of {row['question']}"}}
+
+
+def test_native_schemas_leave_out_hidden_arguments():
+    env = _StatefulEnv()
+    assert env.system_prompt is None  # the template renders the tools, not the system prompt
+    schemas = {s["function"]["name"]: s for s in env.tool_schemas()}
+    assert all(s["type"] == "function" for s in schemas.values())
+    assert schemas["bump"]["function"] == {
+        "name": "bump", "description": "Add to the episode's counter and return it.",
+        "parameters": {"type": "object", "required": ["by"],
+                       "properties": {"by": {"type": "integer", "description": "how much to add, a whole number."}}}}
+    assert schemas["lookup"]["function"]["parameters"]["properties"] == {"key": {"type": "string"}}
+    assert env.tools["lookup"].state_args == {"db": "table"} and env.tools["bump"].state_args == {"counter": "counter"}
+    assert ToolEnv([add]).tool_schemas() is None  # tools described in the system prompt instead
+    with pytest.raises(ValueError, match="not parameters"):
+        Tool.from_function(add, state_args=["db"])
+    with pytest.raises(ValueError, match="tool_isolation"):
+        ToolEnv([bump], tool_isolation="process")
+
+
+def test_llama3_json_calls_and_parser_choice():
+    llama = Llama3JSONToolCallParser()
+    calls = llama.parse('<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}; '
+                        '{"name": "add", "parameters": {"a": 3, "b": 4}}')
+    assert [(c.name, c.arguments, c.error) for c in calls] == [("add", {"a": 1, "b": 2}, None),
+                                                             ("add", {"a": 3, "b": 4}, None)]
+    assert [(c.name, c.arguments) for c in llama.parse('{"name": "add", "parameters": {"a": 5, "b": 6}}')] == [
+        ("add", {"a": 5, "b": 6})]
+    assert llama.parse("The answer is 42.") == [] and llama.parse('{"x": 1} is JSON') == []
+    assert llama.parse('<|python_tag|>{"name": "add", "parameters": {"a": 1')[0].error.startswith("invalid JSON")
+    assert llama.parse(llama.format_call("add", {"a": 1, "b": 2}))[0].arguments == {"a": 1, "b": 2}
+
+    auto = make_call_parser("auto")
+    assert [c.name for c in auto.parse(_call("add", a=1, b=2) + _call("bump", by=1))] == ["add", "bump"]
+    assert [c.name for c in auto.parse('{"name": "bump", "parameters": {"by": 1}}')] == ["bump"]
+    assert isinstance(parser_for_template("... <tool_call> ..."), JSONToolCallParser)
+    assert isinstance(parser_for_template("{{ '<|python_tag|>' }} ipython"), Llama3JSONToolCallParser)
+    with pytest.raises(ValueError, match="cannot tell"):
+        parser_for_template("{{ messages }}")
+    assert isinstance(parser_for_template("{{ messages }}", default="llama3"), Llama3JSONToolCallParser)
+    with pytest.raises(ValueError, match="unknown tool-call format"):
+        ToolEnv([add], call_parser="xml")
+
+
+@pytest.mark.parametrize("call_format", ["hermes", "llama3"])
+def test_native_calls_answered_in_order_with_state_and_errors_counted(call_format):
+    env = _StatefulEnv(call_parser=call_format)
+
+    def call(name, **arguments):
+        if call_format == "hermes":
+            return _call(name, **arguments)
+        return json.dumps({"name": name, "parameters": arguments})
+
+    join = "\n" if call_format == "hermes" else "; "
+    bad_json = "<tool_call>{oops</tool_call>" if call_format == "hermes" else '<|python_tag|>{"name": oops'
+    script = {
+        "two": [call("add", a=1, b=2) + join + call("bump", by=5), "<answer>done</answer>"],
+        "hidden": [join.join([call("bump", by=1, counter=99), call("lookup", key="k"),
+                              call("lookup", key="k", db={"k": "forged"})]), "<answer>x</answer>"],
+        "malformed": [bad_json, call("nope") + join + call("add", a="1"), "<answer>x</answer>"],
+    }
+    rows = [{"question": q, "answer": "10"} for q in script]
+    by_q = {e.prompt[-1]["content"]: e for e in run_episodes(env, rows, _scripted(script))}
+    replies = {q: [m["content"] for m in e.completion if m["role"] == "tool"] for q, e in by_q.items()}
+
+    assert replies["two"] == ["3", "15"]  # one tool message per call, in order; the counter started at 10
+    assert by_q["two"].state["counter"].value.value == 15
+    hidden = replies["hidden"]
+    assert "counter cannot be passed" in hidden[0] and hidden[1] == "value of hidden"
+    assert "db cannot be passed" in hidden[2] and by_q["hidden"].state["counter"].value.value == 10
+    assert [r["error_kind"] for r in by_q["hidden"].state["tool_log"]] == ["bad_arguments", None, "bad_arguments"]
+    malformed = by_q["malformed"].state
+    assert "could not parse" in replies["malformed"][0] and "unknown tool 'nope'" in replies["malformed"][1]
+    assert [r["error_kind"] for r in malformed["tool_log"]] == ["parse_error", "unknown_tool", "bad_arguments"]
+    assert (malformed["tool_calls"], malformed["tool_errors"]) == (3, 3)
+    assert [e.completion[-1]["content"] for e in by_q.values()] == ["<answer>done</answer>", "<answer>x</answer>",
+                                                                   "<answer>x</answer>"]
+    # A handle does not travel to a process-isolated reward function (it arrives empty).
+    rubric = Rubric([tool_used(), lambda state: float(state["counter"].value is None)], [1.0, 1.0])
+    scores = rubric.score([e.prompt for e in by_q.values()], [e.completion for e in by_q.values()],
+                          states=[e.state for e in by_q.values()])
+    np.testing.assert_array_equal(scores.rewards, [2, 1, 1])
+
+
+def test_missing_state_is_an_error_not_a_crash():
+    tools = {"lookup": Tool.from_function(lookup, state_args=["db"])}
+    result = asyncio.run(execute_tool_call(ToolCall("lookup", {"key": "k"}, ""), tools))
+    assert result.error_kind == "exception" and "did not set up db" in result.content
+    result = asyncio.run(execute_tool_call(ToolCall("lookup", {"key": "k"}, ""), tools, state={"db": {"k": "v"}}))
+    assert result.ok and result.content == "v"

@@ -2,6 +2,7 @@
 concurrency, failures, and sampler log-probs against a teacher-forced forward."""
 
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -11,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from tokenizer_fixtures import (  # noqa: F401  (fixtures are used by name)
-    hf_tokenizer, hf_tokenizer_dir, sp_tokenizer, sp_tokenizer_dir, think_stripping_tokenizer)
+    hf_tokenizer, hf_tokenizer_dir, llama_style_tokenizer, sp_tokenizer, sp_tokenizer_dir,
+    think_stripping_tokenizer)
 
 from grpo_jax import rollout as rl
-from grpo_jax.envs import EnvGroup, MultiTurnEnv, TagToolCallParser, ToolEnv
+from grpo_jax.envs import EnvGroup, MultiTurnEnv, TagToolCallParser, ToolEnv, replay_episodes
 from grpo_jax.envs.arithmetic import ArithmeticEnv
 from grpo_jax.envs.calculator import CalculatorEnv
 from grpo_jax.models import ModelConfig, create_model
@@ -160,6 +162,81 @@ def test_rollout_tokens_equal_one_go_rendering(which, hf_tokenizer, sp_tokenizer
         one_go = tok.encode_chat(out.messages(i), add_generation_prompt=False)
         assert one_go[:len(ids)] == ids
         assert tok.decode(one_go[len(ids):]) == "\n"  # what the template writes after the last turn
+
+
+# -- native tool calling: schemas through the template, several calls a turn ----------------------
+def _multiply(a: int, b: int) -> int:
+    """Multiply two integers."""
+    return a * b
+
+
+class _Scratchpad:
+    def __init__(self):
+        self.notes = []
+
+
+def _note(text: str, pad) -> str:
+    """Write a note on the episode's scratchpad."""
+    pad.notes.append(text)
+    return f"{len(pad.notes)} notes"
+
+
+class _NativeToolEnv(ToolEnv):
+    def __init__(self):
+        from grpo_jax.envs.tools import Tool
+        super().__init__([_multiply, Tool.from_function(_note, name="note", state_args=["pad"])],
+                         native_tools=True, max_turns=3)
+
+    def setup_state(self, row):
+        return {**super().setup_state(row), "pad": _Scratchpad()}
+
+
+@pytest.mark.parametrize("which", ["qwen", "llama"])
+def test_native_tool_calls_keep_token_in_token_out(which, hf_tokenizer, llama_style_tokenizer):
+    tok = {"qwen": hf_tokenizer, "llama": llama_style_tokenizer}[which]
+    env = _NativeToolEnv()
+    schemas = env.tool_schemas()
+    assert rl.env_tool_schemas(env) == schemas and rl.env_tool_schemas(CalculatorEnv()) is None
+    calculator = CalculatorEnv(tool_format="native")
+    assert rl.env_tool_schemas(calculator)[0]["function"]["name"] == "calculator"
+    rl.check_template(tok, calculator, ROW)  # its gold demonstration, rendered with the schemas
+    assert [e.state["tool_errors"] for e in replay_episodes(calculator, [ROW], [calculator.gold_completion(ROW)])] == [0]
+
+    def call(name, **arguments):
+        if which == "qwen":
+            return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+        return json.dumps({"name": name, "parameters": arguments})
+
+    join = "\n" if which == "qwen" else "; "
+    script = [join.join([call("_multiply", a=673, b=342), call("note", text="hi")]),
+              call("note", text="again", pad="forged"), "The answer is <answer>230166</answer>"]
+    if which == "llama":
+        script[1] = "<|python_tag|>" + script[1]
+    sampler = ScriptedSampler(tok, lambda text, j: script[turn_of(text)], max_new_tokens=128)
+    out = rl.rollout(env, [ROW], tok, sampler, jax.random.key(0), config(max_new_tokens=128, max_seq_len=1024))
+
+    prompt, _ = env.initial_state(ROW)
+    prompt_ids = tok.encode_chat(prompt, tools=schemas)
+    assert json.dumps(schemas[0], ensure_ascii=False) in tok.decode(prompt_ids)  # the model sees the schemas
+    assert out.prompt_lengths.tolist() == [len(prompt_ids)]
+    replies = [["230166", "1 notes"],
+               ["Error: bad arguments for tool 'note': pad cannot be passed (set by the environment)"]]
+    assert [m["content"] for m in out.messages(0) if m["role"] == "tool"] == replies[0] + replies[1]
+    eot = list(tok.end_of_turn_ids)
+    expected = list(prompt_ids)
+    for k, text in enumerate(script):
+        expected += tok.encode(text) + eot
+        if k < 2:
+            expected += tok.encode_turn_suffix([{"role": "tool", "content": r} for r in replies[k]], tools=schemas)
+    n = int(out.lengths[0])
+    assert out.tokens[0, :n].tolist() == expected
+    assert [out.tokens[0, r].tolist() for r in np.split(np.flatnonzero(out.loss_mask[0]), np.flatnonzero(
+        np.diff(np.flatnonzero(out.loss_mask[0])) > 1) + 1)] == [ids for ids, _ in sampler.sampled]
+    one_go = tok.encode_chat(out.messages(0), add_generation_prompt=False, tools=schemas)
+    assert one_go[:n] == expected and tok.decode(one_go[n:]) == "\n"
+    state = out.states[0]
+    assert (state["tool_calls"], state["tool_errors"]) == (3, 1) and state["pad"].notes == ["hi"]
+    assert out.finish_reasons == ["completed"] and out.metrics["tool_errors/mean"] == 1
 
 
 # -- truncation -----------------------------------------------------------------------------

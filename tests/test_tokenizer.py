@@ -8,7 +8,7 @@ import time
 import pytest
 from tokenizer_fixtures import (  # noqa: F401  (fixtures are used by name)
     CHATML_TEMPLATE, CORPUS, build_hf_tokenizer_dir, build_sp_tokenizer_dir, hf_tokenizer,
-    hf_tokenizer_dir, sp_tokenizer, sp_tokenizer_dir, think_stripping_tokenizer)
+    hf_tokenizer_dir, llama_style_tokenizer, sp_tokenizer, sp_tokenizer_dir, think_stripping_tokenizer)
 
 from grpo_jax import tokenizer as tok_lib
 from grpo_jax.tokenizer import TemplateError, from_pretrained, from_sentencepiece
@@ -54,7 +54,7 @@ def _rollout_ids(tok, conversation, tools=None, cut_at=None):
         ids += sampled + list(tok.end_of_turn_ids)
         stop = turns[k + 1] if k + 1 < len(turns) else len(conversation)
         if stop > i + 1:
-            ids += tok.encode_turn_suffix(conversation[i + 1:stop])
+            ids += tok.encode_turn_suffix(conversation[i + 1:stop], tools=tools)
     return ids, produced
 
 
@@ -241,3 +241,32 @@ def test_training_reports_a_too_small_vocabulary(tmp_path):
 
 def test_chatml_fixture_template_is_the_saved_one(hf_tokenizer_dir):
     assert (hf_tokenizer_dir / "chat_template.jinja").read_text() == CHATML_TEMPLATE
+
+
+# -- native tool calling: schemas in the template, the call format read off it -----------------
+LLAMA_CALL = '<|python_tag|>{"name": "calculator", "parameters": {"expression": "17 * 23"}}'
+
+
+def test_tool_schemas_rendered_and_prefix_preserving(hf_tokenizer, llama_style_tokenizer):
+    from grpo_jax.envs.tool_calls import Llama3JSONToolCallParser, parser_for_tokenizer
+    from grpo_jax.envs.tools import JSONToolCallParser
+
+    schema_text = json.dumps(TOOLS[0], ensure_ascii=False)
+    qwen = hf_tokenizer.render(CONVERSATION[:2], add_generation_prompt=True, tools=TOOLS)
+    assert qwen.startswith("<|im_start|>system\nYou are a careful calculator user.\n\n# Tools")
+    assert "<tools>\n" + schema_text + "\n</tools>" in qwen
+    assert schema_text not in hf_tokenizer.render(CONVERSATION[:2], add_generation_prompt=True)
+    llama = llama_style_tokenizer.render(CONVERSATION[:2], add_generation_prompt=True, tools=TOOLS)
+    assert "<|im_start|>user\nRespond with" in llama and schema_text in llama
+    conversation = [dict(m) for m in CONVERSATION]
+    conversation[2] = {"role": "assistant", "content": LLAMA_CALL}
+    for tok, conv in ((hf_tokenizer, CONVERSATION), (llama_style_tokenizer, conversation)):
+        tok.check_prefix_preserving(conv, tools=TOOLS)
+        ids, produced = _rollout_ids(tok, conv, tools=TOOLS)
+        assert ids == tok.encode_chat(produced, add_generation_prompt=False, tools=TOOLS)[:len(ids)]
+    assert llama_style_tokenizer.turn_suffix_text(CONVERSATION[3:4], tools=TOOLS) == (
+        "\n<|im_start|>ipython\n391<|im_end|>\n<|im_start|>assistant\n")
+    # The call format is chosen from the template text.
+    assert hf_tokenizer.chat_template_text.startswith("{%-")
+    assert isinstance(parser_for_tokenizer(hf_tokenizer), JSONToolCallParser)
+    assert isinstance(parser_for_tokenizer(llama_style_tokenizer), Llama3JSONToolCallParser)

@@ -12,6 +12,8 @@ either: ``from tokenizer_fixtures import hf_tokenizer, sp_tokenizer``
   ``tokenizer_config.json``, ``chat_template.jinja``) with a ChatML template
   in the style of Qwen2.5's (default system prompt, tools in the system
   message, tool results as ``<tool_response>`` blocks in a user turn).
+* the same directory with ``LLAMA31_STYLE_TEMPLATE``: tools in the first user
+  message and Llama 3.1 JSON calls (``llama_style_tokenizer``).
 * the same directory with ``THINK_STRIPPING_TEMPLATE``, in the style of
   Qwen3's: earlier assistant turns lose their ``<think>...</think>`` part.
 * ``build_sp_tokenizer``: a SentencePiece model from
@@ -83,6 +85,24 @@ THINK_STRIPPING_TEMPLATE = r"""
 {%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
 """.strip()
 
+# In the style of Llama 3.1's (on the ChatML tokens of the fixture): the tool schemas and the
+# call format go into the FIRST USER message, calls are bare JSON `{"name", "parameters"}`
+# (optionally after <|python_tag|>), tool results come back in an `ipython` turn.
+LLAMA31_STYLE_TEMPLATE = r"""
+{%- set ns = namespace(first_user=true) -%}
+{%- for message in messages -%}
+  {%- set role = 'ipython' if message['role'] == 'tool' else message['role'] -%}
+  {{- '<|im_start|>' + role + '\n' -}}
+  {%- if tools and message['role'] == 'user' and ns.first_user -%}
+    {{- 'Respond with {"name": function name, "parameters": {argument: value}}, optionally after <|python_tag|>.\n' -}}
+    {%- for tool in tools -%}{{- (tool | tojson) + '\n\n' -}}{%- endfor -%}
+    {%- set ns.first_user = false -%}
+  {%- endif -%}
+  {{- message['content'] + '<|im_end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+""".strip()
+
 HF_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 HF_ADDED_TOKENS = ("<tool_call>", "</tool_call>", "<think>", "</think>")
 
@@ -145,6 +165,14 @@ def think_stripping_tokenizer(tmp_path_factory):
 
     return from_pretrained(build_think_stripping_tokenizer_dir(
         tmp_path_factory.mktemp("think_tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def llama_style_tokenizer(tmp_path_factory):
+    from grpo_jax.tokenizer import from_pretrained
+
+    return from_pretrained(build_hf_tokenizer_dir(tmp_path_factory.mktemp("llama_style_tokenizer"),
+                                                  chat_template=LLAMA31_STYLE_TEMPLATE))
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,9 @@ protocol, for tiny models, is three short turns:
     assistant: <answer>10063</answer>
 
 `tool_format="json"` uses `<tool_call>{"name": "calculator", "arguments": {"expression":
-"347*29"}}</tool_call>` instead.  The calculator evaluates + - * / // % ** and parentheses
+"347*29"}}</tool_call>` instead, the tool described in the system prompt; `tool_format="native"`
+gives the tool's schema to the chat template (`ToolEnv(native_tools=True)`) and reads the calls
+in the model's own format (Qwen `<tool_call>` tags or Llama 3.1 JSON).  The calculator evaluates + - * / // % ** and parentheses
 exactly with an AST walk (`safe_math`), never `eval`.
 
 Rubric (default weights): correct_answer 1.0 (numeric match of the final `<answer>`),
@@ -45,6 +47,7 @@ def calculator_rubric(parser: XMLParser) -> Rubric:
 
 
 COMPACT_SYSTEM_PROMPT = "Use <calc>EXPRESSION</calc> to compute. Answer as <answer>NUMBER</answer>."
+NATIVE_SYSTEM_PROMPT = "Use the calculator tool to compute. Answer as <answer>NUMBER</answer>."
 
 
 class CalculatorEnv(ToolEnv):
@@ -52,7 +55,8 @@ class CalculatorEnv(ToolEnv):
 
     Args:
       difficulty: "easy", "medium", "hard" or an `ArithmeticSpec`.
-      tool_format: "compact" (`<calc>...</calc>`) or "json" (`<tool_call>{...}</tool_call>`).
+      tool_format: "compact" (`<calc>...</calc>`), "json" (`<tool_call>{...}</tool_call>`) or
+        "native" (schemas through the chat template, the model's own call format).
       max_turns: assistant turns (tool turns plus the answer).
       Other keyword arguments go to `ToolEnv` / `Environment`.
     """
@@ -68,8 +72,12 @@ class CalculatorEnv(ToolEnv):
             kwargs.setdefault("system_prompt", COMPACT_SYSTEM_PROMPT)
         elif tool_format == "json":
             call_parser = JSONToolCallParser()
+        elif tool_format == "native":
+            call_parser = kwargs.pop("call_parser", "auto")
+            kwargs.setdefault("native_tools", True)
+            kwargs.setdefault("system_prompt", NATIVE_SYSTEM_PROMPT)
         else:
-            raise ValueError(f"tool_format must be 'compact' or 'json', got {tool_format!r}")
+            raise ValueError(f"tool_format must be 'compact', 'json' or 'native', got {tool_format!r}")
         parser = parser or answer_parser()
         kwargs.setdefault("rubric", calculator_rubric(parser))
         super().__init__([calculator], call_parser=call_parser, max_turns=max_turns, parser=parser, **kwargs)

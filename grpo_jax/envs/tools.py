@@ -23,7 +23,12 @@ Tool-call formats are pluggable objects with `parse(text) -> [ToolCall]`,
   * `JSONToolCallParser`: `<tool_call>{"name": "calculator", "arguments": {"expression": "2+2"}}</tool_call>`,
     the JSON-in-tags format of Hermes / Qwen2.5 chat templates;
   * `TagToolCallParser`: one tag = one single-argument tool, e.g. `<calc>347*29</calc>`, the
-    compact format for tiny models.
+    compact format for tiny models;
+  * more model formats (Llama 3.1 JSON, "auto") and the choice by chat template: `tool_calls`.
+
+Hidden (state) arguments: parameters named in `Tool.state_args` (or annotated
+`Annotated[T, FromState(key)]`) are left out of the schema and filled from the episode's state
+by `execute_tool_call(..., state=...)`; a call passing one is refused ("bad_arguments").
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import dataclasses
 import inspect
 import json
 import re
+import types
 import typing
 from typing import Any, Callable, Mapping, Sequence
 
@@ -45,35 +51,121 @@ _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", 
 
 
 @dataclasses.dataclass(frozen=True)
+class FromState:
+    """Marks a tool parameter as hidden: its value is `state[key]` of the episode (a database
+    handle, a sandbox, a connection), never an argument from the model, and it is left out of
+    the schema. `def query(sql: str, db: Annotated[Connection, FromState()])`; `key` defaults
+    to the parameter's name."""
+    key: str | None = None
+
+
+class LocalHandle:
+    """A per-episode object for hidden tool arguments that must not travel (a database
+    connection, a sandbox): put `LocalHandle(conn)` in the state and the tool gets `conn`.
+    Pickled (e.g. the state sent to a process-isolated reward function) it arrives empty
+    (`value` None); deep-copied it is shared. Plain values in the state travel as they are."""
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __reduce__(self):
+        return (LocalHandle, (None,))
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self):
+        return f"LocalHandle({type(self.value).__name__})"
+
+
+@dataclasses.dataclass(frozen=True)
 class Tool:
-    """A Python function offered to the model, with its JSON schema."""
+    """A Python function offered to the model, with its JSON schema.
+
+    `state_args` maps hidden parameters to the state keys they are read from (module
+    docstring of `tool_env`); the model never sees them and may not pass them.
+    """
     fn: Callable[..., Any]
     name: str
     description: str
-    parameters: dict[str, Any]  # JSON schema of the arguments object
+    parameters: dict[str, Any]  # JSON schema of the arguments object (hidden ones left out)
+    state_args: Mapping[str, str] = dataclasses.field(default_factory=dict)  # parameter -> state key
 
     @classmethod
     def from_function(cls, fn: Callable[..., Any], name: str | None = None,
-                      description: str | None = None) -> "Tool":
-        """Schema from the signature (annotations -> JSON types) and the docstring's first paragraph."""
-        hints = typing.get_type_hints(fn)
+                      description: str | None = None,
+                      state_args: Sequence[str] | Mapping[str, str] = ()) -> "Tool":
+        """Schema from the signature (annotations -> JSON types), the docstring's first paragraph
+        (the description) and its `Args:` section (one description per parameter).
+
+        Hidden parameters: the names in `state_args` (or a {parameter: state key} mapping), and
+        those annotated `Annotated[T, FromState(key)]`.
+        """
+        hints = typing.get_type_hints(fn, include_extras=True)
+        hidden = dict(state_args) if isinstance(state_args, Mapping) else {a: a for a in state_args}
+        for pname, hint in hints.items():
+            marker = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, FromState)), None)
+            if marker is not None:
+                hidden.setdefault(pname, marker.key or pname)
+        doc = inspect.getdoc(fn) or ""
+        arg_docs = _arg_descriptions(doc)
         properties, required = {}, []
-        for p in inspect.signature(fn).parameters.values():
-            if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+        params = inspect.signature(fn).parameters
+        unknown = set(hidden) - set(params)
+        if unknown:
+            raise ValueError(f"state_args {sorted(unknown)} are not parameters of {fn.__name__}")
+        for p in params.values():
+            if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) or p.name in hidden:
                 continue
-            json_type = _JSON_TYPES.get(typing.get_origin(hints.get(p.name)) or hints.get(p.name), "string")
-            properties[p.name] = {"type": json_type}
+            properties[p.name] = _json_type(hints.get(p.name))
+            if p.name in arg_docs:
+                properties[p.name]["description"] = arg_docs[p.name]
             if p.default is inspect.Parameter.empty:
                 required.append(p.name)
-        doc = inspect.getdoc(fn) or ""
         description = description or doc.split("\n\n")[0].replace("\n", " ").strip()
         parameters = {"type": "object", "properties": properties, "required": required}
-        return cls(fn, name or fn.__name__, description, parameters)
+        return cls(fn, name or fn.__name__, description, parameters, hidden)
 
     def schema(self) -> dict[str, Any]:
         """OpenAI-style function schema, as chat templates take it."""
         return {"type": "function", "function": {"name": self.name, "description": self.description,
                                                  "parameters": self.parameters}}
+
+
+def _json_type(hint: Any) -> dict[str, Any]:
+    """JSON schema of an annotation: str/int/float/bool/list/dict (list[T] with items),
+    Optional[T] as T, Literal[...] as an enum; anything else "string"."""
+    if hint is None:
+        return {"type": "string"}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        return _json_type(args[0])
+    if origin is typing.Literal:
+        return {"type": _JSON_TYPES.get(type(args[0]), "string"), "enum": list(args)}
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        return _json_type(rest[0]) if len(rest) == 1 else {"type": "string"}
+    schema = {"type": _JSON_TYPES.get(origin or hint, "string")}
+    if origin is list and args:
+        schema["items"] = _json_type(args[0])
+    return schema
+
+
+def _arg_descriptions(doc: str) -> dict[str, str]:
+    """{name: text} from a Google-style `Args:` section (continuation lines joined)."""
+    found = re.search(r"^(?:Args|Arguments|Parameters):\s*\n((?:[ \t]+.*\n?)+)", doc, re.MULTILINE)
+    if not found:
+        return {}
+    out, current = {}, None
+    for line in found.group(1).splitlines():
+        entry = re.match(r"\s{1,8}(\w+)(?:\s*\([^)]*\))?\s*:\s*(.*)", line)
+        if entry and (current is None or len(line) - len(line.lstrip()) <= out[current][1]):
+            current = entry.group(1)
+            out[current] = [entry.group(2).strip(), len(line) - len(line.lstrip())]
+        elif current is not None and line.strip():
+            out[current][0] += " " + line.strip()
+    return {k: v[0] for k, v in out.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +192,10 @@ class ToolResult:
 
 
 # -- execution --------------------------------------------------------------------------------
+def _unwrap(value: Any) -> Any:
+    return value.value if isinstance(value, LocalHandle) else value
+
+
 def _truncate(text: str, total: int, limit: int) -> tuple[str, bool]:
     if total <= limit:
         return text, False
@@ -115,29 +211,44 @@ def _as_text(value: Any) -> str | None:
 
 async def execute_tool_call(call: ToolCall, tools: Mapping[str, Tool], *,
                             timeout_s: float = DEFAULT_TOOL_TIMEOUT_S, max_output_chars: int = 2000,
-                            isolation: str = "thread") -> ToolResult:
-    """Run one parsed call with a time limit and an output cap; never raises (module docstring)."""
+                            isolation: str = "thread", state: Mapping[str, Any] | None = None) -> ToolResult:
+    """Run one parsed call with a time limit and an output cap; never raises (module docstring).
+
+    A tool's hidden parameters (`Tool.state_args`) are filled from `state` (a `LocalHandle`
+    unwrapped); a call that passes one itself is refused ("bad_arguments"). With "process"
+    isolation they are pickled to the worker (a `LocalHandle` arrives empty): stateful tools
+    run with "thread" isolation.
+    """
     try:
         return await _execute(call, tools, guard.check_timeout(timeout_s), max_output_chars,
-                              guard.check_isolation(isolation))
+                              guard.check_isolation(isolation), state or {})
     except (KeyboardInterrupt, asyncio.CancelledError):
         raise
     except BaseException as e:  # noqa: B036 - e.g. a hostile object in the call
         return ToolResult(f"Error: the tool call failed: {guard.describe(e)}", "exception")
 
 
-async def _execute(call, tools, timeout_s, max_chars, isolation) -> ToolResult:
+async def _execute(call, tools, timeout_s, max_chars, isolation, state) -> ToolResult:
     if call.error is not None:
         return ToolResult(f"Error: could not parse tool call: {call.error}", "parse_error")
     tool = tools.get(call.name) if isinstance(call.name, str) else None
     if tool is None:
         return ToolResult(f"Error: unknown tool {call.name!r}; available: {', '.join(sorted(tools))}",
                           "unknown_tool")
+    overriding = sorted(set(call.arguments) & set(tool.state_args))
+    if overriding:
+        return ToolResult(f"Error: bad arguments for tool {tool.name!r}: {', '.join(overriding)} "
+                          "cannot be passed (set by the environment)", "bad_arguments")
+    missing = sorted(k for k in tool.state_args.values() if k not in state)
+    if missing:
+        return ToolResult(f"Error: tool {tool.name!r} is unavailable: the environment did not set up "
+                          f"{', '.join(missing)}", "exception")
+    arguments = {**call.arguments, **{p: _unwrap(state[k]) for p, k in tool.state_args.items()}}
     try:
-        inspect.signature(tool.fn).bind(**call.arguments)
+        inspect.signature(tool.fn).bind(**arguments)
     except (TypeError, ValueError) as e:
         return ToolResult(f"Error: bad arguments for tool {tool.name!r}: {e}", "bad_arguments")
-    outcome = await guard.guarded_call(tool.fn, call.arguments, timeout_s=timeout_s, isolation=isolation,
+    outcome = await guard.guarded_call(tool.fn, arguments, timeout_s=timeout_s, isolation=isolation,
                                        convert=_as_text, max_output_chars=max_chars, name=f"tool {tool.name!r}")
     if outcome.kind == "timeout":
         return ToolResult(f"Error: tool {tool.name!r} timed out after {timeout_s:g} s", "timeout")
@@ -156,6 +267,23 @@ async def _execute(call, tools, timeout_s, max_chars, isolation) -> ToolResult:
 
 
 # -- call formats ------------------------------------------------------------------------------
+def call_from_payload(payload: Any, raw: str, argument_keys: Sequence[str] = ("arguments",)) -> ToolCall:
+    """A `ToolCall` from a decoded `{"name": ..., <argument key>: {...}}` object (the arguments
+    may also come JSON-encoded as a string, as some models write them)."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+        keys = " | ".join(argument_keys)
+        return ToolCall(None, {}, raw, f'expected {{"name": ..., "{keys}": {{...}}}}')
+    arguments = next((payload[k] for k in argument_keys if k in payload), {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(arguments, dict):
+        return ToolCall(payload["name"], {}, raw, "arguments must be an object")
+    return ToolCall(payload["name"], arguments, raw)
+
+
 class JSONToolCallParser:
     """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes / Qwen2.5 style)."""
 
@@ -172,19 +300,7 @@ class JSONToolCallParser:
             except json.JSONDecodeError as e:
                 calls.append(ToolCall(None, {}, raw, f"invalid JSON ({e.msg})"))
                 continue
-            if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
-                calls.append(ToolCall(None, {}, raw, 'expected {"name": ..., "arguments": {...}}'))
-                continue
-            arguments = payload.get("arguments", {})
-            if isinstance(arguments, str):  # some models send the arguments JSON-encoded
-                try:
-                    arguments = json.loads(arguments)
-                except json.JSONDecodeError:
-                    pass
-            if not isinstance(arguments, dict):
-                calls.append(ToolCall(payload["name"], {}, raw, "arguments must be an object"))
-                continue
-            calls.append(ToolCall(payload["name"], arguments, raw))
+            calls.append(call_from_payload(payload, raw))
         if not calls and f"<{self.tag}>" in text:
             calls.append(ToolCall(None, {}, text[text.index(f"<{self.tag}>"):][:200], f"unclosed <{self.tag}>"))
         return calls
