@@ -25,7 +25,7 @@ from grpo_jax import config_utils, distributed, sft
 from grpo_jax import sharding as sharding_lib
 from grpo_jax import tokenizer as tokenizer_lib
 from grpo_jax.checkpoint import Checkpointer, abstract_like
-from grpo_jax.envs import registry
+from grpo_jax.envs import datasets, registry
 from grpo_jax.evaluation import EvalConfig
 from grpo_jax.rollout import RolloutConfig, check_template
 from grpo_jax.sampling import SamplingConfig
@@ -38,10 +38,25 @@ TASK_SYMBOLS = ("<calc>", "</calc>", "<answer>", "</answer>", "<think>", "</thin
 
 
 def build_env(env_config):
-    """The env `env_config.name` (`grpo_jax.envs.registry`) with `env_config.kwargs`, its rubric
-    reweighted by `env_config.rubric_weights`."""
-    kwargs = env_config.kwargs.to_dict() if hasattr(env_config.kwargs, "to_dict") else dict(env_config.kwargs)
+    """The env `env_config.name` (`grpo_jax.envs.registry`) with `env_config.kwargs`; "group" makes
+    an `EnvGroup` of `env_config.envs`. `env_config.dataset` (when its type is set) replaces its
+    rows, `env_config.rubric.funcs` (when set) its rubric, and `env_config.rubric_weights`
+    reweights the rubric's functions (docs/environments.md)."""
+    plain = lambda value: value.to_dict() if hasattr(value, "to_dict") else dict(value)  # noqa: E731
+    kwargs = plain(env_config.kwargs)
+    dataset = config_utils.dataset_spec(env_config) if "dataset" in env_config else None
+    if env_config.name == "group":
+        kwargs["envs"] = plain(env_config.envs)
+    if env_config.name == "single_turn" and dataset is not None:
+        kwargs["dataset"] = dataset
     env = registry.make_env(env_config.name, **kwargs)
+    if dataset is not None and env_config.name != "single_turn":
+        env.replace_dataset(datasets.dataset_from_config(dataset))
+    funcs = plain(env_config.rubric.funcs) if "rubric" in env_config else {}
+    if funcs:
+        old = env.rubric
+        env.rubric = registry.rubric_from_config(funcs, env.parser, timeout_s=old.timeout_s,
+                                                 isolation=old.isolation)
     weights = dict(env_config.get("rubric_weights") or {})
     if weights:  # e.g. a rubric ablation: {"strict_format": 0.0, "tool_used": 0.0}
         env.rubric = env.rubric.reweighted(weights)

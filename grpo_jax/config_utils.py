@@ -25,7 +25,7 @@ from ml_collections.config_dict import placeholder
 
 from grpo_jax import sharding as sharding_lib
 from grpo_jax import utils
-from grpo_jax.envs import registry
+from grpo_jax.envs import datasets, registry
 from grpo_jax import platform as platform_lib
 from grpo_jax.advantages import ADVANTAGE_SCALES
 from grpo_jax.evaluation import EvalConfig
@@ -75,6 +75,27 @@ def default_config() -> ml_collections.ConfigDict:
     #                                    (a plug-in: load_environment(**kwargs) -> Environment)
     c.env.kwargs = ml_collections.ConfigDict()  # keyword arguments of the env class
     c.env.rubric_weights = ml_collections.ConfigDict()  # reward function -> weight overrides (0 = metric only)
+    # The rubric from config (docs/environments.md): {metric: weight | {"weight": w, "fn": name,
+    # **arguments}} with fn a grpo_jax.rubrics factory (correct_answer, format_reward,
+    # overlong_penalty, tool_used ...; token rewards overlong_reward, length_metric ...) or a
+    # "package.module:function"; empty = the env's own rubric, which this replaces.
+    c.env.rubric = ml_collections.ConfigDict()
+    c.env.rubric.funcs = ml_collections.ConfigDict()
+    # The rows from config (`grpo_jax.envs.datasets`); type None = the env's own data.
+    c.env.dataset = ml_collections.ConfigDict()
+    c.env.dataset.type = placeholder(str)      # jsonl | hf | tfds
+    c.env.dataset.train = placeholder(str)     # jsonl: path of the train split
+    c.env.dataset.test = placeholder(str)      # jsonl: path of the test split
+    c.env.dataset.path = placeholder(str)      # hf: hub name or local directory (datasets.load_dataset)
+    c.env.dataset.name = placeholder(str)      # hf: configuration; tfds: dataset name
+    c.env.dataset.data_dir = placeholder(str)  # hf / tfds: data directory (tfds: already prepared)
+    c.env.dataset.split = placeholder(str)     # hf / tfds: split to read; None = train / test
+    c.env.dataset.question = "question"        # record field of the question
+    c.env.dataset.answer = "answer"            # record field of the gold answer
+    c.env.dataset.prompt = placeholder(str)    # record field of a message list used as the prompt
+    c.env.dataset.info = ()                    # record fields copied into the row's "info"
+    # name = "group": {task: {"name": env name, "kwargs": {...}, "weight": share of the rows}}.
+    c.env.envs = ml_collections.ConfigDict()
     c.env.num_train = 4000             # training problems (procedural tasks generate them)
     c.env.data_seed = 0                # seed of the procedural datasets (train/test disjoint)
 
@@ -238,10 +259,7 @@ def eval_config(config) -> EvalConfig:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` naming the field for anything that would fail later."""
     c = config
-    try:
-        registry.find_factory(c.env.name)
-    except ValueError as e:
-        _fail("env.name", str(e))
+    _check_env(c.env)
     if c.platform != "auto" and c.platform not in platform_lib._ALIASES:
         _fail("platform", f"{c.platform!r}: use auto, {', '.join(platform_lib.PLATFORMS)}")
     for make in (rollout_config, sampling_config, train_config, eval_config):
@@ -256,6 +274,61 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_sizes(c)
     _check_files(c)
     _check_devices(c)
+
+
+def dataset_spec(env_config) -> dict[str, Any] | None:
+    """The `grpo_jax.envs.datasets` spec of `env.dataset` (set fields only); None when its type is."""
+    spec = {k: v for k, v in env_config.dataset.items() if v is not None and v != ()}
+    return spec if env_config.dataset.type else None
+
+
+def _check_env(env) -> None:
+    try:
+        registry.find_factory(env.name)
+    except ValueError as e:
+        _fail("env.name", str(e))
+    if env.name == "group":
+        if not env.envs:
+            _fail("env.envs", "env.name = 'group' needs its envs: {task: {'name': ..., 'kwargs': {...}, "
+                  "'weight': w}}")
+        for task, spec in env.envs.items():
+            if not hasattr(spec, "keys") or set(spec.keys()) - {"name", "kwargs", "weight"} or "name" not in spec:
+                _fail(f"env.envs.{task}", "takes 'name', 'kwargs' and 'weight' ('name' required)")
+            if spec["name"] == "group":
+                _fail(f"env.envs.{task}.name", "groups do not nest")
+            try:
+                registry.find_factory(spec["name"])
+            except ValueError as e:
+                _fail(f"env.envs.{task}.name", str(e))
+            weight = spec.get("weight", 1.0)
+            if not isinstance(weight, (int, float)) or not weight > 0:
+                _fail(f"env.envs.{task}.weight", f"a mixture weight must be a positive number, got {weight!r}")
+        if env.rubric.funcs:
+            _fail("env.rubric.funcs", "a group scores each task with its own env's rubric; configure it per task")
+        if env.dataset.type:
+            _fail("env.dataset.type", "a group's rows are its tasks'; give a task rows with name 'single_turn' "
+                  "and kwargs {'dataset': {...}}")
+    elif env.envs:
+        _fail("env.envs", f"only used with env.name = 'group' (env.name is {env.name!r})")
+    spec = dataset_spec(env)
+    if spec is not None:
+        try:
+            datasets.check_spec(spec)
+        except ValueError as e:
+            key, _, message = str(e).partition(": ")
+            _fail(f"env.dataset.{key}" if key.isidentifier() else "env.dataset", message if key.isidentifier()
+                  else str(e))
+    elif env.name == "single_turn" and not env.kwargs.get("dataset"):
+        _fail("env.dataset.type", "a single_turn env reads its rows from env.dataset (jsonl | hf | tfds)")
+    for metric, value in env.rubric.funcs.items():
+        value = value.to_dict() if hasattr(value, "to_dict") else value
+        weight = value.get("weight", 1.0) if isinstance(value, dict) else value
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            _fail(f"env.rubric.funcs.{metric}", f"a weight (number) or {{'weight': w, ...}}, got {value!r}")
+        try:
+            registry.reward_factory(value.get("fn", metric) if isinstance(value, dict) else metric)
+        except ValueError as e:
+            _fail(f"env.rubric.funcs.{metric}", str(e))
 
 
 def _check_sizes(c) -> None:

@@ -59,7 +59,8 @@ def test_the_settings_checks_are_the_config_checks_naming_the_field(field, value
 
 
 def test_envs_by_name_registered_and_plug_in(monkeypatch):
-    assert {"calculator", "arithmetic", "countdown", "gsm8k"} <= set(registry.registered_names())
+    assert {"calculator", "arithmetic", "countdown", "gsm8k", "single_turn", "group"} <= \
+        set(registry.registered_names())
     module = types.ModuleType("my_plugin_envs")
     module.load_environment = lambda **kwargs: ArithmeticEnv(**kwargs)
     monkeypatch.setitem(sys.modules, "my_plugin_envs", module)

@@ -111,6 +111,14 @@ class Environment:
             raise NotImplementedError(f"{type(self).__name__} has no dataset; pass dataset_fn")
         return [self._with_task(row) for row in self._dataset_fn(split, n, seed)]
 
+    def replace_dataset(self, dataset_fn: Callable[[str, int | None, int], Sequence[Row]]) -> "Environment":
+        """Serve the rows of `dataset_fn` instead of the env's own (e.g. `env.dataset` of a config,
+        for envs that define `dataset` themselves too); returns self."""
+        self._dataset_fn = dataset_fn
+        self.dataset = lambda split="train", n=None, seed=0: [
+            self._with_task(row) for row in dataset_fn(split, n, seed)]
+        return self
+
     def _with_task(self, row: Row) -> dict[str, Any]:
         row = dict(row)
         row.setdefault("task", self.name)
@@ -206,6 +214,13 @@ class SingleTurnEnv(Environment):
 
     def is_completed(self, messages, state) -> bool:
         return True
+
+    def gold_completion(self, row: Row) -> list[Message]:
+        """The row's answer in the parser's format (tasks with worked solutions override this)."""
+        if self.parser is None or row.get("answer") is None:
+            raise NotImplementedError(f"{type(self).__name__} has no gold demonstrations without a parser "
+                                      "and answers")
+        return [{"role": "assistant", "content": self.parser.format(answer=str(row["answer"]))}]
 
 
 class MultiTurnEnv(Environment):

@@ -1,0 +1,1 @@
+"""Example environments kept outside the library, loaded as plug-ins (docs/environments.md)."""
