@@ -168,8 +168,7 @@ PROBE_COMPLETION: tuple[Message, ...] = (
 def env_tool_schemas(env: Environment | None) -> list[dict[str, Any]] | None:
     """The tool schemas `env` gives the chat template (`env.tool_schemas()`), None for an env
     without native tools."""
-    schemas = getattr(env, "tool_schemas", None)
-    schemas = schemas() if callable(schemas) else None
+    schemas = None if env is None else env.tool_schemas()
     return list(schemas) if schemas else None
 
 

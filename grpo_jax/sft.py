@@ -38,13 +38,14 @@ log = logging.getLogger(__name__)
 
 def encode_demonstration(tokenizer, prompt: Sequence[Mapping[str, str]],
                          completion: Sequence[Mapping[str, str]],
-                         trained_tokens: int | None = None) -> tuple[list[int], list[int]]:
+                         trained_tokens: int | None = None, *, tools=None) -> tuple[list[int], list[int]]:
     """Token ids and loss mask (1 on the assistant's own tokens) of one demonstration.
 
     `trained_tokens`: only the first that many of the assistant's tokens carry loss (e.g. 1: the
-    choice between calling a tool and answering, not what follows it).
+    choice between calling a tool and answering, not what follows it). `tools`: the env's native
+    tool schemas, rendered as the rollout renders them (`Environment.tool_schemas`).
     """
-    tokens = list(tokenizer.encode_chat(list(prompt), add_generation_prompt=True))
+    tokens = list(tokenizer.encode_chat(list(prompt), add_generation_prompt=True, tools=tools))
     mask = [0] * len(tokens)
     i = 0
     while i < len(completion):
@@ -59,7 +60,7 @@ def encode_demonstration(tokenizer, prompt: Sequence[Mapping[str, str]],
         while j < len(completion) and completion[j]["role"] != "assistant":
             j += 1
         more = j < len(completion)
-        ids = list(tokenizer.encode_turn_suffix(list(completion[i:j]), add_generation_prompt=more))
+        ids = list(tokenizer.encode_turn_suffix(list(completion[i:j]), add_generation_prompt=more, tools=tools))
         tokens += ids
         mask += [0] * len(ids)
         i = j
@@ -205,7 +206,8 @@ def warm_start(run, writer) -> None:
         if not steps:
             continue
         demos = demonstrations(run.env, rows, direct_answer_fraction=fraction, seed=stage_seed)
-        data = pack([encode_demonstration(run.tokenizer, p, q, trained_tokens) for p, q in demos],
+        tools = run.env.tool_schemas()
+        data = pack([encode_demonstration(run.tokenizer, p, q, trained_tokens, tools=tools) for p, q in demos],
                     run.tokenizer.pad_id)
         if data["tokens"].shape[1] > run.model.config.max_position_embeddings:
             raise ConfigError(f"config.model.max_position_embeddings: demonstrations "

@@ -454,3 +454,12 @@ def test_missing_state_is_an_error_not_a_crash():
     assert result.error_kind == "exception" and "did not set up db" in result.content
     result = asyncio.run(execute_tool_call(ToolCall("lookup", {"key": "k"}, ""), tools, state={"db": {"k": "v"}}))
     assert result.ok and result.content == "v"
+
+
+def test_a_group_shares_its_tasks_native_tools():
+    native = lambda name, **kw: _tool_env(native_tools=True, name=name, **kw)  # noqa: E731
+    assert EnvGroup([native("a"), native("b")]).tool_schemas() == native("a").tool_schemas()
+    assert EnvGroup([_tool_env(name="a"), _tool_env(name="b")]).tool_schemas() is None
+    different = ToolEnv([add], native_tools=True, name="b", rubric=Rubric([tool_used()]))
+    with pytest.raises(ValueError, match="different native tools"):
+        EnvGroup([native("a"), different]).tool_schemas()

@@ -11,12 +11,14 @@ from grpo_jax.envs.base import (Environment, Episode, MultiTurnEnv, SingleTurnEn
 from grpo_jax.envs.env_group import EnvGroup, GroupRubric
 from grpo_jax.envs.registry import make_env, register_env
 from grpo_jax.envs.tool_env import ToolEnv
-from grpo_jax.envs.tools import (JSONToolCallParser, TagToolCallParser, Tool, ToolCall, ToolResult,
-                                 execute_tool_call, python_tool)
+from grpo_jax.envs.tool_calls import make_call_parser, parser_for_tokenizer
+from grpo_jax.envs.tools import (FromState, JSONToolCallParser, LocalHandle, TagToolCallParser, Tool, ToolCall,
+                                 ToolResult, execute_tool_call, python_tool)
 
 __all__ = [
     "Environment", "SingleTurnEnv", "MultiTurnEnv", "ToolEnv", "EnvGroup", "GroupRubric", "Episode",
     "run_episode", "run_episodes", "replay_episodes", "respond_all",
     "Tool", "ToolCall", "ToolResult", "JSONToolCallParser", "TagToolCallParser", "execute_tool_call",
-    "python_tool", "make_env", "register_env",
+    "python_tool", "make_env", "register_env", "FromState", "LocalHandle", "make_call_parser",
+    "parser_for_tokenizer",
 ]

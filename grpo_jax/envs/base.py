@@ -158,6 +158,11 @@ class Environment:
         the turn limit or truncation (hook; a group asks the episode's task env)."""
         return False
 
+    def tool_schemas(self) -> list[dict[str, Any]] | None:
+        """The OpenAI function schemas of the env's native tools, for the chat template's
+        `tools=` (hook; `ToolEnv` with `native_tools`); None: no native tools."""
+        return None
+
     def is_completed(self, messages: Sequence[Message], state: State) -> bool:
         return (bool(state.get("truncated")) or self.num_turns(messages, state) >= self.max_turns
                 or self.is_done(messages, state))

@@ -121,6 +121,15 @@ class EnvGroup(Environment):
     def is_done(self, messages, state: State) -> bool:
         return self.env_for(state["task"]).is_done(messages, state)
 
+    def tool_schemas(self):
+        """The tasks' native tool schemas, when they agree: one rollout renders every prompt of
+        a batch with one `tools=` list (tasks with different native tools cannot share a group)."""
+        found = [schemas for schemas in (env.tool_schemas() for env in self.envs.values()) if schemas]
+        if any(schemas != found[0] for schemas in found[1:]):
+            raise ValueError(f"the tasks of this group have different native tools: "
+                             f"{[n for n, e in self.envs.items() if e.tool_schemas()]}; a group shares one tool list")
+        return found[0] if found else None
+
     def is_completed(self, messages, state: State) -> bool:
         return self.env_for(state["task"]).is_completed(messages, state)
 
