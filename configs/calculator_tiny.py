@@ -24,7 +24,7 @@ length (1200 steps) are what made every seed learn the copy skill (README).
 `:runlocal` is a seconds-long smoke variant (tests).
 """
 
-from grpo_jax.config_utils import default_config, parse_args
+from grpo_jax.config_utils import default_config, parse_args, shrink_for_smoke_test
 
 
 def get_config(arg: str = ""):
@@ -59,21 +59,6 @@ def get_config(arg: str = ""):
     c.checkpoint.every = 10
 
     if args["runlocal"]:
-        c.model.d_model = 32
-        c.model.n_layers = 1
-        c.model.head_dim = 8
-        c.model.d_ff = 64
-        c.tokenizer.corpus_rows = 200
-        c.env.num_train = 64
+        shrink_for_smoke_test(c, max_new_tokens=12, num_steps=3)
         c.sft.mixed_steps = 4
-        c.sft.batch_size = 8
-        c.sft.num_demos = 16
-        c.sft.log_every = 1
-        c.sampling.max_new_tokens = 12
-        c.rollout.group_size = 2
-        c.train.num_steps = 3
-        c.train.prompts_per_step = 4
-        c.train.eval_every = 3
-        c.eval.num_examples = 4
-        c.checkpoint.every = 2
     return c.lock()

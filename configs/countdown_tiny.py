@@ -12,7 +12,7 @@ rises slowly; the config exists to exercise the task end to end, not to solve it
 `:runlocal` is a seconds-long smoke variant (tests).
 """
 
-from grpo_jax.config_utils import default_config, parse_args
+from grpo_jax.config_utils import default_config, parse_args, shrink_for_smoke_test
 
 
 def get_config(arg: str = ""):
@@ -33,13 +33,6 @@ def get_config(arg: str = ""):
     c.eval.correct_fn = "valid_solution"
     c.checkpoint.every = 20
     if args["runlocal"]:
-        c.model.d_model, c.model.n_layers, c.model.head_dim, c.model.d_ff = 32, 1, 8, 64
-        c.tokenizer.corpus_rows = 200
-        c.env.num_train = 64
-        c.sft.steps, c.sft.batch_size, c.sft.num_demos, c.sft.log_every = 2, 8, 16, 1
-        c.sampling.max_new_tokens = 12
-        c.rollout.group_size = 2
-        c.train.num_steps, c.train.prompts_per_step, c.train.eval_every = 2, 4, 2
-        c.eval.num_examples = 4
-        c.checkpoint.every = 2
+        shrink_for_smoke_test(c, max_new_tokens=12)
+        c.sft.steps = 2
     return c.lock()

@@ -11,7 +11,7 @@ after GRPO (strict format 1.0); 100 steps at learning rate 1e-3 (0.25) or 60 at 
 not help either. `:runlocal` is the seconds-long smoke variant (tests/test_env_config.py).
 """
 
-from grpo_jax.config_utils import default_config, parse_args
+from grpo_jax.config_utils import default_config, parse_args, shrink_for_smoke_test
 
 
 def get_config(arg: str = ""):
@@ -35,15 +35,6 @@ def get_config(arg: str = ""):
     c.eval.correct_fn = "exact_match"  # the rubric function that says an answer is right
 
     if args["runlocal"]:
-        c.model.d_model, c.model.n_layers, c.model.head_dim, c.model.d_ff = 32, 1, 8, 64
-        c.tokenizer.corpus_rows = 100
-        c.env.num_train = 32
-        c.sft.steps, c.sft.batch_size, c.sft.num_demos = 2, 8, 16
-        c.sampling.max_new_tokens = 8
-        c.rollout.group_size = 2
-        c.train.num_steps = 2
-        c.train.prompts_per_step = 4
-        c.train.eval_every = 2
-        c.eval.num_examples = 4
-        c.checkpoint.every = 2
+        shrink_for_smoke_test(c)
+        c.sft.steps = 2
     return c.lock()

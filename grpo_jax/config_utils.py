@@ -389,6 +389,23 @@ def _check_devices(c) -> None:
 # The `:ARGS` of `--config configs/NAME.py:ARGS`.
 
 
+def shrink_for_smoke_test(c: ml_collections.ConfigDict, *, max_new_tokens: int = 8,
+                          num_steps: int = 2) -> None:
+    """The sizes of a tiny task's seconds-long `:runlocal` variant (what the tests run), in place:
+    a one-layer model, a small tokenizer corpus and dataset, groups of 2 over 4 prompts,
+    `num_steps` steps with an evaluation of 4 problems at the end. Warm-start steps are the
+    config's to set."""
+    c.model.d_model, c.model.n_layers, c.model.head_dim, c.model.d_ff = 32, 1, 8, 64
+    c.tokenizer.corpus_rows = 200
+    c.env.num_train = 64
+    c.sft.batch_size, c.sft.num_demos, c.sft.log_every = 8, 16, 1
+    c.sampling.max_new_tokens = max_new_tokens
+    c.rollout.group_size = 2
+    c.train.num_steps, c.train.prompts_per_step, c.train.eval_every = num_steps, 4, num_steps
+    c.eval.num_examples = 4
+    c.checkpoint.every = 2
+
+
 def parse_args(arg: str, defaults: dict[str, Any]) -> dict[str, Any]:
     """`"runlocal,steps=3"` -> `{**defaults, "runlocal": True, "steps": 3}`: comma-separated
     `key=value` pairs (a bare `key` is True), each value cast to its default's type; an unknown
