@@ -43,7 +43,8 @@ class KVCache(NamedTuple):
     """Keys/values per layer, head-major: k a tuple of L arrays [B, Hkv, Dh, S] (stored
     transposed, so the scores q @ k are a plain matmul on the stored matrix, with no per-step
     transpose or repacking of the cache), v a tuple of L arrays [B, Hkv, S, Dh];
-    kv_valid [B, S]; index: the next slot to write (common to all rows)."""
+    kv_valid [B, S]; index: the next slot to write, common to all rows (a scalar) or per row
+    ([B], the rollout engine's slots)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -313,28 +314,27 @@ class Transformer(nnx.Module):
     def decode(self, tokens_BT, positions_BT, valid_BT, cache: KVCache, layers=None):
         """Runs T new tokens against the cache (prefill when T > 1, one decode step when T == 1).
 
-        The new keys/values are written at cache slots [index, index + T) for every row;
-        `valid_BT` marks real tokens (False on left padding). Returns hidden [B, T, D] (final-normed)
+        The new keys/values are written at cache slots [index, index + T): `cache.index` is a
+        scalar (every row writes at the same slot, the sampler's left-padded batch) or [B], one
+        write slot per row (the rollout engine's slots, each holding its own episode).
+        `valid_BT` marks real tokens (False on padding). Returns hidden [B, T, D] (final-normed)
         and the updated cache. Query i attends to valid slots <= index + i. `layers`: the result
         of `unstack_layers()` (computed here when None).
         """
         cfg = self.config
         t = tokens_BT.shape[1]
         start = cache.index
-        kv_valid = jax.lax.dynamic_update_slice(cache.kv_valid, valid_BT.astype(bool), (0, start))
+        kv_valid = _write_at(cache.kv_valid, valid_BT.astype(bool), start, axis=1)
         slots = jnp.arange(cache.max_length)
-        q_slots = start + jnp.arange(t)
-        mask_BTS = kv_valid[:, None, :] & (slots[None, None, :] <= q_slots[None, :, None])
+        q_slots_BT = (start[:, None] if start.ndim else start) + jnp.arange(t)[None, :]
+        mask_BTS = kv_valid[:, None, :] & (slots[None, None, :] <= q_slots_BT[:, :, None])
         cos, sin = rope_cos_sin(positions_BT, rope_inv_freq(cfg), cfg.compute_dtype)
-        zero = jnp.zeros((), jnp.int32)
         x = self._embed(tokens_BT)
         new_k, new_v = [], []
         for params, k_cache, v_cache in zip(layers or self.unstack_layers(), cache.k, cache.v):
             def attend(q, k, v, k_cache=k_cache, v_cache=v_cache):
-                k_cache = jax.lax.dynamic_update_slice(
-                    k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), (zero, zero, zero, start))
-                v_cache = jax.lax.dynamic_update_slice(
-                    v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (zero, zero, start, zero))
+                k_cache = _write_at(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), start, axis=3)
+                v_cache = _write_at(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), start, axis=2)
                 out = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BTS, cache_layout=True)
                 return out, (k_cache, v_cache)
 
@@ -343,6 +343,22 @@ class Transformer(nnx.Module):
             new_v.append(v_cache)
         hidden = rms_norm(x, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
         return hidden, KVCache(k=tuple(new_k), v=tuple(new_v), kv_valid=kv_valid, index=start + t)
+
+
+def _write_at(cache_arr, update, start, *, axis: int):
+    """`update` written into `cache_arr` ([B, ...]) at offset `start` along `axis`: one offset
+    for every row (a scalar `start`) or one per row ([B]; a scatter, in place under donation)."""
+    if start.ndim == 0:
+        offsets = [jnp.zeros((), jnp.int32)] * cache_arr.ndim
+        offsets[axis] = start.astype(jnp.int32)
+        return jax.lax.dynamic_update_slice(cache_arr, update, offsets)
+
+    def one_row(row, upd, s):
+        offsets = [jnp.zeros((), jnp.int32)] * row.ndim
+        offsets[axis - 1] = s.astype(jnp.int32)
+        return jax.lax.dynamic_update_slice(row, upd, offsets)
+
+    return jax.vmap(one_row)(cache_arr, update, start)
 
 
 def _host_init(name: str, var: nnx.Variable, seed: int) -> np.ndarray:

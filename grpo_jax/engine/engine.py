@@ -1,0 +1,456 @@
+"""The rollout engine: continuous batching over a fixed set of KV-cache slots, each episode's
+cache kept across its turns, one async API.
+
+    engine = Engine(model, EngineConfig(slots=64, max_length=1024, stop_token_ids=(eos,)))
+    sessions = engine.open(prompt_ids, row_ids=[0, 1, 2, 3], key=key)    # a group of 4
+    done = await engine.generate(sessions[0], (), GenerationParams(max_new_tokens=64))
+    more = await engine.generate(sessions[0], tool_reply_ids, params)    # prefills only these
+    engine.release(sessions[0])
+
+Why fixed slots and not a paged cache: a slot is one row of the sampler's own [rows, heads,
+positions] cache, so the decode step is the model's `decode` on a batch of rows (the same
+numerics as the trainer's forward and the lockstep sampler), lowers on every platform without
+a paged-attention kernel, and shards over the mesh exactly as the sampler's rows do. The cost is
+capacity: a slot reserves `max_length` positions whether the episode uses them or not (paging
+would pack short episodes tighter); `slots` is the knob (`docs/engine.md`).
+
+The scheduler (`_run`, one task on the caller's event loop) repeats, while requests remain:
+admit waiting requests into free slots (evicting the least recently used idle session when
+none is free: its next turn prefills its history again); copy a group's prompt prefill onto
+members that join it; prefill up to `prefill_rows` x `prefill_chunk` pending tokens; run
+`decode_steps` steps of every slot; hand finished turns back. Device calls run in a worker
+thread, so the event loop stays free for environments and tools: an episode awaiting a tool
+holds its slot (and cache) but no other episode waits for it.
+
+Random draws: token t of turn k of the episode with id r under key K is drawn with
+`fold_in(fold_in(fold_in(K, k), t), r)`, the number `sampling.generate` draws for row r with
+key `fold_in(K, k)`: an episode samples the same tokens in any slot, next to any other episodes,
+on any process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import logging
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from grpo_jax import sharding as sharding_lib
+from grpo_jax.engine import programs
+from grpo_jax.sampling import Layout, SamplingConfig, SamplingError, _fuse, _token_ids, sampling_model
+from grpo_jax.token_selection import RowSampling
+from grpo_jax.utils import dataclass_from, round_up
+
+logger = logging.getLogger(__name__)
+
+
+class EngineError(SamplingError):
+    """Bad engine input (a history past `max_length`, a busy session, a released one)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    slots: int = 64                   # episodes decoded at once (rounded up to the row shards)
+    max_length: int = 1024            # positions an episode may hold: its prompt and every turn
+    prefill_chunk: int = 128          # tokens a slot prefills per call (C)
+    prefill_rows: int = 4             # slots prefilled per call (R)
+    decode_steps: int = 8             # decode steps per call: the host sees results that often
+    copy_rows: int = 8                # group prefills copied per call
+    stop_token_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    gather_weights: bool = True       # as `SamplingConfig.gather_weights`
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        for name in ("slots", "max_length", "prefill_chunk", "prefill_rows", "decode_steps", "copy_rows"):
+            if getattr(self, name) < 1:
+                raise EngineError(f"engine config: {name} must be >= 1 (got {getattr(self, name)})")
+
+    @classmethod
+    def from_any(cls, config: "EngineConfig | Mapping[str, Any] | Any") -> "EngineConfig":
+        return dataclass_from(cls, config, what="engine config", error=EngineError)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationParams:
+    """One turn's sampling: the `SamplingConfig` fields that may differ per request, and stop
+    strings (matched on the decoded text; they need the engine's `detokenize`)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop", tuple(self.stop))
+        SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                       top_p=self.top_p, min_p=self.min_p)  # the same checks, the same errors
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise SamplingError(f"stop strings must be non-empty strings (got {self.stop!r})")
+
+    @classmethod
+    def from_sampling(cls, cfg: SamplingConfig, **overrides) -> "GenerationParams":
+        fields = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                      top_p=cfg.top_p, min_p=cfg.min_p)
+        return cls(**{**fields, **overrides})
+
+
+@dataclasses.dataclass
+class Completion:
+    """A turn's sampled tokens and their log-probs (the `sampling` convention), and why it ended:
+    "stop" (a stop token, the last token), "stop_string" (the text holds a stop string; the
+    token completing it is the last) or "length" (`max_new_tokens` or the slot's `max_length`)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+@dataclasses.dataclass(eq=False)
+class _Group:
+    prefix: tuple[int, ...]           # the prompt but its last token: what members share
+    members: list["Session"] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+    """One episode on the engine: its token history, how much of it is in its slot's cache."""
+
+    row_id: int
+    key_data: np.ndarray
+    tokens: list[int]
+    group: _Group | None = None
+    cached: int = 0                   # tokens of `tokens` in the slot's cache (a prefix)
+    slot: int | None = None
+    turn: int = 0                     # generate calls so far (turn k draws with fold_in(key, k))
+    busy: bool = False
+    released: bool = False
+    last_used: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    session: Session
+    params: GenerationParams
+    future: asyncio.Future
+    budget: int
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    queued: bool = True               # waiting for a slot
+    on_tokens: Callable[[list[int], list[float]], None] | None = None
+
+
+class Engine:
+    """Continuous batching on `model` (see the module docstring). `detokenize(ids) -> str` is
+    needed only for stop strings. The weights are read as the sampler reads them
+    (`sampling.sampling_model`, made here once); make a new engine for new weights."""
+
+    def __init__(self, model, config: EngineConfig | Mapping[str, Any], *,
+                 detokenize: Callable[[Sequence[int]], str] | None = None, rules=sharding_lib.DEFAULT_RULES):
+        cfg = EngineConfig.from_any(config)
+        mcfg = model.config
+        if cfg.max_length > mcfg.max_position_embeddings:
+            raise EngineError(f"engine max_length {cfg.max_length} exceeds the model's context "
+                              f"{mcfg.max_position_embeddings}")
+        for t in cfg.stop_token_ids:
+            if not 0 <= t < mcfg.vocab_size:
+                raise EngineError(f"stop token id {t} is outside the vocabulary [0, {mcfg.vocab_size})")
+        model = sampling_model(model, gather_weights=cfg.gather_weights, rules=rules)
+        self.graphdef, self.state = nnx.split(model)
+        self.layout = Layout(sharding_lib.mesh_of(self.state), tuple(rules))
+        self.config = cfg = dataclasses.replace(cfg, slots=round_up(cfg.slots, self.layout.row_shards))
+        self.vocab_size = mcfg.vocab_size
+        self.capacity = cfg.max_length + cfg.prefill_chunk  # a chunk's padding may run past max_length
+        self.detokenize = detokenize
+        self._fuse = _fuse(self.layout, SamplingConfig(gather_weights=cfg.gather_weights))
+        self._cache = None
+        self._owner: list[Session | None] = [None] * cfg.slots
+        self._requests: list[_Request] = []
+        self._clock = itertools.count(1)
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self.stats = collections.Counter()
+
+    # -- public API -----------------------------------------------------------------------------
+    def open(self, prompt_ids: Sequence[int], row_ids: Sequence[int], key) -> list[Session]:
+        """Sessions of one prompt, one per id in `row_ids` (a GRPO group: the prompt is prefilled
+        once and copied to the others). `key`: a `jax.random` key (the episodes' draws)."""
+        prompt = self._checked(prompt_ids, "prompt")
+        if not prompt:
+            raise EngineError("the prompt is empty (it needs at least one token, e.g. BOS)")
+        if len(prompt) >= self.config.max_length:
+            raise EngineError(f"the prompt has {len(prompt)} tokens: no room to sample in max_length="
+                              f"{self.config.max_length}")
+        key_data = np.asarray(jax.random.key_data(key), np.uint32)
+        group = _Group(tuple(prompt[:-1])) if len(row_ids) > 1 else None
+        sessions = [Session(int(r), key_data, list(prompt), group) for r in row_ids]
+        if group is not None:
+            group.members.extend(sessions)
+        return sessions
+
+    async def generate(self, session: Session, new_ids: Sequence[int] = (),
+                       params: GenerationParams | None = None, *,
+                       on_tokens: Callable[[list[int], list[float]], None] | None = None) -> Completion:
+        """Appends `new_ids` to the session's history (e.g. an env reply), then samples one turn.
+        The history's part already in the session's cache is not computed again. `on_tokens(ids,
+        logprobs)` is called on the event loop with each batch of new tokens as they come
+        (streaming); with stop strings, tokens past the stop string may have been passed to it
+        before the turn ends (the `Completion` is what counts)."""
+        params = params or GenerationParams()
+        if session.released:
+            raise EngineError("generate on a released session")
+        if session.busy:
+            raise EngineError("the session is already generating (one turn at a time)")
+        if params.stop and self.detokenize is None:
+            raise EngineError("stop strings need the engine's detokenize")
+        new_ids = self._checked(new_ids, "new_ids")
+        room = self.config.max_length - len(session.tokens) - len(new_ids)
+        if room < 1:
+            raise EngineError(f"the history would hold {len(session.tokens) + len(new_ids)} tokens: no room to "
+                              f"sample in max_length={self.config.max_length}")
+        session.tokens.extend(new_ids)
+        session.busy = True
+        request = _Request(session, params, asyncio.get_running_loop().create_future(),
+                           budget=min(params.max_new_tokens, room), queued=session.slot is None, on_tokens=on_tokens)
+        self._requests.append(request)
+        self._ensure_running()
+        try:
+            return await request.future
+        finally:
+            session.busy = False
+            session.last_used = next(self._clock)
+
+    def release(self, session: Session) -> None:
+        """Frees the session's slot (its cache); the session cannot generate again."""
+        if session.slot is not None:
+            self._owner[session.slot] = None
+            session.slot = None
+        session.released, session.cached = True, 0
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- input checks ---------------------------------------------------------------------------
+    def _checked(self, ids, what: str) -> list[int]:
+        ids = _token_ids(0, ids)
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise EngineError(f"{what} holds token id {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    # -- the scheduler ----------------------------------------------------------------------------
+    def _ensure_running(self):
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run())
+        self._wake.set()
+
+    async def _run(self):
+        try:
+            while self._requests:
+                self._admit()
+                copies, chunk = self._plan_copies(), None
+                if copies:
+                    await asyncio.to_thread(self._copy, copies)
+                chunk = self._plan_prefill()
+                if chunk:
+                    await asyncio.to_thread(self._prefill, chunk)
+                decoding = [r for r in self._requests if self._phase(r) == "decode"]
+                if decoding:
+                    out = await asyncio.to_thread(self._decode, decoding)
+                    self._deliver(decoding, out)
+                if not (copies or chunk or decoding):
+                    self._wake.clear()
+                    await self._wake.wait()
+                else:
+                    await asyncio.sleep(0)  # let episodes and tools run between calls
+        except BaseException as error:  # fail every waiting turn rather than hang it
+            for r in self._requests:
+                if not r.future.done():
+                    r.future.set_exception(error if isinstance(error, Exception) else RuntimeError(repr(error)))
+            self._requests.clear()
+            if not isinstance(error, Exception):
+                raise
+
+    def _admit(self):
+        for r in [r for r in self._requests if r.queued]:
+            slot = self._free_slot()
+            if slot is None:
+                return
+            self._owner[slot], r.session.slot, r.session.cached, r.queued = r.session, slot, 0, False
+            self.stats["admitted"] += 1
+
+    def _free_slot(self) -> int | None:
+        for slot, owner in enumerate(self._owner):
+            if owner is None:
+                return slot
+        idle = [s for s in self._owner if s is not None and not s.busy]
+        if not idle:
+            return None
+        victim = min(idle, key=lambda s: s.last_used)  # its next turn prefills its history again
+        slot, victim.slot, victim.cached = victim.slot, None, 0
+        self._owner[slot] = None
+        self.stats["evictions"] += 1
+        return slot
+
+    def _donor(self, session: Session) -> Session | None:
+        """A group member whose cache holds the shared prompt prefix, if any."""
+        group = session.group
+        if group is None or session.cached > 0 or not group.prefix:
+            return None
+        for m in group.members:
+            if m is not session and m.slot is not None and m.cached >= len(group.prefix):
+                return m
+        return None
+
+    def _prefiller(self, group: _Group) -> Session | None:
+        """The group member that prefills the shared prompt: one already under way, else the
+        first admitted member still without it."""
+        without = [m for m in group.members if m.slot is not None and m.busy and m.cached < len(group.prefix)]
+        started = [m for m in without if m.cached > 0]
+        return (started or without or [None])[0]
+
+    def _phase(self, r: _Request) -> str:
+        s = r.session
+        if r.queued:
+            return "queued"
+        if self._donor(s) is not None:
+            return "copy"
+        if s.group is not None and s.cached == 0 and s.group.prefix and self._prefiller(s.group) is not s:
+            return "wait"  # a member is prefilling the shared prompt
+        return "prefill" if len(s.tokens) - s.cached > 1 else "decode"
+
+    def _plan_copies(self) -> list[tuple[Session, Session]]:
+        pairs = [(self._donor(r.session), r.session) for r in self._requests if self._phase(r) == "copy"]
+        return pairs[: self.config.copy_rows]
+
+    def _plan_prefill(self) -> list[tuple[Session, int]]:
+        cfg = self.config
+        todo = [r.session for r in self._requests if self._phase(r) == "prefill"]
+        return [(s, min(cfg.prefill_chunk, len(s.tokens) - 1 - s.cached)) for s in todo[: cfg.prefill_rows]]
+
+    # -- device calls (in a worker thread; the host state is touched only on the loop) ------------
+    def _cache_ready(self):
+        if self._cache is None:
+            self._cache = programs.init_cache(self.graphdef, self.state, slots=self.config.slots,
+                                              capacity=self.capacity, layout=self.layout)
+        return self._cache
+
+    def _put(self, x):
+        x = np.asarray(x)
+        if self.layout.mesh is None:
+            return x
+        axes = ("batch",) + (None,) * (x.ndim - 1)
+        return jax.device_put(x, self.layout.sharding(axes, x.shape))
+
+    def _copy(self, pairs):
+        f, out_of_range = self.config.copy_rows, self.config.slots
+        src = np.full(f, out_of_range, np.int32)
+        dst = np.full(f, out_of_range, np.int32)
+        for i, (donor, member) in enumerate(pairs):
+            src[i], dst[i] = donor.slot, member.slot
+        self._cache = programs.copy_slots(self._cache_ready(), src, dst, layout=self.layout)
+        for _, member in pairs:
+            member.cached = len(member.group.prefix)
+        self.stats["copies"] += len(pairs)
+
+    def _prefill(self, chunk):
+        cfg = self.config
+        r, c = cfg.prefill_rows, cfg.prefill_chunk
+        slots = np.full(r, cfg.slots, np.int32)
+        tokens = np.full((r, c), cfg.pad_id, np.int32)
+        starts, counts = np.zeros(r, np.int32), np.zeros(r, np.int32)
+        for i, (s, n) in enumerate(chunk):
+            slots[i], starts[i], counts[i] = s.slot, s.cached, n
+            tokens[i, :n] = s.tokens[s.cached:s.cached + n]
+        t0 = time.perf_counter()
+        self._cache = programs.prefill_chunk(self.graphdef, self.state, self._cache_ready(), slots, tokens, starts,
+                                             counts, layout=self.layout)
+        for s, n in chunk:
+            s.cached += n
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_tokens"] += int(counts.sum())
+        self.stats["busy_s"] += time.perf_counter() - t0
+
+    def _decode(self, decoding):
+        cfg = self.config
+        n = cfg.slots
+        last, length, generated, budget, turn, row_id = (np.zeros(n, np.int32) for _ in range(6))
+        active = np.zeros(n, bool)
+        key_data = np.zeros((n, jax.random.key_data(jax.random.key(0)).shape[-1]), np.uint32)
+        temperature, top_p, min_p = np.ones(n, np.float32), np.ones(n, np.float32), np.zeros(n, np.float32)
+        top_k = np.zeros(n, np.int32)
+        for slot, s in enumerate(self._owner):
+            if s is not None:
+                length[slot] = s.cached  # idle slots write past their own history only
+        for r in decoding:
+            s, p, slot = r.session, r.params, r.session.slot
+            last[slot], active[slot], generated[slot], budget[slot] = s.tokens[-1], True, len(r.tokens), r.budget
+            turn[slot], row_id[slot], key_data[slot] = s.turn, s.row_id, s.key_data
+            temperature[slot], top_k[slot], top_p[slot], min_p[slot] = p.temperature, p.top_k, p.top_p, p.min_p
+        filters = (bool((top_k[active] > 0).any()), bool((top_p[active] < 1).any()), bool((min_p[active] > 0).any()))
+        inputs = programs.SlotInputs(*map(self._put, (last, length, active, generated, budget, turn, row_id, key_data)),
+                                     sampling=RowSampling(*map(self._put, (temperature, top_k, top_p, min_p))))
+        t0 = time.perf_counter()
+        self._cache, out = programs.decode_steps(
+            self.graphdef, self.state, self._cache_ready(), inputs, steps=cfg.decode_steps,
+            stop_ids=cfg.stop_token_ids, filters=filters, pad_id=cfg.pad_id, fuse=self._fuse, layout=self.layout)
+        out = jax.device_get(out)
+        self.stats["busy_s"] += time.perf_counter() - t0
+        self.stats["decode_calls"] += 1
+        self.stats["slot_steps"] += n * cfg.decode_steps
+        self.stats["sampled_tokens"] += int(out.count.sum())
+        return out
+
+    # -- results ----------------------------------------------------------------------------------
+    def _deliver(self, decoding, out: programs.DecodeOut):
+        for r in decoding:
+            s, slot = r.session, r.session.slot
+            k = int(out.count[slot])
+            new = [int(t) for t in out.tokens[slot, :k]]
+            s.tokens.extend(new)
+            s.cached += k  # each step fed the pending token; the last sampled one is pending now
+            r.tokens.extend(new)
+            r.logprobs.extend(float(x) for x in out.logprobs[slot, :k])
+            if r.on_tokens is not None and k:
+                try:
+                    r.on_tokens(new, r.logprobs[-k:])
+                except Exception:  # a streaming consumer's failure is its own
+                    logger.exception("engine: on_tokens callback raised")
+            reason = self._finished(r, bool(out.stopped[slot]))
+            if reason is None:
+                continue
+            if reason == "stop_string":  # keep the tokens up to the one completing the stop string
+                end = self._stop_string_end(r)
+                del s.tokens[len(s.tokens) - (len(r.tokens) - end):], r.tokens[end:], r.logprobs[end:]
+                s.cached = min(s.cached, len(s.tokens) - 1)
+            s.turn += 1
+            self._requests.remove(r)
+            if not r.future.done():
+                r.future.set_result(Completion(list(r.tokens), list(r.logprobs), reason))
+
+    def _finished(self, r: _Request, stopped: bool) -> str | None:
+        if stopped:
+            return "stop"
+        if r.params.stop and self._stop_string_end(r) is not None:
+            return "stop_string"
+        return "length" if len(r.tokens) >= r.budget else None
+
+    def _stop_string_end(self, r: _Request) -> int | None:
+        """Tokens up to the one whose text completes the first stop string, or None."""
+        text = self.detokenize(r.tokens)
+        if not any(stop in text for stop in r.params.stop):
+            return None
+        for end in range(1, len(r.tokens) + 1):
+            if any(stop in self.detokenize(r.tokens[:end]) for stop in r.params.stop):
+                return end
+        return len(r.tokens)

@@ -1,0 +1,147 @@
+"""The rollout engine's compiled programs: pure functions of the weights, the slots' KV cache
+(donated, updated in place) and small per-slot arrays sent by the host.
+
+The cache holds `slots` rows of `capacity` positions; slot s holds one episode's tokens at
+positions 0 .. length_s - 1 (no left padding), so a row's write offset and RoPE position are
+its own length (`KVCache.index` per row). Three programs, each compiled once per engine shape:
+
+- `prefill_chunk`: up to R slots take up to C new tokens each, written at their lengths (a
+  gather of those slots' cache rows, the model over [R, C], a scatter back). Unused rows name
+  slot `slots` (out of range): their gather is clamped and their scatter dropped.
+- `decode_steps`: K decode steps of every slot; an inactive slot computes (the shape is fixed)
+  but its token is dropped and it writes only past its own length, where nothing reads.
+- `copy_slots`: slot rows copied onto others (a group's shared prompt prefill, made once).
+
+A slot's pending token (the last of its history, not yet in the cache) is fed by the next
+decode step, which samples the token after it: a prefill therefore writes all new tokens but
+the last, and every sampled token, the first of a turn included, comes from `decode_steps`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from grpo_jax.models.transformer import KVCache
+from grpo_jax.sampling import Layout, _map_cache
+from grpo_jax.token_selection import RowSampling, keyed_uniforms, select_tokens_rows
+
+
+class SlotInputs(NamedTuple):
+    """Per-slot arrays [S] the host sends with each decode call (the host is their owner)."""
+
+    last_token: jax.Array   # the pending token, fed at position `length`
+    length: jax.Array       # tokens in the slot's cache
+    active: jax.Array       # bool: the slot samples this call
+    generated: jax.Array    # tokens sampled so far in the slot's current turn
+    budget: jax.Array       # tokens the turn may sample in all
+    turn: jax.Array         # the turn's index (its draws use fold_in(key, turn))
+    row_id: jax.Array       # the episode's global id (its draws use it)
+    key_data: jax.Array     # [S, *] uint32: the episode's key
+    sampling: RowSampling
+
+
+class DecodeOut(NamedTuple):
+    tokens: jax.Array       # [S, K] sampled tokens (pad where the slot did not sample)
+    logprobs: jax.Array     # [S, K]
+    count: jax.Array        # [S] tokens the slot sampled this call
+    stopped: jax.Array      # [S] bool: its last token is a stop token
+
+
+def empty_cache(model, slots: int, capacity: int, layout: Layout) -> KVCache:
+    cache = model.init_cache(slots, capacity)
+    cache = cache._replace(index=jnp.zeros((slots,), jnp.int32))
+    return _map_cache(cache, layout.constrain)
+
+
+@functools.partial(jax.jit, static_argnames=("slots", "capacity", "layout"))
+def init_cache(graphdef, state, *, slots: int, capacity: int, layout: Layout):
+    return empty_cache(nnx.merge(graphdef, state), slots, capacity, layout)
+
+
+def _rows(cache: KVCache, slots_R) -> KVCache:
+    take = lambda x: jnp.take(x, slots_R, axis=0, mode="clip")  # noqa: E731
+    return KVCache(k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)), kv_valid=take(cache.kv_valid),
+                   index=jnp.take(cache.index, slots_R, mode="clip"))
+
+
+def _put_rows(cache: KVCache, slots_R, rows: KVCache) -> KVCache:
+    put = lambda x, y: x.at[slots_R].set(y, mode="drop")  # noqa: E731
+    return KVCache(k=tuple(map(put, cache.k, rows.k)), v=tuple(map(put, cache.v, rows.v)),
+                   kv_valid=put(cache.kv_valid, rows.kv_valid), index=cache.index)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout"), donate_argnames=("cache",))
+def prefill_chunk(graphdef, state, cache: KVCache, slots_R, tokens_RC, starts_R, counts_R, *, layout: Layout):
+    """Writes `counts_R[r]` tokens of `tokens_RC[r]` into slot `slots_R[r]` from position
+    `starts_R[r]`. The chunk's padding positions are written too (past the row's new length,
+    overwritten before anything reads them: the cache has a chunk of spare positions)."""
+    model = nnx.merge(graphdef, state)
+    c = tokens_RC.shape[1]
+    positions_RC = starts_R[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
+    valid_RC = jnp.arange(c)[None, :] < counts_R[:, None]
+    rows = _rows(cache, slots_R)._replace(index=starts_R)
+    _, rows = model.decode(tokens_RC, positions_RC, valid_RC, rows)
+    return _map_cache(_put_rows(cache, slots_R, rows), layout.constrain)
+
+
+@functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("cache",))
+def copy_slots(cache: KVCache, src_F, dst_F, *, layout: Layout):
+    """Slot `src_F[f]`'s cache row copied onto slot `dst_F[f]` (dst out of range: nothing)."""
+    return _map_cache(_put_rows(cache, dst_F, _rows(cache, src_F)), layout.constrain)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "stop_ids", "filters", "pad_id", "fuse", "layout"),
+                   donate_argnames=("cache",))
+def decode_steps(graphdef, state, cache: KVCache, inputs: SlotInputs, *, steps: int, stop_ids: tuple[int, ...],
+                 filters: tuple[bool, bool, bool], pad_id: int, fuse: bool, layout: Layout):
+    """`steps` decode steps of every slot; returns the cache and a `DecodeOut`. A slot stops
+    sampling (for the rest of the call) at a stop token or when its turn's budget is spent."""
+    model = nnx.merge(graphdef, state)
+    layers = model.unstack_layers(fuse=fuse)
+    stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
+    n = inputs.last_token.shape[0]
+    rows = layout.rows
+
+    def step(i, carry):
+        cache, last, length, active, generated, stopped, tokens, logprobs = carry
+        hidden, cache = model.decode(last[:, None], length[:, None], active[:, None], cache._replace(index=length),
+                                     layers)
+        logits = rows(model.logits_from_hidden(hidden)[:, 0])
+        u = keyed_uniforms(inputs.key_data, inputs.turn, generated, inputs.row_id)
+        token, logprob = select_tokens_rows(logits, u, inputs.sampling, filters=filters)
+        token, logprob = jnp.where(active, token, pad_id), jnp.where(active, logprob, 0.0)
+        tokens = tokens.at[:, i].set(token)
+        logprobs = logprobs.at[:, i].set(logprob)
+        is_stop = jnp.isin(token, stop) & active
+        length, generated = length + active, generated + active
+        last = jnp.where(active, token, last)
+        active = active & ~is_stop & (generated < inputs.budget)
+        return (_map_cache(cache, layout.constrain), rows(last), rows(length), rows(active), rows(generated),
+                rows(stopped | is_stop), rows(tokens), rows(logprobs))
+
+    init = (_map_cache(cache, layout.constrain), inputs.last_token, inputs.length, inputs.active, inputs.generated,
+            jnp.zeros((n,), bool), jnp.full((n, steps), pad_id, jnp.int32), jnp.zeros((n, steps), jnp.float32))
+    cache, _, _, _, generated, stopped, tokens, logprobs = jax.lax.fori_loop(0, steps, step, init)
+    return cache, DecodeOut(tokens=tokens, logprobs=logprobs, count=generated - inputs.generated, stopped=stopped)
+
+
+def abstract_args(model, slots: int, capacity: int, chunk: int, prefill_rows: int, layout: Layout) -> dict[str, Any]:
+    """Abstract arguments of the three programs (for `jax.export` / cost analysis in tests)."""
+    graphdef, state = nnx.split(model)
+    spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))  # noqa: E731
+    abstract_state = jax.tree.map(spec, state)
+    cache = jax.eval_shape(lambda s: empty_cache(nnx.merge(graphdef, s), slots, capacity, layout), abstract_state)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    key_width = jax.random.key_data(jax.random.key(0)).shape[-1]
+    inputs = SlotInputs(last_token=i32(slots), length=i32(slots), active=jax.ShapeDtypeStruct((slots,), bool),
+                        generated=i32(slots), budget=i32(slots), turn=i32(slots), row_id=i32(slots),
+                        key_data=jax.ShapeDtypeStruct((slots, key_width), jnp.uint32),
+                        sampling=RowSampling(f32(slots), i32(slots), f32(slots), f32(slots)))
+    return dict(graphdef=graphdef, state=abstract_state, cache=cache, inputs=inputs,
+                prefill=(i32(prefill_rows), i32(prefill_rows, chunk), i32(prefill_rows), i32(prefill_rows)))
