@@ -20,6 +20,11 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "sympy>=1.12",
     "jinja2>=3.1.6",  # chat templates for sentencepiece tokenizers
+    # The OpenAI-compatible server (FastAPI on uvicorn: pydantic request validation and
+    # server-sent events built in) and the client agent environments are written against.
+    "fastapi>=0.115",
+    "uvicorn>=0.30",
+    "openai>=1.50",
 ]
 
 # PyTorch is pinned: an unpinned `torch` pulls a multi-GB CUDA build.
