@@ -62,6 +62,7 @@ rewards and length metrics).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -71,11 +72,13 @@ import jax
 
 from grpo_jax.envs.base import Environment, Message, Row, State, respond_all
 from grpo_jax.sampling import STOP_TOKEN, Samples, SamplingConfig, generate, sampling_model
-from grpo_jax.tokenizer import TemplateError, Tokenizer
+from grpo_jax.chat_check import PROBE_COMPLETION, check_template, env_tool_schemas
+from grpo_jax.engine import Engine, EngineConfig, GenerationParams
+from grpo_jax.tokenizer import Tokenizer
 from grpo_jax.trajectories import FINISH_REASONS, TRUNCATION_REASONS, Rollout, pack_episodes
 from grpo_jax.utils import dataclass_from, run_sync
 
-__all__ = ["FINISH_REASONS", "TRUNCATION_REASONS", "ModelSampler", "Rollout", "RolloutConfig", "SampleFn", "Sampler",
+__all__ = ["FINISH_REASONS", "PROBE_COMPLETION", "TRUNCATION_REASONS", "EngineSampler", "ModelSampler", "Rollout", "RolloutConfig", "SampleFn", "Sampler",
            "check_template", "env_tool_schemas", "model_sampler", "rollout"]
 
 logger = logging.getLogger(__name__)
@@ -146,60 +149,34 @@ class ModelSampler:
         return generate(self.model, prompts, key, dataclasses.replace(self.config, n=n), row_ids=row_ids)
 
 
-def model_sampler(model, sampling_config: SamplingConfig | Mapping[str, Any]) -> ModelSampler:
-    """A `ModelSampler` of `sampling_model(model)`, made here once: every turn of a rollout reads
-    the same compute-dtype copy of the weights, which is freed with the sampler."""
+@dataclasses.dataclass(frozen=True)
+class EngineSampler:
+    """A rollout's `Engine` and the sampling of its turns."""
+
+    engine: Engine
+    params: GenerationParams
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.params.max_new_tokens
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        return self.engine.config.stop_token_ids
+
+
+def model_sampler(model, sampling_config: SamplingConfig | Mapping[str, Any],
+                  engine_config: EngineConfig | Mapping[str, Any] | None = None) -> "ModelSampler | EngineSampler":
+    """What `rollout` samples from: with `engine_config`, an `EngineSampler` (the engine's stop
+    and pad ids are the sampling config's); else a lockstep `ModelSampler`. Either reads
+    `sampling_model(model)`, made here once: every turn of a rollout reads the same
+    compute-dtype copy of the weights, which is freed with the sampler."""
     cfg = SamplingConfig.from_any(sampling_config)
-    return ModelSampler(sampling_model(model, gather_weights=cfg.gather_weights), cfg)
-
-
-# -- the chat template check -------------------------------------------------------------------
-# A conversation with the turns a tool / multi-turn rollout produces, reasoning included:
-# templates that drop earlier <think> blocks (Qwen3's) or regroup turns are caught on it.
-PROBE_COMPLETION: tuple[Message, ...] = (
-    {"role": "assistant", "content": "<think>I should use the tool.</think><calc>17*23</calc>"},
-    {"role": "tool", "content": "391"},
-    {"role": "assistant", "content": "<think>The tool says 391.</think>The result is 391."},
-    {"role": "user", "content": "And 12 + 30?"},
-    {"role": "assistant", "content": "<think>Easy.</think>42"},
-)
-
-
-def env_tool_schemas(env: Environment | None) -> list[dict[str, Any]] | None:
-    """The tool schemas `env` gives the chat template (`env.tool_schemas()`), None for an env
-    without native tools."""
-    schemas = None if env is None else env.tool_schemas()
-    return list(schemas) if schemas else None
-
-
-def check_template(tokenizer: Tokenizer, env: Environment | None = None, row: Row | None = None, *,
-                   tools: Sequence[Mapping[str, Any]] | None = None) -> None:
-    """Raises `TemplateError` (saying why) unless the chat template is prefix-preserving on the
-    env's gold demonstration for `row` (when it has one) and on `PROBE_COMPLETION` after the
-    row's prompt: rendering turn by turn must equal rendering in one go, or the token history a
-    rollout builds would not be the conversation the model is trained and evaluated on.
-    `tools` (default: the env's `env_tool_schemas`) are rendered as the rollout renders them."""
-    if tools is None:
-        tools = env_tool_schemas(env)
-    if env is not None and row is not None:
-        prompt, _ = env.initial_state(row)
-    else:
-        prompt = [{"role": "user", "content": "What is 17 * 23?"}]
-    conversations = {"the probe conversation": list(prompt) + [dict(m) for m in PROBE_COMPLETION]}
-    if env is not None and row is not None:
-        try:
-            gold = env.gold_completion(row)
-        except Exception:  # a demonstration is optional: the probe still runs
-            gold = []
-        if any(m["role"] == "assistant" for m in gold):
-            conversations = {"the env's gold demonstration": list(prompt) + list(gold), **conversations}
-    for name, conversation in conversations.items():
-        try:
-            tokenizer.check_prefix_preserving(conversation, tools=tools)
-        except TemplateError as error:
-            raise TemplateError(
-                f"refusing this chat template for multi-turn rollouts (checked on {name}): "
-                f"{error}") from error
+    if engine_config is None:
+        return ModelSampler(sampling_model(model, gather_weights=cfg.gather_weights), cfg)
+    engine_cfg = dataclasses.replace(EngineConfig.from_any(engine_config), stop_token_ids=cfg.stop_token_ids,
+                                     pad_id=cfg.pad_id, gather_weights=cfg.gather_weights)
+    return EngineSampler(Engine(model, engine_cfg), GenerationParams.from_sampling(cfg))
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -227,8 +204,11 @@ class _Episode:
             self.state["truncated"] = True
 
 
-def _check_sampler(sampler: Sampler, config: RolloutConfig, end_of_turn: Sequence[int]):
+def _check_sampler(sampler, config: RolloutConfig, end_of_turn: Sequence[int]):
     max_new, stops = sampler.max_new_tokens, sampler.stop_token_ids
+    if isinstance(sampler, EngineSampler) and sampler.engine.config.max_length < config.max_seq_len:
+        raise ValueError(f"the engine holds {sampler.engine.config.max_length} positions an episode but the "
+                         f"rollout config budgets max_seq_len={config.max_seq_len}; raise engine max_length")
     if max_new != config.max_new_tokens:
         raise ValueError(f"the sampler draws up to {max_new} tokens a turn but the rollout config "
                          f"budgets max_new_tokens={config.max_new_tokens}; make them equal")
@@ -237,15 +217,14 @@ def _check_sampler(sampler: Sampler, config: RolloutConfig, end_of_turn: Sequenc
                          f"end-of-turn id {end_of_turn[0]}: every turn would run to max_new_tokens")
 
 
-def _add_turn(episode: _Episode, samples: Samples, row: int, tokenizer: Tokenizer,
-              end_of_turn: Sequence[int], max_new_tokens: int):
+def _add_turn(episode: _Episode, ids: Sequence[int], logprobs: Sequence[float], stopped: bool,
+              tokenizer: Tokenizer, end_of_turn: Sequence[int], max_new_tokens: int):
     """Appends one sampled turn (and, when it was cut, the end-of-turn ids) to `episode`."""
-    n = int(samples.lengths[row])
+    ids = [int(t) for t in ids]
+    n = len(ids)
     if not 1 <= n <= max_new_tokens:
         raise ValueError(f"the sampler returned {n} tokens for a turn; expected 1..{max_new_tokens}")
-    ids = [int(t) for t in samples.tokens[row, :n]]
-    stopped = int(samples.stop_reason[row]) == STOP_TOKEN
-    episode.extend(ids, 1, samples.logprobs[row, :n])
+    episode.extend(ids, 1, logprobs)
     content = tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=False)
     if not stopped:  # close the turn as the template would, so the history stays well formed
         episode.extend(end_of_turn, 0)
@@ -275,7 +254,7 @@ def _fail(episode: _Episode, index: int, error: BaseException, where: str):
                    index, episode.row_index, where, error)
 
 
-def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sampler: Sampler, key,
+def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sampler: "Sampler | EngineSampler", key,
             config: RolloutConfig | Mapping[str, Any], *, episode_offset: int = 0) -> Rollout:
     """Plays `config.group_size` episodes of `env` for each of `rows` (see the module docstring).
 
@@ -283,9 +262,11 @@ def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sampler
       env: an `Environment` (its `initial_state`, `is_completed`, `env_response` drive the turns).
       rows: dataset rows; row i's episodes are `i * group_size ... (i + 1) * group_size - 1`.
       tokenizer: a `grpo_jax.tokenizer.Tokenizer` with a chat template.
-      sampler: a `Sampler`, e.g. `model_sampler(model, sampling_config)`; it is given the
-        global id of every row it samples (turn 0: the groups of the rows that fit; later
-        turns: the live episodes).
+      sampler: `model_sampler(model, sampling_config, engine_config)`: an `EngineSampler` (each
+        episode on its own: continuous batching, its cache kept across turns, tools concurrent
+        with decoding) or, without `engine_config`, a lockstep `Sampler` (one batched call per
+        turn for every live episode). Both are given each episode's global id and draw the same
+        numbers for it.
       key: a `jax.random` key; turn k samples with `fold_in(key, k)`.
       config: a `RolloutConfig` (or a mapping of its fields).
       episode_offset: global id of this call's first episode: episode k (row k // group_size)
@@ -308,8 +289,26 @@ def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sampler
     turns = _Turns(env, tokenizer, config, end_of_turn)
     start = time.perf_counter()
     episodes, prompt_ids, first_rows = turns.start(rows)
+    if isinstance(sampler, EngineSampler):
+        run_sync(lambda: _play_on_engine(turns, sampler.engine, sampler.params, episodes, prompt_ids, first_rows, key,
+                                         episode_offset))
+    else:
+        _play_lockstep(turns, sampler, episodes, prompt_ids, first_rows, key, episode_offset)
+    turns.timing["total_s"] = time.perf_counter() - start
+    pad_id = tokenizer.pad_id if config.pad_id is None else config.pad_id
+    return pack_episodes(
+        [dict(tokens=e.tokens, mask=e.mask, logprobs=e.logprobs, prompt=e.prompt,
+              completion=e.messages[len(e.prompt):], state=e.state, finish_reason=e.finish_reason,
+              num_turns=e.num_turns) for e in episodes],
+        group_size=config.group_size, pad_id=pad_id, length_multiple=config.length_multiple,
+        max_seq_len=config.max_seq_len, mask_truncated=config.mask_truncated,
+        mask_env_errors=config.mask_env_errors, timing=turns.timing)
+
+
+def _play_lockstep(turns: "_Turns", sampler: Sampler, episodes, prompt_ids, first_rows, key, episode_offset):
+    """Every live episode's turn in ONE sampler call, then every env reply, turn after turn."""
+    group, turn = turns.config.group_size, 0
     index_of = {id(e): k for k, e in enumerate(episodes)}
-    group, turn = config.group_size, 0
     live = [e for i in first_rows for e in episodes[i * group:(i + 1) * group]]
     while live:
         if turn == 0:
@@ -318,22 +317,63 @@ def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sampler
             prompts, n = [e.tokens for e in live], 1
         row_ids = [episode_offset + index_of[id(e)] for e in live]
         samples = turns.sample(sampler, prompts, jax.random.fold_in(key, turn), n, row_ids)
-        waiting = turns.after_sampling(live, samples, index_of)
-        live = turns.reply(waiting, index_of)
+        waiting = []
+        for row, e in enumerate(live):
+            stopped = int(samples.stop_reason[row]) == STOP_TOKEN
+            n_row = int(samples.lengths[row])
+            if turns.after_turn(e, index_of[id(e)], samples.tokens[row, :n_row], samples.logprobs[row, :n_row],
+                                stopped):
+                waiting.append(e)
+        t0 = time.perf_counter()
+        replies = []
+        if waiting:
+            replies = run_sync(lambda: respond_all(turns.env, [list(e.messages) for e in waiting],
+                                                   [e.state for e in waiting], return_exceptions=True))
+        turns.timing["env_s"] += time.perf_counter() - t0
+        live = [e for e, result in zip(waiting, replies) if turns.take_reply(e, index_of[id(e)], result) is not None]
         turn += 1
-    turns.timing["total_s"] = time.perf_counter() - start
-    pad_id = tokenizer.pad_id if config.pad_id is None else config.pad_id
-    return pack_episodes(
-        [dict(tokens=e.tokens, mask=e.mask, logprobs=e.logprobs, prompt=e.prompt,
-              completion=e.messages[len(e.prompt):], state=e.state, finish_reason=e.finish_reason,
-              num_turns=e.num_turns) for e in episodes],
-        group_size=group, pad_id=pad_id, length_multiple=config.length_multiple,
-        max_seq_len=config.max_seq_len, mask_truncated=config.mask_truncated,
-        mask_env_errors=config.mask_env_errors, timing=turns.timing)
+
+
+async def _play_on_engine(turns: "_Turns", engine: Engine, params: GenerationParams, episodes, prompt_ids,
+                          first_rows, key, episode_offset):
+    """Each episode its own coroutine on the engine: a turn, the env's reply (awaited while the
+    other episodes decode), the reply's tokens prefilled onto its kept cache, the next turn."""
+    group = turns.config.group_size
+    stats_before = dict(engine.stats)
+
+    async def play(index: int, e: _Episode, session):
+        new_ids: list[int] = []
+        try:
+            while True:
+                out = await engine.generate(session, new_ids, params)
+                if not turns.after_turn(e, index, out.tokens, out.logprobs, out.finish_reason == "stop"):
+                    return
+                t0 = time.perf_counter()
+                try:
+                    result = await turns.env.env_response(list(e.messages), e.state)
+                except Exception as error:  # the episode's own failure: it ends, the others go on
+                    result = error
+                turns.timing["env_s"] += time.perf_counter() - t0
+                new_ids = turns.take_reply(e, index, result)
+                if new_ids is None:
+                    return
+        finally:
+            engine.release(session)
+
+    plays = []
+    for i in first_rows:
+        ids = [episode_offset + k for k in range(i * group, (i + 1) * group)]
+        for k, session in zip(range(i * group, (i + 1) * group), engine.open(prompt_ids[i], ids, key)):
+            plays.append(play(k, episodes[k], session))
+    await asyncio.gather(*plays)
+    delta = {k: v - stats_before.get(k, 0) for k, v in engine.stats.items()}
+    turns.timing["sampler_s"] += delta.get("busy_s", 0.0)
+    turns.timing["sampler_calls"] += delta.get("decode_calls", 0) + delta.get("prefill_calls", 0)
+    turns.timing["slot_use"] = delta.get("sampled_tokens", 0) / max(delta.get("slot_steps", 0), 1)
 
 
 class _Turns:
-    """The steps of one rollout's turn loop, with the budget and the timings they share."""
+    """The per-episode steps of a rollout (both modes), with the budget and timings they share."""
 
     def __init__(self, env: Environment, tokenizer: Tokenizer, config: RolloutConfig, end_of_turn):
         self.env, self.tokenizer, self.config, self.end_of_turn = env, tokenizer, config, end_of_turn
@@ -377,51 +417,35 @@ class _Turns:
                              f"prompts x n={n}")
         return samples
 
-    def after_sampling(self, live, samples: Samples, index_of) -> list[_Episode]:
-        """Appends each live episode's sampled turn; returns those the env should reply to (the
-        others end with their reason)."""
-        waiting = []
-        for row, e in enumerate(live):
-            stopped = _add_turn(e, samples, row, self.tokenizer, self.end_of_turn, self.config.max_new_tokens)
-            try:
-                reason = _reason_after_turn(self.env, e, stopped, self.max_turns)
-            except Exception as error:
-                _fail(e, index_of[id(e)], error, "is_completed")
-                continue
-            if reason is None and not self.fits(len(e.tokens) + 1):  # no room even for a 1-token reply
-                reason = "sequence_budget"
-            if reason is None:
-                waiting.append(e)
-            else:
-                e.finish(reason)
-        return waiting
+    def after_turn(self, e: _Episode, index: int, ids, logprobs, stopped: bool) -> bool:
+        """Appends the episode's sampled turn; True when the env should reply (else it ended)."""
+        _add_turn(e, ids, logprobs, stopped, self.tokenizer, self.end_of_turn, self.config.max_new_tokens)
+        try:
+            reason = _reason_after_turn(self.env, e, stopped, self.max_turns)
+        except Exception as error:
+            _fail(e, index, error, "is_completed")
+            return False
+        if reason is None and not self.fits(len(e.tokens) + 1):  # no room even for a 1-token reply
+            reason = "sequence_budget"
+        if reason is not None:
+            e.finish(reason)
+        return reason is None
 
-    def reply(self, waiting, index_of) -> list[_Episode]:
-        """The env's replies to the waiting episodes, all concurrently, appended as env tokens;
-        returns the episodes that go on. One episode's failure is its own: its exception is its
-        reply."""
-        t0 = time.perf_counter()
-        replies = []
-        if waiting:
-            replies = run_sync(lambda: respond_all(self.env, [list(e.messages) for e in waiting],
-                                                   [e.state for e in waiting], return_exceptions=True))
-        self.timing["env_s"] += time.perf_counter() - t0
-        live = []
-        for e, result in zip(waiting, replies):
-            if isinstance(result, BaseException):
-                _fail(e, index_of[id(e)], result, "env_response")
-                continue
-            try:
-                reply, e.state = [dict(m) for m in result[0]], result[1]
-                suffix = self.tokenizer.encode_turn_suffix(reply, add_generation_prompt=True,
-                                                            tools=self.tools)
-            except Exception as error:  # a malformed reply, or one the template cannot render
-                _fail(e, index_of[id(e)], error, "tokenizing the env reply")
-                continue
-            if not self.fits(len(e.tokens) + len(suffix)):
-                e.finish("sequence_budget")
-                continue
-            e.extend(suffix, 0)
-            e.messages.extend(reply)
-            live.append(e)
-        return live
+    def take_reply(self, e: _Episode, index: int, result) -> list[int] | None:
+        """Appends the env's reply (`(messages, state)`, or the exception it raised) as env
+        tokens; returns its ids, or None when the episode ended (an error, no room)."""
+        if isinstance(result, BaseException):
+            _fail(e, index, result, "env_response")
+            return None
+        try:
+            reply, e.state = [dict(m) for m in result[0]], result[1]
+            suffix = self.tokenizer.encode_turn_suffix(reply, add_generation_prompt=True, tools=self.tools)
+        except Exception as error:  # a malformed reply, or one the template cannot render
+            _fail(e, index, error, "tokenizing the env reply")
+            return None
+        if not self.fits(len(e.tokens) + len(suffix)):
+            e.finish("sequence_budget")
+            return None
+        e.extend(suffix, 0)
+        e.messages.extend(reply)
+        return list(suffix)

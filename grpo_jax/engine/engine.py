@@ -58,7 +58,8 @@ class EngineError(SamplingError):
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     slots: int = 64                   # episodes decoded at once (rounded up to the row shards)
-    max_length: int = 1024            # positions an episode may hold: its prompt and every turn
+    max_length: int | None = None     # positions an episode may hold (its prompt and every turn);
+                                      # None: the model's context
     prefill_chunk: int = 128          # tokens a slot prefills per call (C)
     prefill_rows: int = 4             # slots prefilled per call (R)
     decode_steps: int = 8             # decode steps per call: the host sees results that often
@@ -69,9 +70,11 @@ class EngineConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        for name in ("slots", "max_length", "prefill_chunk", "prefill_rows", "decode_steps", "copy_rows"):
+        for name in ("slots", "prefill_chunk", "prefill_rows", "decode_steps", "copy_rows"):
             if getattr(self, name) < 1:
                 raise EngineError(f"engine config: {name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_length is not None and self.max_length < 2:
+            raise EngineError(f"engine config: max_length must be None or >= 2 (got {self.max_length})")
 
     @classmethod
     def from_any(cls, config: "EngineConfig | Mapping[str, Any] | Any") -> "EngineConfig":
@@ -158,6 +161,7 @@ class Engine:
                  detokenize: Callable[[Sequence[int]], str] | None = None, rules=sharding_lib.DEFAULT_RULES):
         cfg = EngineConfig.from_any(config)
         mcfg = model.config
+        cfg = dataclasses.replace(cfg, max_length=cfg.max_length or mcfg.max_position_embeddings)
         if cfg.max_length > mcfg.max_position_embeddings:
             raise EngineError(f"engine max_length {cfg.max_length} exceeds the model's context "
                               f"{mcfg.max_position_embeddings}")
