@@ -21,7 +21,7 @@ from grpo_jax.sharding import make_mesh
 MODEL = ModelConfig(model_type="qwen2", vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                     d_ff=64, qkv_bias=True, max_position_embeddings=256)
 STOP = (3,)
-ENGINE = EngineConfig(slots=4, max_length=96, prefill_chunk=8, prefill_rows=2, decode_steps=4, copy_rows=2,
+ENGINE = EngineConfig(slots=4, max_length=96, prefill_chunk=8, prefill_rows=2, decode_steps=4,
                       stop_token_ids=STOP)
 
 
@@ -293,3 +293,25 @@ def test_clear_errors(model):
         with pytest.raises(EngineError, match="released"):
             await engine.generate(s, ())
     run(main)
+
+
+def test_a_cancelled_turn_leaves_the_others_running(model):
+    engine = Engine(model, ENGINE)
+    key = jax.random.key(7)
+
+    async def main():
+        (a,), (b,) = engine.open([5, 6, 7], [0], key), engine.open([8, 9], [1], key)
+        params = GenerationParams(max_new_tokens=40, temperature=1.0)
+        cancelled = asyncio.ensure_future(engine.generate(a, (), params))
+        other = asyncio.ensure_future(engine.generate(b, (), params))
+        while engine.stats["decode_calls"] == 0:
+            await asyncio.sleep(0.001)
+        cancelled.cancel()
+        engine.release(a)
+        out = await other
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        return out
+
+    out = run(main)
+    assert len(out.tokens) == 40 and not engine._requests

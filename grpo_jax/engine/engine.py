@@ -61,16 +61,18 @@ class EngineConfig:
     max_length: int | None = None     # positions an episode may hold (its prompt and every turn);
                                       # None: the model's context
     prefill_chunk: int = 128          # tokens a slot prefills per call (C)
-    prefill_rows: int = 4             # slots prefilled per call (R)
-    decode_steps: int = 8             # decode steps per call: the host sees results that often
-    copy_rows: int = 8                # group prefills copied per call
+    prefill_rows: int = 16            # most slots prefilled per call (R; calls use a power of two)
+    decode_steps: int = 16            # most decode steps per call (it returns early, see below)
+    # Steps between the decode loop's exit checks (`grpo_jax.platform`: 16 on GPU, where the
+    # loop predicate goes to the host, 1 elsewhere).
+    decode_chunk: int = 1
     stop_token_ids: tuple[int, ...] = ()
     pad_id: int = 0
     gather_weights: bool = True       # as `SamplingConfig.gather_weights`
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        for name in ("slots", "prefill_chunk", "prefill_rows", "decode_steps", "copy_rows"):
+        for name in ("slots", "prefill_chunk", "prefill_rows", "decode_steps", "decode_chunk"):
             if getattr(self, name) < 1:
                 raise EngineError(f"engine config: {name} must be >= 1 (got {getattr(self, name)})")
         if self.max_length is not None and self.max_length < 2:
@@ -177,6 +179,7 @@ class Engine:
         self.detokenize = detokenize
         self._fuse = _fuse(self.layout, SamplingConfig(gather_weights=cfg.gather_weights))
         self._cache = None
+        self._key_width = jax.random.key_data(jax.random.key(0)).shape[-1]
         self._owner: list[Session | None] = [None] * cfg.slots
         self._requests: list[_Request] = []
         self._clock = itertools.count(1)
@@ -229,7 +232,9 @@ class Engine:
         self._ensure_running()
         try:
             return await request.future
-        finally:
+        finally:  # a cancelled turn leaves the schedule; its session keeps what was sampled
+            if request in self._requests:
+                self._requests.remove(request)
             session.busy = False
             session.last_used = next(self._clock)
 
@@ -262,12 +267,12 @@ class Engine:
         try:
             while self._requests:
                 self._admit()
-                copies, chunk = self._plan_copies(), None
-                if copies:
-                    await asyncio.to_thread(self._copy, copies)
                 chunk = self._plan_prefill()
                 if chunk:
                     await asyncio.to_thread(self._prefill, chunk)
+                copies = self._plan_copies()  # after the prefill: a group's prompt is ready at once
+                if copies:
+                    await asyncio.to_thread(self._copy, copies)
                 decoding = [r for r in self._requests if self._phase(r) == "decode"]
                 if decoding:
                     out = await asyncio.to_thread(self._decode, decoding)
@@ -334,8 +339,7 @@ class Engine:
         return "prefill" if len(s.tokens) - s.cached > 1 else "decode"
 
     def _plan_copies(self) -> list[tuple[Session, Session]]:
-        pairs = [(self._donor(r.session), r.session) for r in self._requests if self._phase(r) == "copy"]
-        return pairs[: self.config.copy_rows]
+        return [(self._donor(r.session), r.session) for r in self._requests if self._phase(r) == "copy"]
 
     def _plan_prefill(self) -> list[tuple[Session, int]]:
         cfg = self.config
@@ -357,19 +361,24 @@ class Engine:
         return jax.device_put(x, self.layout.sharding(axes, x.shape))
 
     def _copy(self, pairs):
-        f, out_of_range = self.config.copy_rows, self.config.slots
-        src = np.full(f, out_of_range, np.int32)
-        dst = np.full(f, out_of_range, np.int32)
+        src, dst = np.zeros(self.config.slots, np.int32), np.zeros(self.config.slots, np.int32)
         for i, (donor, member) in enumerate(pairs):
             src[i], dst[i] = donor.slot, member.slot
-        self._cache = programs.copy_slots(self._cache_ready(), src, dst, layout=self.layout)
+        self._cache = programs.copy_slots(self._cache_ready(), src, dst, np.int32(len(pairs)), layout=self.layout)
         for _, member in pairs:
             member.cached = len(member.group.prefix)
         self.stats["copies"] += len(pairs)
 
     def _prefill(self, chunk):
         cfg = self.config
-        r, c = cfg.prefill_rows, cfg.prefill_chunk
+        # A few shapes only: 1, 4, 16 ... rows (at most prefill_rows), a quarter or a whole chunk.
+        r = 1
+        while r < len(chunk):
+            r *= 4
+        r = min(r, cfg.prefill_rows)
+        c = cfg.prefill_chunk
+        if max(n for _, n in chunk) <= c // 4:
+            c //= 4
         slots = np.full(r, cfg.slots, np.int32)
         tokens = np.full((r, c), cfg.pad_id, np.int32)
         starts, counts = np.zeros(r, np.int32), np.zeros(r, np.int32)
@@ -377,12 +386,14 @@ class Engine:
             slots[i], starts[i], counts[i] = s.slot, s.cached, n
             tokens[i, :n] = s.tokens[s.cached:s.cached + n]
         t0 = time.perf_counter()
-        self._cache = programs.prefill_chunk(self.graphdef, self.state, self._cache_ready(), slots, tokens, starts,
-                                             counts, layout=self.layout)
+        self._cache = programs.prefill_chunk(self.graphdef, self.state, self._cache_ready(), self._put(slots),
+                                             self._put(tokens), self._put(starts), self._put(counts),
+                                             layout=self.layout)
         for s, n in chunk:
             s.cached += n
         self.stats["prefill_calls"] += 1
         self.stats["prefill_tokens"] += int(counts.sum())
+        self.stats["prefill_positions"] += r * c
         self.stats["busy_s"] += time.perf_counter() - t0
 
     def _decode(self, decoding):
@@ -390,7 +401,7 @@ class Engine:
         n = cfg.slots
         last, length, generated, budget, turn, row_id = (np.zeros(n, np.int32) for _ in range(6))
         active = np.zeros(n, bool)
-        key_data = np.zeros((n, jax.random.key_data(jax.random.key(0)).shape[-1]), np.uint32)
+        key_data = np.zeros((n, self._key_width), np.uint32)
         temperature, top_p, min_p = np.ones(n, np.float32), np.ones(n, np.float32), np.zeros(n, np.float32)
         top_k = np.zeros(n, np.int32)
         for slot, s in enumerate(self._owner):
@@ -405,13 +416,16 @@ class Engine:
         inputs = programs.SlotInputs(*map(self._put, (last, length, active, generated, budget, turn, row_id, key_data)),
                                      sampling=RowSampling(*map(self._put, (temperature, top_k, top_p, min_p))))
         t0 = time.perf_counter()
+        refill_at = np.int32(max(1, len(decoding) // 8))  # return once an eighth of the turns ended
         self._cache, out = programs.decode_steps(
-            self.graphdef, self.state, self._cache_ready(), inputs, steps=cfg.decode_steps,
-            stop_ids=cfg.stop_token_ids, filters=filters, pad_id=cfg.pad_id, fuse=self._fuse, layout=self.layout)
+            self.graphdef, self.state, self._cache_ready(), inputs, refill_at, steps=cfg.decode_steps,
+            chunk=cfg.decode_chunk, stop_ids=cfg.stop_token_ids, filters=filters, pad_id=cfg.pad_id, fuse=self._fuse,
+            layout=self.layout)
         out = jax.device_get(out)
+        self.stats["decode_steps"] += int(out.steps)
         self.stats["busy_s"] += time.perf_counter() - t0
         self.stats["decode_calls"] += 1
-        self.stats["slot_steps"] += n * cfg.decode_steps
+        self.stats["slot_steps"] += n * int(out.steps)
         self.stats["sampled_tokens"] += int(out.count.sum())
         return out
 
@@ -419,6 +433,8 @@ class Engine:
     def _deliver(self, decoding, out: programs.DecodeOut):
         for r in decoding:
             s, slot = r.session, r.session.slot
+            if r not in self._requests or slot is None:  # cancelled (or released) during the call
+                continue
             k = int(out.count[slot])
             new = [int(t) for t in out.tokens[slot, :k]]
             s.tokens.extend(new)

@@ -12,6 +12,10 @@ its own length (`KVCache.index` per row). Three programs, each compiled once per
   but its token is dropped and it writes only past its own length, where nothing reads.
 - `copy_slots`: slot rows copied onto others (a group's shared prompt prefill, made once).
 
+The prefill program is compiled for R in 1, 4, 16, ... up to `prefill_rows` and for C or C / 4
+tokens (a reply of a few tokens to one episode does not pay for R x C positions), so an engine
+compiles a handful of programs, fixed by its config, none depending on the mix of requests.
+
 A slot's pending token (the last of its history, not yet in the cache) is fed by the next
 decode step, which samples the token after it: a prefill therefore writes all new tokens but
 the last, and every sampled token, the first of a turn included, comes from `decode_steps`.
@@ -50,6 +54,7 @@ class DecodeOut(NamedTuple):
     logprobs: jax.Array     # [S, K]
     count: jax.Array        # [S] tokens the slot sampled this call
     stopped: jax.Array      # [S] bool: its last token is a stop token
+    steps: jax.Array        # decode steps the call ran
 
 
 def empty_cache(model, slots: int, capacity: int, layout: Layout) -> KVCache:
@@ -90,44 +95,68 @@ def prefill_chunk(graphdef, state, cache: KVCache, slots_R, tokens_RC, starts_R,
 
 
 @functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("cache",))
-def copy_slots(cache: KVCache, src_F, dst_F, *, layout: Layout):
-    """Slot `src_F[f]`'s cache row copied onto slot `dst_F[f]` (dst out of range: nothing)."""
-    return _map_cache(_put_rows(cache, dst_F, _rows(cache, src_F)), layout.constrain)
+def copy_slots(cache: KVCache, src_F, dst_F, count, *, layout: Layout):
+    """Slot `src_F[f]`'s cache row copied onto slot `dst_F[f]`, for f < `count`: one row at a
+    time in place (no [F, ...] temporary; the loop runs `count` times, not F)."""
+    def copy_row(f, cache):
+        take = lambda x: jax.lax.dynamic_index_in_dim(x, src_F[f], 0, keepdims=True)  # noqa: E731
+        put = lambda x: jax.lax.dynamic_update_index_in_dim(x, take(x), dst_F[f], 0)  # noqa: E731
+        return KVCache(k=tuple(map(put, cache.k)), v=tuple(map(put, cache.v)), kv_valid=put(cache.kv_valid),
+                       index=cache.index)
+    return _map_cache(jax.lax.fori_loop(0, count, copy_row, cache), layout.constrain)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "stop_ids", "filters", "pad_id", "fuse", "layout"),
-                   donate_argnames=("cache",))
-def decode_steps(graphdef, state, cache: KVCache, inputs: SlotInputs, *, steps: int, stop_ids: tuple[int, ...],
-                 filters: tuple[bool, bool, bool], pad_id: int, fuse: bool, layout: Layout):
-    """`steps` decode steps of every slot; returns the cache and a `DecodeOut`. A slot stops
-    sampling (for the rest of the call) at a stop token or when its turn's budget is spent."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "chunk", "stop_ids", "filters", "pad_id", "fuse",
+                                             "layout"), donate_argnames=("cache",))
+def decode_steps(graphdef, state, cache: KVCache, inputs: SlotInputs, refill_at, *, steps: int, chunk: int,
+                 stop_ids: tuple[int, ...], filters: tuple[bool, bool, bool], pad_id: int, fuse: bool,
+                 layout: Layout):
+    """Up to `steps` decode steps of every slot; returns the cache and a `DecodeOut`. A slot
+    stops sampling (for the rest of the call) at a stop token or when its turn's budget is spent.
+    The call returns early, at a multiple of `chunk` steps (the platform's `decode_chunk`: the
+    loop predicate goes to the host on GPU), once no slot samples or `refill_at` slots have
+    ended their turn, so the host refills freed slots and hands finished turns to their
+    environments without waiting for the rest."""
     model = nnx.merge(graphdef, state)
     layers = model.unstack_layers(fuse=fuse)
     stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
     n = inputs.last_token.shape[0]
     rows = layout.rows
+    width = -(-steps // chunk) * chunk
 
-    def step(i, carry):
-        cache, last, length, active, generated, stopped, tokens, logprobs = carry
+    def step(carry):
+        i, cache, last, length, active, generated, stopped, ended, tokens, logprobs = carry
         hidden, cache = model.decode(last[:, None], length[:, None], active[:, None], cache._replace(index=length),
                                      layers)
         logits = rows(model.logits_from_hidden(hidden)[:, 0])
         u = keyed_uniforms(inputs.key_data, inputs.turn, generated, inputs.row_id)
         token, logprob = select_tokens_rows(logits, u, inputs.sampling, filters=filters)
         token, logprob = jnp.where(active, token, pad_id), jnp.where(active, logprob, 0.0)
-        tokens = tokens.at[:, i].set(token)
-        logprobs = logprobs.at[:, i].set(logprob)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
+        logprobs = jax.lax.dynamic_update_slice(logprobs, logprob[:, None], (0, i))
         is_stop = jnp.isin(token, stop) & active
         length, generated = length + active, generated + active
         last = jnp.where(active, token, last)
-        active = active & ~is_stop & (generated < inputs.budget)
-        return (_map_cache(cache, layout.constrain), rows(last), rows(length), rows(active), rows(generated),
-                rows(stopped | is_stop), rows(tokens), rows(logprobs))
+        still = active & ~is_stop & (generated < inputs.budget)
+        ended = ended + jnp.sum(active & ~still)
+        return (i + 1, _map_cache(cache, layout.constrain), rows(last), rows(length), rows(still), rows(generated),
+                rows(stopped | is_stop), ended, rows(tokens), rows(logprobs))
 
-    init = (_map_cache(cache, layout.constrain), inputs.last_token, inputs.length, inputs.active, inputs.generated,
-            jnp.zeros((n,), bool), jnp.full((n, steps), pad_id, jnp.int32), jnp.zeros((n, steps), jnp.float32))
-    cache, _, _, _, generated, stopped, tokens, logprobs = jax.lax.fori_loop(0, steps, step, init)
-    return cache, DecodeOut(tokens=tokens, logprobs=logprobs, count=generated - inputs.generated, stopped=stopped)
+    def cond(carry):
+        i, active, ended = carry[0], carry[4], carry[7]
+        return (i < steps) & jnp.any(active) & (ended < refill_at)
+
+    if chunk == 1:
+        body = step
+    else:
+        body = lambda c: jax.lax.fori_loop(0, chunk, lambda _, x: step(x), c)  # noqa: E731
+    init = (jnp.zeros((), jnp.int32), _map_cache(cache, layout.constrain), inputs.last_token, inputs.length,
+            inputs.active, inputs.generated, jnp.zeros((n,), bool), jnp.zeros((), jnp.int32),
+            jnp.full((n, width), pad_id, jnp.int32), jnp.zeros((n, width), jnp.float32))
+    out = jax.lax.while_loop(cond, body, init)
+    cache, generated, stopped, tokens, logprobs = out[1], out[5], out[6], out[8], out[9]
+    return cache, DecodeOut(tokens=tokens, logprobs=logprobs, count=generated - inputs.generated, stopped=stopped,
+                            steps=out[0])
 
 
 def abstract_args(model, slots: int, capacity: int, chunk: int, prefill_rows: int, layout: Layout) -> dict[str, Any]:
@@ -143,5 +172,5 @@ def abstract_args(model, slots: int, capacity: int, chunk: int, prefill_rows: in
                         generated=i32(slots), budget=i32(slots), turn=i32(slots), row_id=i32(slots),
                         key_data=jax.ShapeDtypeStruct((slots, key_width), jnp.uint32),
                         sampling=RowSampling(f32(slots), i32(slots), f32(slots), f32(slots)))
-    return dict(graphdef=graphdef, state=abstract_state, cache=cache, inputs=inputs,
+    return dict(graphdef=graphdef, state=abstract_state, cache=cache, inputs=inputs, refill_at=i32(),
                 prefill=(i32(prefill_rows), i32(prefill_rows, chunk), i32(prefill_rows), i32(prefill_rows)))
