@@ -27,6 +27,7 @@ from grpo_jax import tokenizer as tokenizer_lib
 from grpo_jax.checkpoint import Checkpointer, abstract_like
 from grpo_jax.envs import datasets, registry
 from grpo_jax.evaluation import EvalConfig
+from grpo_jax.engine import EngineConfig
 from grpo_jax.rollout import RolloutConfig, check_template
 from grpo_jax.sampling import SamplingConfig
 from grpo_jax.train_step import TrainConfig, init_train_state, make_train_step, split_params
@@ -128,6 +129,11 @@ def sampling_config(config, tokenizer, model) -> SamplingConfig:
                                         max_length=model.config.max_position_embeddings)
 
 
+def engine_config(config, tokenizer) -> EngineConfig | None:
+    """`config_utils.engine_config` with the tokenizer's stop and pad ids (None: lockstep)."""
+    return config_utils.engine_config(config, stop_token_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
+
+
 def rollout_config(config, tokenizer) -> RolloutConfig:
     """`config_utils.rollout_config` with the tokenizer's pad id."""
     return config_utils.rollout_config(config, pad_id=tokenizer.pad_id)
@@ -159,6 +165,7 @@ class Run:
     model: Any                   # the NNX policy (its weights: the initial / warm-start ones)
     sampling: SamplingConfig     # rollouts' sampler settings
     rollout: RolloutConfig
+    engine: EngineConfig | None  # the rollout engine's settings; None: lockstep rollouts
     train: TrainConfig
     eval: EvalConfig
     optimizer: Any               # optax transformation (non-finite updates skipped)
@@ -220,7 +227,7 @@ def build(config, workdir: str | None = None) -> Run:
     check_template(tokenizer, env, train_rows[0])
     return Run(config=config, workdir=workdir, mesh=mesh, env=env, tokenizer=tokenizer, model=model,
                sampling=sampling_config(config, tokenizer, model), rollout=rollout_config(config, tokenizer),
-               train=train, eval=eval_config(config), optimizer=opt,
+               engine=engine_config(config, tokenizer), train=train, eval=eval_config(config), optimizer=opt,
                train_step=make_train_step(model, opt, train, mesh=mesh if mesh.size > 1 else None),
                train_rows=train_rows,
                eval_rows=env.dataset("test", n=config.eval.num_examples, seed=config.env.data_seed),

@@ -28,6 +28,7 @@ from grpo_jax import utils
 from grpo_jax.envs import datasets, registry
 from grpo_jax import platform as platform_lib
 from grpo_jax.advantages import ADVANTAGE_SCALES
+from grpo_jax.engine import EngineConfig
 from grpo_jax.evaluation import EvalConfig
 from grpo_jax.rollout import RolloutConfig
 from grpo_jax.sampling import SamplingConfig
@@ -133,6 +134,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.rollout.max_seq_len = 192        # sequence budget of an episode (<= the model's context)
     c.rollout.mask_truncated = False   # no loss on truncated episodes (DAPO's overlong filtering)
     c.rollout.length_multiple = 32     # trajectory length rounded up to a multiple (fewer compiles)
+    c.rollout.mode = "engine"          # engine (continuous batching, caches kept) | lockstep (baseline)
+
+    c.engine = ml_collections.ConfigDict()  # the rollout engine (rollout.mode = "engine"; docs/engine.md)
+    c.engine.slots = placeholder(int)  # episodes decoded at once; None: a step's episodes on this process
+    c.engine.prefill_chunk = 128       # tokens a slot prefills per call
+    c.engine.prefill_rows = 4          # slots prefilled per call
+    c.engine.decode_steps = 8          # decode steps per call (the host hands out results that often)
 
     c.grpo = ml_collections.ConfigDict()
     c.grpo.loss_type = "grpo"          # grpo | bnpo | dr_grpo | dapo | gspo | cispo
@@ -247,6 +255,22 @@ def rollout_config(config, *, pad_id: int | None = None) -> RolloutConfig:
         "max_new_tokens": ("sampling.max_new_tokens", config.sampling.max_new_tokens)})
 
 
+def engine_config(config, *, stop_token_ids=(), pad_id: int = 0) -> EngineConfig | None:
+    """The `EngineConfig` of `config.engine` (None with rollout.mode = "lockstep"): an episode
+    holds up to rollout.max_seq_len positions; slots None: the episodes this process rolls out
+    per step."""
+    if config.rollout.mode != "engine":
+        return None
+    episodes = -(-config.train.prompts_per_step // jax.process_count()) * config.rollout.group_size
+    e = config.engine
+    return _settings(EngineConfig, {
+        **_group(EngineConfig, config, "engine"), "slots": ("engine.slots", e.slots or episodes),
+        "max_length": ("rollout.max_seq_len", config.rollout.max_seq_len),
+        "stop_token_ids": ("tokenizer", tuple(stop_token_ids)), "pad_id": ("tokenizer", pad_id),
+        "gather_weights": ("sampling.gather_weights", config.sampling.gather_weights),
+        "decode_chunk": ("platform", platform_choices(config).decode_chunk)})
+
+
 def eval_config(config) -> EvalConfig:
     """The `EvalConfig` of `config.eval`."""
     return _settings(EvalConfig, _group(EvalConfig, config, "eval"))
@@ -262,7 +286,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_env(c.env)
     if c.platform != "auto" and c.platform not in platform_lib._ALIASES:
         _fail("platform", f"{c.platform!r}: use auto, {', '.join(platform_lib.PLATFORMS)}")
-    for make in (rollout_config, sampling_config, train_config, eval_config):
+    for make in (rollout_config, sampling_config, train_config, eval_config, engine_config):
         make(c)
     if c.grpo.advantage_scale not in ADVANTAGE_SCALES:
         _fail("grpo.advantage_scale", f"{c.grpo.advantage_scale!r} is not one of {ADVANTAGE_SCALES}")

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from grpo_jax import distributed
+from grpo_jax.engine import EngineConfig
 from grpo_jax.rollout import Rollout, RolloutConfig, model_sampler, rollout
 from grpo_jax.sampling import SamplingConfig
 from grpo_jax.trajectories import metrics_from_stats
@@ -60,14 +61,16 @@ def render_conversation(messages: Sequence[dict]) -> str:
 
 
 def evaluate(env, rows: Sequence[dict], tokenizer, model, key, *, sampling: SamplingConfig,
-             rollout_config: RolloutConfig, config: EvalConfig = EvalConfig()) -> tuple[dict[str, float], str]:
+             rollout_config: RolloutConfig, config: EvalConfig = EvalConfig(),
+             engine: EngineConfig | None = None) -> tuple[dict[str, float], str]:
     """Metrics (keys prefixed `eval/`) and a readable text of a few sample conversations.
 
     With several processes (`jax.distributed`), each rolls out its contiguous block of `rows`
     (`grpo_jax.distributed.process_block`) with `model`, which must then be a copy of the
     policy on the process's own devices (`components.Run.sampling_policy`); the per-problem
     results are gathered so that every process returns the metrics of all rows, equal to a
-    single process evaluating them all. Every process must call it.
+    single process evaluating them all. Every process must call it. `engine`: roll out on the
+    engine with these settings (None: lockstep).
     """
     import jax
 
@@ -79,7 +82,7 @@ def evaluate(env, rows: Sequence[dict], tokenizer, model, key, *, sampling: Samp
         greedy_sampling = dataclasses.replace(sampling, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
         local = {}
         if local_rows:
-            result = rollout(env, local_rows, tokenizer, model_sampler(model, greedy_sampling),
+            result = rollout(env, local_rows, tokenizer, model_sampler(model, greedy_sampling, engine),
                              jax.random.fold_in(key, 0),
                              dataclasses.replace(rollout_config, group_size=1, mask_truncated=False),
                              episode_offset=start)
@@ -113,7 +116,7 @@ def evaluate(env, rows: Sequence[dict], tokenizer, model, key, *, sampling: Samp
         sampled = dataclasses.replace(sampling, temperature=config.temperature)
         local = {}
         if local_rows:
-            result = rollout(env, local_rows, tokenizer, model_sampler(model, sampled), jax.random.fold_in(key, 1),
+            result = rollout(env, local_rows, tokenizer, model_sampler(model, sampled, engine), jax.random.fold_in(key, 1),
                              dataclasses.replace(rollout_config, group_size=config.k, mask_truncated=False),
                              episode_offset=start * config.k)
             correct = _correct(result.score(env), config.correct_fn, config.threshold)
@@ -141,6 +144,6 @@ def evaluate_run(run, params, step: int) -> tuple[dict[str, float], str]:
     start = time.perf_counter()
     key = jax.random.fold_in(jax.random.fold_in(run.root_key, step), 1 << 20)
     metrics, text = evaluate(run.env, run.eval_rows, run.tokenizer, run.sampling_policy(params), key,
-                             sampling=run.sampling, rollout_config=run.rollout, config=run.eval)
+                             sampling=run.sampling, rollout_config=run.rollout, config=run.eval, engine=run.engine)
     metrics["eval/time_s"] = time.perf_counter() - start
     return metrics, text

@@ -110,6 +110,10 @@ class RolloutConfig:
     pad_id: int | None = None          # padding id of the arrays; None: tokenizer.pad_id
     length_multiple: int = 32          # T is rounded up to this (fewer train-step compiles)
     check_template: bool = True        # refuse a non-prefix-preserving chat template at start
+    # "engine": continuous batching, caches kept across turns (`grpo_jax.engine`); "lockstep": one
+    # sampler call per turn for every live episode (the baseline). Read by whoever builds the
+    # sampler (`model_sampler`); `rollout` plays whichever it is given.
+    mode: str = "engine"
 
     def __post_init__(self):
         checks = [
@@ -118,6 +122,7 @@ class RolloutConfig:
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (self.max_seq_len > self.max_new_tokens, "max_seq_len must exceed max_new_tokens"),
             (self.length_multiple >= 1, "length_multiple must be >= 1"),
+            (self.mode in ("engine", "lockstep"), f"mode must be 'engine' or 'lockstep', got {self.mode!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -175,7 +180,8 @@ def model_sampler(model, sampling_config: SamplingConfig | Mapping[str, Any],
     if engine_config is None:
         return ModelSampler(sampling_model(model, gather_weights=cfg.gather_weights), cfg)
     engine_cfg = dataclasses.replace(EngineConfig.from_any(engine_config), stop_token_ids=cfg.stop_token_ids,
-                                     pad_id=cfg.pad_id, gather_weights=cfg.gather_weights)
+                                     pad_id=cfg.pad_id, gather_weights=cfg.gather_weights,
+                                     decode_chunk=cfg.decode_chunk)
     return EngineSampler(Engine(model, engine_cfg), GenerationParams.from_sampling(cfg))
 
 

@@ -191,7 +191,7 @@ class Collector:
     def collect(self, state, step: int) -> tuple[dict[str, Any], dict[str, float]]:
         run, c = self.run, self.run.config
         started = time.perf_counter()
-        sampler = model_sampler(run.sampling_policy(state.params), run.sampling)
+        sampler = model_sampler(run.sampling_policy(state.params), run.sampling, run.engine)
         result = rollout(run.env, self.prompts(step), run.tokenizer, sampler, jax.random.fold_in(run.root_key, step),
                          run.rollout, episode_offset=self.episode_offset)
         rollout_s = time.perf_counter() - started
