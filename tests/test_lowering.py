@@ -1,8 +1,9 @@
 """The accelerator programs, exported from this CPU host with `jax.export` for cuda and tpu.
 
 A tiny bfloat16 model built with each platform's choices (`grpo_jax.platform.choices`) is
-exported four ways: the forward (logits), the train step (beta > 0 so the reference forward is
-in, 2 micro-batches), and the sampler's prefill and decode (`sampling.programs`). The exported
+exported seven ways: the forward (logits), the train step (beta > 0 so the reference forward is
+in, 2 micro-batches), the sampler's prefill and decode (`sampling.programs`), and the rollout
+engine's prefill chunk, decode steps and slot copy (`engine.programs`). The exported
 StableHLO must be the accelerator's program, not the CPU's:
 
 - no `optimization_barrier` (the CPU form of the weight gradient, `models.dense`, puts one on
@@ -64,7 +65,28 @@ def sampler_programs(choices, decode_chunk=None):
     return sampling.programs(abstract_model(model_for(choices)), PROMPTS, PROMPT_LEN, cfg)
 
 
+def engine_programs(choices, decode_chunk=None):
+    """The rollout engine's three programs on 4 slots of 32 positions (chunks of 8 tokens)."""
+    from grpo_jax.engine import programs as ep
+    from grpo_jax.sampling import Layout
+    model = abstract_model(model_for(choices))
+    a = ep.abstract_args(model, slots=4, capacity=32, chunk=8, prefill_rows=2, layout=Layout())
+    chunk = decode_chunk or choices.decode_chunk
+    decode = functools.partial(ep.decode_steps, steps=16, chunk=chunk, stop_ids=(1,), filters=(False, True, False),
+                               pad_id=0, fuse=True, layout=Layout())
+    prefill = functools.partial(ep.prefill_chunk, layout=Layout())
+    copy = functools.partial(ep.copy_slots, layout=Layout())
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    return {"engine_decode": (jax.jit(decode, static_argnums=0), (a["graphdef"], a["state"], a["cache"], a["inputs"],
+                                                                  a["refill_at"])),
+            "engine_prefill": (jax.jit(prefill, static_argnums=0), (a["graphdef"], a["state"], a["cache"],
+                                                                    *a["prefill"])),
+            "engine_copy": (jax.jit(copy), (a["cache"], i32(4), i32(4), i32()))}
+
+
 def build(program: str, choices, decode_chunk=None):
+    if program.startswith("engine_"):
+        return engine_programs(choices, decode_chunk)[program]
     if program == "forward":
         return forward_program(choices)
     if program == "train_step":
@@ -87,7 +109,8 @@ def dims(text: str, size: int) -> int:
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
-@pytest.mark.parametrize("program", ["forward", "train_step", "prefill", "decode"])
+@pytest.mark.parametrize("program", ["forward", "train_step", "prefill", "decode", "engine_prefill", "engine_decode",
+                                     "engine_copy"])
 def test_accelerator_programs_have_no_cpu_barrier(program, platform):
     text = exported_text(program, platform)
     assert "optimization_barrier" not in text
@@ -109,13 +132,14 @@ def test_train_step_uses_the_accelerator_log_prob_chunk(platform):
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_decode_runs_the_platform_decode_chunk_inside_its_loop(platform):
+@pytest.mark.parametrize("program", ["decode", "engine_decode"])
+def test_decode_runs_the_platform_decode_chunk_inside_its_loop(platform, program):
     chunk = platform_lib.choices(platform).decode_chunk
-    whiles = exported_text("decode", platform).count("stablehlo.while")
-    single = exported_text("decode", platform, decode_chunk=1).count("stablehlo.while")
+    whiles = exported_text(program, platform).count("stablehlo.while")
+    single = exported_text(program, platform, decode_chunk=1).count("stablehlo.while")
     assert single >= 1
     if chunk > 1:  # the outer stop-check loop holds an inner loop of `chunk` steps
         assert whiles == single + 1
-        assert re.search(rf"stablehlo.constant dense<{chunk}> : tensor<i32>", exported_text("decode", platform))
+        assert re.search(rf"stablehlo.constant dense<{chunk}> : tensor<i32>", exported_text(program, platform))
     else:
         assert whiles == single
