@@ -445,10 +445,14 @@ def plan_for_run(run) -> MemoryPlan:
     memory of its first local device (when the backend reports it)."""
     c = run.config
     rows = c.train.prompts_per_step * c.rollout.group_size
+    kv_batch, kv_length = rows, c.rollout.max_seq_len  # the lockstep sampler: every episode at once
+    if run.engine is not None:  # the engine: its slots on every process, a chunk of spare positions each
+        kv_batch = run.engine.slots * jax.process_count()
+        kv_length = run.engine.max_length + run.engine.prefill_chunk
     stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)() or {}
     limit = stats.get("bytes_limit")
     return plan_memory(run.model.config, dict(run.mesh.shape), optimizer=run.optimizer,
-                       with_reference=run.uses_reference, kv_batch=rows, kv_length=c.rollout.max_seq_len,
+                       with_reference=run.uses_reference, kv_batch=kv_batch, kv_length=kv_length,
                        gather_weights=c.sampling.gather_weights,
                        train_batch=c.grpo.micro_batch_size or rows, train_seq=c.rollout.max_seq_len,
                        chunk_size=run.train.chunk_size, device_memory_gib=limit / GIB if limit else None,

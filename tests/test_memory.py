@@ -276,3 +276,31 @@ def test_rollout_figure_agrees_with_the_compiled_decode_program(mesh_shape):
     assert plan.category_bytes("kv_cache") > compiled / 3  # the cache is a real share of it
     print("decode arguments per device:", compiled, "planned:", planned, "+ loop outputs:", loop_outputs)
     assert abs(compiled - planned - loop_outputs) <= 0.005 * compiled, (compiled, planned, loop_outputs)
+
+
+def test_engine_rollout_figure_agrees_with_its_compiled_decode_program():
+    """The plan with the engine's rows (slots) and positions (max_length + a prefill chunk)
+    against the compiled engine decode program's arguments per device: weights, cache, and the
+    per-slot inputs the plan leaves out."""
+    from grpo_jax import sampling
+    from grpo_jax.engine import programs
+    from grpo_jax.models import create_model
+
+    cfg = ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
+                      d_ff=256, max_position_embeddings=512, dtype="bfloat16", param_dtype="float32")
+    mesh_shape = dict(data=2, fsdp=4, tp=1)
+    mesh = sharding.make_mesh(**mesh_shape)
+    model = sampling.sampling_model(create_model(cfg, seed=0, mesh=mesh))
+    slots, capacity = 32, 256 + 64
+    layout = sampling.Layout(mesh)
+    a = programs.abstract_args(model, slots=slots, capacity=capacity, chunk=64, prefill_rows=4, layout=layout)
+    decode = jax.jit(programs.decode_steps, static_argnames=("graphdef", "steps", "chunk", "stop_ids", "filters",
+                                                             "pad_id", "fuse", "layout"))
+    compiled = decode.lower(a["graphdef"], a["state"], a["cache"], a["inputs"], a["refill_at"], steps=8, chunk=1,
+                            stop_ids=(1,), filters=(False, False, False), pad_id=0, fuse=False,
+                            layout=layout).compile().memory_analysis().argument_size_in_bytes
+    plan = memory.plan_memory(cfg, mesh_shape, optimizer=None, kv_batch=slots, kv_length=capacity)
+    planned = plan.category_bytes("kv_cache") + plan.category_bytes("sampling_weights")
+    per_slot_inputs = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(a["inputs"])) + 4
+    assert plan.category_bytes("kv_cache") > compiled / 3
+    assert abs(compiled - planned) <= per_slot_inputs + 0.005 * compiled, (compiled, planned, per_slot_inputs)
