@@ -118,7 +118,7 @@ def episode_summary(result, scores) -> dict[str, Any]:
             "tasks": [s.get("task") for s in result.states], "stats": result.episode_stats(),
             "width": result.tokens.shape[1],
             "timing": {"sampler_s": m["time/sampler_s"], "env_s": m["time/env_s"], "total_s": m["time/total_s"],
-                       "sampler_calls": m["sampler_calls"]}}
+                       "sampler_calls": m["time/sampler_calls"]}}
 
 
 def merge_episodes(parts, own: int = 0) -> Episodes:

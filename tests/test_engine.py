@@ -231,7 +231,7 @@ def test_engine_rollout_equals_the_lockstep_rollout(sp_tokenizer):
         model_fn(), jnp.asarray(engine.tokens), jnp.asarray(engine.positions), jnp.asarray(engine.segment_ids),
         temperature=0.9))
     np.testing.assert_allclose(engine.logprobs[:, 1:][mask[:, 1:]], teacher[mask[:, 1:]], atol=1e-5)
-    assert 0 < engine.metrics["sampler_calls"]
+    assert 0 < engine.metrics["time/sampler_calls"]
 
 
 def test_a_mesh_of_8_devices_plays_the_same_episodes(sp_tokenizer):

@@ -132,7 +132,7 @@ def test_three_turn_tool_episode_tokens_masks_and_logprobs_exact(sp_tokenizer):
     assert not out.truncated[0] and not state["truncated"]
     m = out.metrics
     assert (m["turns/mean"], m["tool_calls/mean"], m["tool_errors/mean"], m["truncated/frac"]) == (3, 2, 1, 0)
-    assert m["tokens_sampled"] == sum(mask) and m["sampler_calls"] == 3 and m["finish/completed"] == 1
+    assert m["tokens_sampled"] == sum(mask) and m["time/sampler_calls"] == 3 and m["finish/completed"] == 1
     assert 0 <= m["time/sampler_frac"] <= 1 and 0 <= m["time/env_frac"] <= 1
     assert out.score(env).rewards[0] >= 1.0  # the correct answer is scored as such
 
@@ -343,7 +343,7 @@ def test_one_sampler_call_per_turn_for_all_live_episodes(sp_tokenizer):
     out = rl.rollout(CalculatorEnv(max_turns=4), rows, tok, sampler, jax.random.key(0), config(group_size=4))
     assert [(len(prompts), n) for prompts, n in sampler.calls] == [(3, 4), (9, 1), (6, 1), (3, 1)]
     assert out.num_turns.tolist() == [1, 2, 3, 4] * 3  # group-major: row k's episodes contiguous
-    assert out.finish_reasons == ["completed"] * 12 and out.metrics["sampler_calls"] == 4
+    assert out.finish_reasons == ["completed"] * 12 and out.metrics["time/sampler_calls"] == 4
     assert len(set(sampler.keys)) == 4  # a fresh key each turn
     # Later turns sample each episode's exact token history.
     for prompts, _ in sampler.calls[1:]:
