@@ -18,7 +18,7 @@ layout `grpo_jax.advantages.group_advantages` expects; T = the longest episode r
 Metrics (floats, keys stable): turns/mean, turns/max, tool_calls/mean, tool_errors/mean,
 tool_timeouts/mean, truncated/frac, masked/frac, env_errors (count), finish/<reason> (fraction
 per finish reason), tokens_sampled (all model tokens), completion_length/mean (model tokens per
-episode), sequence_length/mean, sequence_length/max, sampler_calls, time/sampler_s,
+episode), sequence_length/mean, sequence_length/max, time/sampler_calls, time/sampler_s,
 time/env_s, time/total_s, time/sampler_frac and time/env_frac (shares of the rollout's wall
 time spent in sampler calls and waiting on env replies; the rest is host bookkeeping).
 """
@@ -182,7 +182,7 @@ def metrics_from_stats(stats: Mapping[str, np.ndarray], timing: Mapping[str, flo
         "completion_length/mean": float(model_tokens.mean()) if count else 0.0,
         "sequence_length/mean": float(stats["lengths"].mean()) if count else 0.0,
         "sequence_length/max": float(stats["lengths"].max()) if count else 0.0,
-        "sampler_calls": float(timing.get("sampler_calls", 0)),
+        "time/sampler_calls": float(timing.get("sampler_calls", 0)),
         "time/sampler_s": sampler_s,
         "time/env_s": env_s,
         "time/total_s": total_s,
