@@ -70,6 +70,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import jax
 
+from grpo_jax.envs.agent import AgentEnv
 from grpo_jax.envs.base import Environment, Message, Row, State, respond_all
 from grpo_jax.sampling import STOP_TOKEN, Samples, SamplingConfig, generate, sampling_model
 from grpo_jax.chat_check import PROBE_COMPLETION, check_template, env_tool_schemas
@@ -285,6 +286,9 @@ def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sampler
       reasons and the rollout metrics.
     """
     config = RolloutConfig.from_any(config)
+    if isinstance(env, AgentEnv):  # the user's agent code drives its episodes (grpo_jax.agent_rollout)
+        from grpo_jax import agent_rollout  # imported here: it imports this module
+        return agent_rollout.play(env, rows, tokenizer, sampler, key, config, episode_offset=episode_offset)
     rows = list(rows)
     if not rows:
         raise ValueError("rollout needs at least one row")

@@ -11,8 +11,10 @@ layout `grpo_jax.advantages.group_advantages` expects; T = the longest episode r
     logprobs[i, t]         float32, the sampler's log p(tokens[i, t] | tokens[i, :t]) where
                            completion_mask, 0 elsewhere. Aligned with `tokens`: a teacher-forced
                            `sequence_logprobs(model, tokens)[:, t - 1]` scores the same token.
-    positions[i, t]        int32, t on real tokens, 0 on padding
-    segment_ids[i, t]      int32, 1 on real tokens, 0 on padding
+    positions[i, t]        int32, t on real tokens, 0 on padding; with `segments`, the position
+                           within the token's segment (restarting at 0)
+    segment_ids[i, t]      int32, 1 on real tokens, 0 on padding; with `segments`, 1, 2, ... per
+                           segment (the model's attention never crosses segments)
     lengths[i]             real tokens; prompt_lengths[i]: tokens of the first prompt
 
 Metrics (floats, keys stable): turns/mean, turns/max, tool_calls/mean, tool_errors/mean,
@@ -83,7 +85,9 @@ def pack_episodes(episodes: Sequence[Mapping[str, Any]], *, group_size: int, pad
     """Pads per-episode lists into a `Rollout`.
 
     Each episode is a mapping with `tokens`, `mask` (1 on model tokens), `logprobs` (lists of
-    equal length), `prompt`, `completion` (message lists), `state`, `finish_reason`, `num_turns`.
+    equal length), `prompt`, `completion` (message lists), `state`, `finish_reason`, `num_turns`,
+    and optionally `segments`: token counts of consecutive independent sequences packed in the
+    row (agent episodes whose requests do not extend each other), summing to its length.
     """
     n = len(episodes)
     lengths = np.array([len(e["tokens"]) for e in episodes], np.int32)
@@ -103,8 +107,13 @@ def pack_episodes(episodes: Sequence[Mapping[str, Any]], *, group_size: int, pad
         tokens[i, :length] = e["tokens"]
         completion_mask[i, :length] = np.asarray(e["mask"], bool)
         logprobs[i, :length] = np.where(completion_mask[i, :length], e["logprobs"], 0.0)
-        positions[i, :length] = np.arange(length)
-        segment_ids[i, :length] = 1
+        segments = [int(k) for k in e.get("segments") or ([length] if length else [])]
+        if sum(segments) != length or any(k < 1 for k in segments):
+            raise ValueError(f"episode {i}: segments {segments} must be positive and sum to its {length} tokens")
+        if length:
+            starts = np.repeat(np.cumsum([0, *segments[:-1]]), segments)
+            positions[i, :length] = np.arange(length) - starts
+            segment_ids[i, :length] = np.repeat(np.arange(1, len(segments) + 1), segments)
     reasons = [e["finish_reason"] for e in episodes]
     unknown = set(reasons) - set(FINISH_REASONS)
     if unknown:

@@ -2,10 +2,13 @@
 
 Tasks: `arithmetic.ArithmeticEnv`, `countdown.CountdownEnv`, `calculator.CalculatorEnv`
 (calculator tool), `gsm8k.GSM8KEnv` (TFDS, no TensorFlow; imported on use since it loads
-tensorflow_datasets).  `sandbox.run_python` runs model-written code in a separate process.
+tensorflow_datasets); `agent.AgentEnv` trains the user's own agent code (openai SDK).
+`sandbox.run_python` runs model-written code in a separate process.
 By name: `registry.make_env(name, **kwargs)`; `registry.register_env(name, factory)` adds one.
 """
 
+from grpo_jax.envs.agent import AgentEnv, make_client
+from grpo_jax.envs.agent_trajectory import AgentTrajectory, assemble
 from grpo_jax.envs.base import (Environment, Episode, MultiTurnEnv, SingleTurnEnv, replay_episodes,
                                 respond_all, run_episode, run_episodes)
 from grpo_jax.envs.env_group import EnvGroup, GroupRubric
@@ -20,5 +23,5 @@ __all__ = [
     "run_episode", "run_episodes", "replay_episodes", "respond_all",
     "Tool", "ToolCall", "ToolResult", "JSONToolCallParser", "TagToolCallParser", "execute_tool_call",
     "python_tool", "make_env", "register_env", "FromState", "LocalHandle", "make_call_parser",
-    "parser_for_tokenizer",
+    "parser_for_tokenizer", "AgentEnv", "AgentTrajectory", "assemble", "make_client",
 ]
