@@ -252,3 +252,25 @@ def test_recorder_keeps_order_and_bound():
     assert recorder.episodes() == ["b", "c"]  # "a" was the oldest episode: dropped
     recorder.record("c", [2], [3], [-0.5])
     assert [r.prompt_ids for r in recorder.pop("c")] == [(1,), (2,)] and recorder.pop("c") == []
+
+
+def test_an_episode_that_extends_its_prompt_continues_its_kept_cache(server, hf_tokenizer):  # noqa: F811
+    """A second request of the same episode whose prompt extends the first's prompt + completion
+    prefills only the new tokens, and samples what a fresh request with that seed samples."""
+    engine = server.app.state.engine
+    prompt = hf_tokenizer.encode_chat(USER)
+    body1 = {"prompt_ids": prompt, "max_tokens": 6, "seed": 3, "temperature": 1.0}
+    status, first = post(server, "/v1/tokens/generate", body1, headers={"X-Episode-Id": "ep-kept"})
+    assert status == 200
+    extended = prompt + first["choices"][0]["token_ids"] + hf_tokenizer.encode("\nMore please.")
+    body2 = {"prompt_ids": extended, "max_tokens": 6, "seed": 4, "temperature": 1.0}
+    before = dict(engine.stats)
+    status, kept = post(server, "/v1/tokens/generate", body2, headers={"X-Episode-Id": "ep-kept"})
+    assert status == 200
+    prefilled = engine.stats["prefill_tokens"] - before["prefill_tokens"]
+    status, fresh = post(server, "/v1/tokens/generate", body2)  # no episode: a fresh session
+    assert kept["choices"][0]["token_ids"] == fresh["choices"][0]["token_ids"]
+    np.testing.assert_allclose(kept["choices"][0]["logprobs"], fresh["choices"][0]["logprobs"], atol=1e-5)
+    assert engine.stats["server_kept_turns"] == before.get("server_kept_turns", 0) + 1
+    assert prefilled < len(extended) - len(prompt)  # the kept part is not computed again
+    server.recorder.pop("ep-kept")

@@ -8,6 +8,7 @@ request's episode id: the `X-Episode-Id` header, else the `user` field (chat) or
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import json
@@ -17,6 +18,7 @@ import uuid
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 from fastapi.responses import StreamingResponse
 
 from grpo_jax.engine import Completion, Engine, GenerationParams, Session
@@ -61,6 +63,10 @@ class Service:
         self.token_bytes = TokenBytes(tokenizer)
         self._counter = itertools.count()
         self.created = int(time.time())
+        # An episode's session, kept between its requests: a request whose prompt extends it
+        # prefills only the new tokens (bounded; the engine evicts idle caches under pressure).
+        self._kept: collections.OrderedDict[str, Session] = collections.OrderedDict()
+        self.max_kept = 4 * engine.config.slots
 
     # -- shared ----------------------------------------------------------------------------------
     def _key(self, seed: int | None):
@@ -102,6 +108,38 @@ class Service:
         for t in tasks:  # a disconnected client leaves no unretrieved exception behind
             t.add_done_callback(lambda t: t.cancelled() or t.exception())
         return tasks
+
+    def _continued(self, episode: str | None, prompt: Sequence[int], n: int, seed: int | None, param: str):
+        """The episode's kept session and the prompt's new tokens, when `prompt` extends what
+        the session holds (its key reset to this request's, so it draws what a fresh session
+        would); else a fresh kept session. None without an episode id, or with n > 1."""
+        if not episode or n != 1:
+            return None
+        session = self._kept.pop(episode, None)
+        if session is not None and (session.busy or session.released or len(prompt) <= len(session.tokens)
+                                    or list(prompt[:len(session.tokens)]) != session.tokens):
+            if not session.busy:
+                self.engine.release(session)
+            session = None
+        if session is None:
+            (session,) = self._open(prompt, 1, seed, param)
+            new_ids: list[int] = []
+        else:
+            session.key_data = self._open_key(seed)
+            session.turn, new_ids = 0, list(prompt[len(session.tokens):])
+            self.engine.stats["server_kept_turns"] += 1
+        self._kept[episode] = session
+        while len(self._kept) > self.max_kept:
+            _, old = self._kept.popitem(last=False)
+            if not old.busy:
+                self.engine.release(old)
+        return session, new_ids
+
+    def _open_key(self, seed):
+        return np.asarray(jax.random.key_data(self._key(seed)), np.uint32)
+
+    async def _run_kept(self, session: Session, new_ids, params) -> list[Completion]:
+        return [await asyncio.shield(self.engine.generate(session, new_ids, params))]
 
     async def _run(self, sessions, params) -> list[Completion]:
         return list(await asyncio.gather(*(asyncio.shield(t) for t in self._start(sessions, params))))
@@ -150,8 +188,9 @@ class Service:
         except TemplateError as e:
             raise APIError(f"the chat template cannot render these messages: {e}", param="messages") from None
         params = self._params(max_tokens, len(prompt), body.temperature, body.top_k, body.top_p, body.min_p, stops)
-        sessions = self._open(prompt, body.n, body.seed, "messages")
         episode = header_episode or body.user
+        kept = None if body.stream else self._continued(episode, prompt, body.n, body.seed, "messages")
+        sessions = [kept[0]] if kept else self._open(prompt, body.n, body.seed, "messages")
         meta = dict(id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()), model=self.config.model_name)
         extra = body.model_extra or {}
         if body.stream:
@@ -160,7 +199,7 @@ class Service:
                                        include_usage, episode, meta)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        completions = await self._run(sessions, params)
+        completions = await (self._run_kept(*kept, params) if kept else self._run(sessions, params))
         choices = []
         for i, completion in enumerate(completions):
             self._record(episode, prompt, completion, body.temperature)
@@ -260,9 +299,10 @@ class Service:
                            "are not supported", param="stop_token_ids", code="unsupported")
         params = self._params(body.max_tokens, len(body.prompt_ids), body.temperature, body.top_k, body.top_p,
                               body.min_p, stops)
-        sessions = self._open(body.prompt_ids, body.n, body.seed, "prompt_ids")
-        completions = await self._run(sessions, params)
         episode = header_episode or body.episode_id
+        kept = self._continued(episode, body.prompt_ids, body.n, body.seed, "prompt_ids")
+        completions = await (self._run_kept(*kept, params) if kept else
+                             self._run(self._open(body.prompt_ids, body.n, body.seed, "prompt_ids"), params))
         choices = []
         for i, completion in enumerate(completions):
             self._record(episode, body.prompt_ids, completion, body.temperature)
