@@ -1,23 +1,34 @@
 """The multi-step rollout: many episodes at once, tokens in / tokens out.
 
 `rollout(env, rows, tokenizer, sampler, key, config)` plays `config.group_size` episodes per
-row and returns a `Rollout` (see `grpo_jax.trajectories`). One turn of the loop is
+row and returns a `Rollout` (see `grpo_jax.trajectories`). Two ways to drive the turns, the same
+episodes either way (same keys, same tokens):
 
-    1. ONE batched sampler call for every live episode. Turn 0 samples each row's prompt with
-       n = group_size (the group shares its prefill); later turns sample each live episode's
-       whole token history with n = 1. The sampler gets each row's global episode id
-       (`episode_offset` + its index) as its `row_ids`, so an episode's draws do not depend on which
-       episodes share its call (or its process, when a batch is split over processes).
+- On the engine (`model_sampler(model, sampling, engine_config)`, `rollout.mode = "engine"`):
+  every episode is its own coroutine: a turn (`Engine.generate`; a group shares its prompt's
+  prefill), the env's reply awaited while the other episodes keep decoding, the reply's tokens
+  prefilled onto the episode's kept cache, the next turn (`grpo_jax.engine`, docs/engine.md).
+- Lockstep (`model_sampler(model, sampling)`, the baseline): ONE batched sampler call per turn
+  for every live episode (turn 0 samples each row's prompt with n = group_size; later turns
+  each live episode's whole history with n = 1), then every env reply, then the next turn.
+
+Either way, per episode:
+
+    1. The turn is sampled with the episode's global id (`episode_offset` + its index) as its
+       row id and `fold_in(key, turn)` as its key, so its draws do not depend on which episodes
+       share its batch or its process.
     2. The sampled ids are appended to the episode as they are (loss mask 1, the sampler's
        log-probs). A turn cut by `max_new_tokens` (no stop token) gets the template's
        end-of-turn ids appended with mask 0 and ends the episode, `state["truncated"] = True`
        (the env protocol in `grpo_jax.envs.base`).
     3. Episodes the env considers complete (or that reached the turn limit) end; for the others
-       the env replies, all episodes concurrently (`env_response` coroutines gathered on one
-       event loop; `ToolEnv` runs each tool call in its own thread).
+       the env replies (`env_response`; `ToolEnv` runs each tool call in its own thread).
     4. The reply messages are tokenized as a chat-template suffix
        (`tokenizer.encode_turn_suffix`: the text after the end-of-turn token up to the next
        generation prompt) and appended with mask 0. The history is never re-tokenized.
+
+An `AgentEnv` (the user's own agent code on the openai SDK) is played by
+`grpo_jax.agent_rollout` instead: its requests to an in-process server become the trajectory.
 
 Native tool calling: an env with a `tool_schemas()` method returning JSON schemas (a `ToolEnv`
 with `native_tools=True`) has them rendered by the chat template: the prompt is
