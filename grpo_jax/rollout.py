@@ -77,15 +77,16 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 
 from grpo_jax.envs.agent import AgentEnv
 from grpo_jax.envs.base import Environment, Message, Row, State, respond_all
-from grpo_jax.sampling import STOP_TOKEN, Samples, SamplingConfig, generate, sampling_model
+from grpo_jax.sampling import STOP_TOKEN, Samples
+from grpo_jax.samplers import EngineSampler, ModelSampler, SampleFn, Sampler, model_sampler
 from grpo_jax.chat_check import PROBE_COMPLETION, check_template, env_tool_schemas
-from grpo_jax.engine import Engine, EngineConfig, GenerationParams
+from grpo_jax.engine import Engine, GenerationParams
 from grpo_jax.tokenizer import Tokenizer
 from grpo_jax.trajectories import FINISH_REASONS, TRUNCATION_REASONS, Rollout, pack_episodes
 from grpo_jax.utils import dataclass_from, run_sync
@@ -94,22 +95,6 @@ __all__ = ["FINISH_REASONS", "PROBE_COMPLETION", "TRUNCATION_REASONS", "EngineSa
            "check_template", "env_tool_schemas", "model_sampler", "rollout"]
 
 logger = logging.getLogger(__name__)
-
-class Sampler(Protocol):
-    """What a rollout samples from: `sampler(prompts, key, n, row_ids) -> Samples`, n completions
-    per prompt, rows prompt-major. `row_ids` are the global episode ids of the output rows; a
-    sampler keys its random draws by them (`grpo_jax.sampling.generate`), so an episode samples
-    the same tokens whichever batch, turn-mate or process it is sampled with. `rollout` checks
-    `max_new_tokens` against its config and `stop_token_ids` against the chat template."""
-
-    max_new_tokens: int
-    stop_token_ids: tuple[int, ...]
-
-    def __call__(self, prompts: list[list[int]], key, n: int, row_ids: Sequence[int]) -> Samples: ...
-
-
-SampleFn = Sampler  # the earlier name
-
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
@@ -144,57 +129,6 @@ class RolloutConfig:
     def from_any(cls, config: "RolloutConfig | Mapping[str, Any] | Any") -> "RolloutConfig":
         """Accepts a RolloutConfig, a dict or a ConfigDict with (a subset of) these fields."""
         return dataclass_from(cls, config, what="rollout config")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSampler:
-    """The `Sampler` of a model: `grpo_jax.sampling.generate` with `config` (its `n` set per
-    call) on `model`, which should be in the sampling form (`model_sampler` makes it)."""
-
-    model: Any
-    config: SamplingConfig
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.config.max_new_tokens
-
-    @property
-    def stop_token_ids(self) -> tuple[int, ...]:
-        return self.config.stop_token_ids
-
-    def __call__(self, prompts: list[list[int]], key, n: int, row_ids: Sequence[int] | None = None) -> Samples:
-        return generate(self.model, prompts, key, dataclasses.replace(self.config, n=n), row_ids=row_ids)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineSampler:
-    """A rollout's `Engine` and the sampling of its turns."""
-
-    engine: Engine
-    params: GenerationParams
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.params.max_new_tokens
-
-    @property
-    def stop_token_ids(self) -> tuple[int, ...]:
-        return self.engine.config.stop_token_ids
-
-
-def model_sampler(model, sampling_config: SamplingConfig | Mapping[str, Any],
-                  engine_config: EngineConfig | Mapping[str, Any] | None = None) -> "ModelSampler | EngineSampler":
-    """What `rollout` samples from: with `engine_config`, an `EngineSampler` (the engine's stop
-    and pad ids are the sampling config's); else a lockstep `ModelSampler`. Either reads
-    `sampling_model(model)`, made here once: every turn of a rollout reads the same
-    compute-dtype copy of the weights, which is freed with the sampler."""
-    cfg = SamplingConfig.from_any(sampling_config)
-    if engine_config is None:
-        return ModelSampler(sampling_model(model, gather_weights=cfg.gather_weights), cfg)
-    engine_cfg = dataclasses.replace(EngineConfig.from_any(engine_config), stop_token_ids=cfg.stop_token_ids,
-                                     pad_id=cfg.pad_id, gather_weights=cfg.gather_weights,
-                                     decode_chunk=cfg.decode_chunk)
-    return EngineSampler(Engine(model, engine_cfg), GenerationParams.from_sampling(cfg))
 
 
 # -- the loop ---------------------------------------------------------------------------------
