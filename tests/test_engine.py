@@ -134,7 +134,7 @@ def test_continuous_batching_gives_each_episode_what_it_draws_alone(model):
 def test_evicted_session_resumes_from_its_history(model):
     """More live sessions than slots, each idle between turns: the least recently used one loses
     its cache and its next turn prefills its whole history again, drawing the same tokens."""
-    config = EngineConfig(**{**ENGINE.__dict__, "slots": 1})
+    config = EngineConfig(**{**ENGINE.__dict__, "slots": 1, "evict_idle_s": 0.0})
     engine = Engine(model, config)
     key, params = jax.random.key(5), GenerationParams(max_new_tokens=6, temperature=1.0)
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import itertools
 import logging
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -66,6 +65,10 @@ class EngineConfig:
     # Steps between the decode loop's exit checks (`grpo_jax.platform`: 16 on GPU, where the
     # loop predicate goes to the host, 1 elsewhere).
     decode_chunk: int = 1
+    # An idle session (between its turns: its tool is running) keeps its cache this long before a
+    # waiting request may take its slot: evicting it at once would make every tool call cost a
+    # prefill of the whole history when slots are scarce.
+    evict_idle_s: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
     pad_id: int = 0
     gather_weights: bool = True       # as `SamplingConfig.gather_weights`
@@ -75,6 +78,8 @@ class EngineConfig:
         for name in ("slots", "prefill_chunk", "prefill_rows", "decode_steps", "decode_chunk"):
             if getattr(self, name) < 1:
                 raise EngineError(f"engine config: {name} must be >= 1 (got {getattr(self, name)})")
+        if self.evict_idle_s < 0:
+            raise EngineError(f"engine config: evict_idle_s must be >= 0 (got {self.evict_idle_s})")
         if self.max_length is not None and self.max_length < 2:
             raise EngineError(f"engine config: max_length must be None or >= 2 (got {self.max_length})")
 
@@ -139,7 +144,7 @@ class Session:
     turn: int = 0                     # generate calls so far (turn k draws with fold_in(key, k))
     busy: bool = False
     released: bool = False
-    last_used: int = 0
+    last_used: float = 0.0            # when its last turn ended (time.monotonic())
 
 
 @dataclasses.dataclass(eq=False)
@@ -182,7 +187,6 @@ class Engine:
         self._key_width = jax.random.key_data(jax.random.key(0)).shape[-1]
         self._owner: list[Session | None] = [None] * cfg.slots
         self._requests: list[_Request] = []
-        self._clock = itertools.count(1)
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self.stats = collections.Counter()
@@ -236,10 +240,14 @@ class Engine:
             if request in self._requests:
                 self._requests.remove(request)
             session.busy = False
-            session.last_used = next(self._clock)
+            session.last_used = time.monotonic()
 
     def release(self, session: Session) -> None:
-        """Frees the session's slot (its cache); the session cannot generate again."""
+        """Frees the session's slot (its cache); the session cannot generate again. A turn it
+        has under way is cancelled."""
+        for r in [r for r in self._requests if r.session is session]:
+            self._requests.remove(r)
+            r.future.cancel()
         if session.slot is not None:
             self._owner[session.slot] = None
             session.slot = None
@@ -269,17 +277,20 @@ class Engine:
                 self._admit()
                 chunk = self._plan_prefill()
                 if chunk:
-                    await asyncio.to_thread(self._prefill, chunk)
+                    await self._prefill(chunk)
                 copies = self._plan_copies()  # after the prefill: a group's prompt is ready at once
                 if copies:
-                    await asyncio.to_thread(self._copy, copies)
+                    await self._copy(copies)
                 decoding = [r for r in self._requests if self._phase(r) == "decode"]
                 if decoding:
-                    out = await asyncio.to_thread(self._decode, decoding)
-                    self._deliver(decoding, out)
+                    out, slots = await self._decode(decoding)
+                    self._deliver(decoding, out, slots)
                 if not (copies or chunk or decoding):
                     self._wake.clear()
-                    await self._wake.wait()
+                    try:  # a new request or a released slot wakes it; so does an idle session's expiry
+                        await asyncio.wait_for(self._wake.wait(), self._eviction_wait())
+                    except asyncio.TimeoutError:
+                        pass
                 else:
                     await asyncio.sleep(0)  # let episodes and tools run between calls
         except BaseException as error:  # fail every waiting turn rather than hang it
@@ -302,7 +313,9 @@ class Engine:
         for slot, owner in enumerate(self._owner):
             if owner is None:
                 return slot
-        idle = [s for s in self._owner if s is not None and not s.busy]
+        now = time.monotonic()
+        idle = [s for s in self._owner if s is not None and not s.busy
+                and now - s.last_used >= self.config.evict_idle_s]
         if not idle:
             return None
         victim = min(idle, key=lambda s: s.last_used)  # its next turn prefills its history again
@@ -310,6 +323,15 @@ class Engine:
         self._owner[slot] = None
         self.stats["evictions"] += 1
         return slot
+
+    def _eviction_wait(self) -> float | None:
+        """Seconds until an idle session may be evicted, when a queued request waits for one."""
+        if not any(r.queued for r in self._requests):
+            return None
+        idle = [s.last_used for s in self._owner if s is not None and not s.busy]
+        if not idle:
+            return None
+        return max(0.0, min(idle) + self.config.evict_idle_s - time.monotonic()) + 1e-3
 
     def _donor(self, session: Session) -> Session | None:
         """A group member whose cache holds the shared prompt prefix, if any."""
@@ -360,24 +382,33 @@ class Engine:
         axes = ("batch",) + (None,) * (x.ndim - 1)
         return jax.device_put(x, self.layout.sharding(axes, x.shape))
 
-    def _copy(self, pairs):
+    # Each call's inputs are read from the host state on the event loop, the device call runs in
+    # a worker thread (the loop stays free), and its results are applied on the loop again, to
+    # sessions still in the slot they had: a turn cancelled (and its session released) during
+    # the call is left alone.
+    async def _on_device(self, call):
+        t0 = time.perf_counter()
+        self._cache, out = await asyncio.to_thread(call, self._cache_ready())
+        self.stats["busy_s"] += time.perf_counter() - t0
+        return out
+
+    async def _copy(self, pairs):
         src, dst = np.zeros(self.config.slots, np.int32), np.zeros(self.config.slots, np.int32)
         for i, (donor, member) in enumerate(pairs):
             src[i], dst[i] = donor.slot, member.slot
-        self._cache = programs.copy_slots(self._cache_ready(), src, dst, np.int32(len(pairs)), layout=self.layout)
-        for _, member in pairs:
-            member.cached = len(member.group.prefix)
+        count = np.int32(len(pairs))
+        await self._on_device(lambda cache: (programs.copy_slots(cache, src, dst, count, layout=self.layout), None))
+        for (_, member), slot in zip(pairs, dst):
+            if member.slot == slot:
+                member.cached = len(member.group.prefix)
         self.stats["copies"] += len(pairs)
 
-    def _prefill(self, chunk):
+    async def _prefill(self, chunk):
         cfg = self.config
-        # A few shapes only: 1, 4, 16 ... rows (at most prefill_rows), a quarter or a whole chunk.
-        r = 1
-        while r < len(chunk):
-            r *= 4
-        r = min(r, cfg.prefill_rows)
-        c = cfg.prefill_chunk
-        if max(n for _, n in chunk) <= c // 4:
+        # A few shapes: a power of two of rows (at most prefill_rows), C, C / 4 or C / 16 tokens.
+        r = min(1 << (len(chunk) - 1).bit_length(), cfg.prefill_rows)
+        c, longest = cfg.prefill_chunk, max(n for _, n in chunk)
+        while c % 4 == 0 and c // 4 >= 8 and longest <= c // 4 and c > cfg.prefill_chunk // 16:
             c //= 4
         slots = np.full(r, cfg.slots, np.int32)
         tokens = np.full((r, c), cfg.pad_id, np.int32)
@@ -385,18 +416,17 @@ class Engine:
         for i, (s, n) in enumerate(chunk):
             slots[i], starts[i], counts[i] = s.slot, s.cached, n
             tokens[i, :n] = s.tokens[s.cached:s.cached + n]
-        t0 = time.perf_counter()
-        self._cache = programs.prefill_chunk(self.graphdef, self.state, self._cache_ready(), self._put(slots),
-                                             self._put(tokens), self._put(starts), self._put(counts),
-                                             layout=self.layout)
-        for s, n in chunk:
-            s.cached += n
+        args = tuple(map(self._put, (slots, tokens, starts, counts)))
+        await self._on_device(lambda cache: (programs.prefill_chunk(self.graphdef, self.state, cache, *args,
+                                                                    layout=self.layout), None))
+        for (s, n), slot, start in zip(chunk, slots, starts):
+            if s.slot == slot and s.cached == start:
+                s.cached += n
         self.stats["prefill_calls"] += 1
         self.stats["prefill_tokens"] += int(counts.sum())
         self.stats["prefill_positions"] += r * c
-        self.stats["busy_s"] += time.perf_counter() - t0
 
-    def _decode(self, decoding):
+    async def _decode(self, decoding):
         cfg = self.config
         n = cfg.slots
         last, length, generated, budget, turn, row_id = (np.zeros(n, np.int32) for _ in range(6))
@@ -415,25 +445,26 @@ class Engine:
         filters = (bool((top_k[active] > 0).any()), bool((top_p[active] < 1).any()), bool((min_p[active] > 0).any()))
         inputs = programs.SlotInputs(*map(self._put, (last, length, active, generated, budget, turn, row_id, key_data)),
                                      sampling=RowSampling(*map(self._put, (temperature, top_k, top_p, min_p))))
-        t0 = time.perf_counter()
         refill_at = np.int32(max(1, len(decoding) // 8))  # return once an eighth of the turns ended
-        self._cache, out = programs.decode_steps(
-            self.graphdef, self.state, self._cache_ready(), inputs, refill_at, steps=cfg.decode_steps,
-            chunk=cfg.decode_chunk, stop_ids=cfg.stop_token_ids, filters=filters, pad_id=cfg.pad_id, fuse=self._fuse,
-            layout=self.layout)
-        out = jax.device_get(out)
+
+        def call(cache):
+            cache, out = programs.decode_steps(
+                self.graphdef, self.state, cache, inputs, refill_at, steps=cfg.decode_steps, chunk=cfg.decode_chunk,
+                stop_ids=cfg.stop_token_ids, filters=filters, pad_id=cfg.pad_id, fuse=self._fuse, layout=self.layout)
+            return cache, jax.device_get(out)
+
+        out = await self._on_device(call)
         self.stats["decode_steps"] += int(out.steps)
-        self.stats["busy_s"] += time.perf_counter() - t0
         self.stats["decode_calls"] += 1
         self.stats["slot_steps"] += n * int(out.steps)
         self.stats["sampled_tokens"] += int(out.count.sum())
-        return out
+        return out, [r.session.slot for r in decoding]
 
     # -- results ----------------------------------------------------------------------------------
-    def _deliver(self, decoding, out: programs.DecodeOut):
-        for r in decoding:
-            s, slot = r.session, r.session.slot
-            if r not in self._requests or slot is None:  # cancelled (or released) during the call
+    def _deliver(self, decoding, out: programs.DecodeOut, slots):
+        for r, slot in zip(decoding, slots):
+            s = r.session
+            if r not in self._requests or s.slot != slot:  # cancelled (or released) during the call
                 continue
             k = int(out.count[slot])
             new = [int(t) for t in out.tokens[slot, :k]]

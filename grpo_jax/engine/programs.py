@@ -12,9 +12,10 @@ its own length (`KVCache.index` per row). Three programs, each compiled once per
   but its token is dropped and it writes only past its own length, where nothing reads.
 - `copy_slots`: slot rows copied onto others (a group's shared prompt prefill, made once).
 
-The prefill program is compiled for R in 1, 4, 16, ... up to `prefill_rows` and for C or C / 4
-tokens (a reply of a few tokens to one episode does not pay for R x C positions), so an engine
-compiles a handful of programs, fixed by its config, none depending on the mix of requests.
+The prefill program is compiled for R a power of two up to `prefill_rows` and for C, C / 4 or
+C / 16 tokens (a reply of a few tokens to one episode does not pay for R x C positions), so an
+engine compiles a handful of programs, fixed by its config, none depending on the mix of
+requests.
 
 A slot's pending token (the last of its history, not yet in the cache) is fed by the next
 decode step, which samples the token after it: a prefill therefore writes all new tokens but
