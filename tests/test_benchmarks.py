@@ -108,3 +108,27 @@ def test_device_check_script_runs_tiny_on_cpu(tmp_path):
     (gsm8k,) = read("gsm8k.jsonl")
     assert gsm8k["steps"] == 3 and len(gsm8k["step_time_s"]) == 3 and gsm8k["kl"] is not None
     assert read("env.json")[0]["backend"] == "cpu"
+
+
+def test_rollout_benchmark_runs_every_runner():
+    rows = run_benchmark("rollout.py", "--repeats", "1")
+    by_runner = {r["runner"]: r for r in rows}
+    assert sorted(by_runner) == ["engine", "lockstep", "transformers"] and len(rows) == 3
+    for r in rows:
+        assert r["wall_s"] > 0 and r["episodes_per_s"] > 0 and r["tokens_per_s"] > 0
+        assert r["episodes_per_s"] == pytest.approx(r["episodes"] / r["wall_s"], rel=0.02)
+        assert r["tokens_per_s"] == pytest.approx(r["kept_tokens"] / r["wall_s"], rel=0.02)
+    engine = by_runner["engine"]
+    for peer in ("lockstep", "transformers"):
+        ratio = engine["episodes_per_s"] / by_runner[peer]["episodes_per_s"]
+        assert engine[f"speedup_vs_{peer}"] == pytest.approx(ratio, rel=0.02)
+    # No stop token: the engine samples exactly the kept targets, every turn of every episode.
+    assert engine["sampled_tokens"] == engine["kept_tokens"]
+    assert engine["slot_steps"] == engine["decode_steps_run"] * engine["slots"]
+    assert 0 < engine["slot_utilisation"] <= 1
+    assert engine["slot_utilisation"] == pytest.approx(engine["sampled_tokens"] / engine["slot_steps"], rel=0.02)
+    assert engine["decode_steps_run"] <= engine["decode_calls"] * engine["decode_steps"]
+    assert engine["prefill_tokens"] > 0 and 0 < engine["device_s"] <= engine["wall_s"]
+    # Same keys, same draws: the engine and the lockstep sampler keep the same tokens (a float
+    # difference between their programs may flip a rare draw, hence not every episode).
+    assert engine["episodes_same_as_lockstep"] >= engine["episodes"] // 2

@@ -12,7 +12,7 @@ from tokenizer_fixtures import sp_tokenizer, sp_tokenizer_dir  # noqa: F401  (fi
 
 from grpo_jax import rollout as rl
 from grpo_jax import sampling
-from grpo_jax.engine import Engine, EngineConfig, EngineError, GenerationParams
+from grpo_jax.engine import Engine, EngineConfig, EngineError, GenerationParams, programs
 from grpo_jax.envs import MultiTurnEnv
 from grpo_jax.models import ModelConfig, create_model
 from grpo_jax.models.logprobs import sequence_logprobs
@@ -315,3 +315,17 @@ def test_a_cancelled_turn_leaves_the_others_running(model):
 
     out = run(main)
     assert len(out.tokens) == 40 and not engine._requests
+
+
+def test_warmup_compiles_what_a_rollout_needs(model):
+    """After `warmup`, playing episodes compiles nothing new (the programs are a fixed set)."""
+    engine = Engine(model, EngineConfig(**{**ENGINE.__dict__, "prefill_chunk": 32}))  # shapes no other test has
+    engine.warmup([GenerationParams(temperature=1.0)])
+    before = {name: f._cache_size() for name, f in (("prefill", programs.prefill_chunk),
+                                                    ("decode", programs.decode_steps), ("copy", programs.copy_slots))}
+    rng = np.random.default_rng(1)
+    _episodes(engine, [rng.integers(4, 128, size=n).tolist() for n in (3, 17, 30, 9, 2)], [[50] * 5, [60] * 20],
+              jax.random.key(0))
+    after = {name: f._cache_size() for name, f in (("prefill", programs.prefill_chunk),
+                                                   ("decode", programs.decode_steps), ("copy", programs.copy_slots))}
+    assert after == before

@@ -255,6 +255,44 @@ class Engine:
         if self._wake is not None:
             self._wake.set()
 
+    def warmup(self, params: Sequence[GenerationParams] = (GenerationParams(),)) -> None:
+        """Compiles every program this engine can run (each prefill shape, the copy, the decode
+        of each filter set `params` use) by running it with nothing to do: prefill rows aimed
+        past the last slot (their writes are dropped), no copies, no active slot. Otherwise a
+        program compiles the first time a request needs its shape, inside someone's turn."""
+        cfg = self.config
+        cache = self._cache_ready()
+        rows, widths = [], []
+        r = 1
+        while r < cfg.prefill_rows:
+            rows.append(r)
+            r *= 2
+        rows.append(cfg.prefill_rows)
+        c = cfg.prefill_chunk
+        widths.append(c)
+        while c % 4 == 0 and c // 4 >= 8 and c > cfg.prefill_chunk // 16:
+            c //= 4
+            widths.append(c)
+        for r in rows:
+            for c in widths:
+                nowhere = np.full(r, cfg.slots, np.int32)
+                cache = programs.prefill_chunk(self.graphdef, self.state, cache, *map(self._put, (
+                    nowhere, np.zeros((r, c), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32))),
+                    layout=self.layout)
+        zeros = np.zeros(cfg.slots, np.int32)
+        cache = programs.copy_slots(cache, zeros, zeros, np.int32(0), layout=self.layout)
+        inputs = programs.SlotInputs(
+            *map(self._put, (zeros, zeros, np.zeros(cfg.slots, bool), zeros, zeros, zeros, zeros,
+                             np.zeros((cfg.slots, self._key_width), np.uint32))),
+            sampling=RowSampling(*map(self._put, (np.ones(cfg.slots, np.float32), zeros, np.ones(cfg.slots, np.float32),
+                                                  np.zeros(cfg.slots, np.float32)))))
+        for filters in sorted({(p.top_k > 0, p.top_p < 1, p.min_p > 0) for p in params}):
+            cache, _ = programs.decode_steps(
+                self.graphdef, self.state, cache, inputs, np.int32(1), steps=cfg.decode_steps,
+                chunk=cfg.decode_chunk, stop_ids=cfg.stop_token_ids, filters=filters, pad_id=cfg.pad_id,
+                fuse=self._fuse, layout=self.layout)
+        self._cache = jax.block_until_ready(cache)
+
     # -- input checks ---------------------------------------------------------------------------
     def _checked(self, ids, what: str) -> list[int]:
         ids = _token_ids(0, ids)
