@@ -63,16 +63,17 @@ def test_a_group_draws_what_the_lockstep_sampler_draws(model, params):
     assert engine.stats["copies"] == 2 and engine.stats["prefill_tokens"] == len(prompt) - 1  # one prefill
 
 
-def test_kept_cache_equals_reprefilling_the_history(model):
+@pytest.mark.parametrize("feed", [1, 32])  # the reply prefilled (but its last token), or fed by decode steps
+def test_kept_cache_equals_reprefilling_the_history(model, feed):
     prompt, reply, key = list(range(10, 31)), [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], jax.random.key(2)
     params = GenerationParams(max_new_tokens=12, temperature=0.9)
 
     async def kept():
-        engine = Engine(model, ENGINE)
+        engine = Engine(model, EngineConfig(**{**ENGINE.__dict__, "feed_tokens": feed}))
         (s,) = engine.open(prompt, [0], key)
         first = await engine.generate(s, (), params)
         second = await engine.generate(s, reply, params)  # prefills only the reply onto the kept cache
-        return first, second, engine.stats["prefill_tokens"]
+        return first, second, engine.stats["prefill_tokens"] + engine.stats["fed_tokens"]
 
     async def fresh(history):
         engine = Engine(model, ENGINE)

@@ -62,6 +62,9 @@ class EngineConfig:
     prefill_chunk: int = 128          # tokens a slot prefills per call (C)
     prefill_rows: int = 16            # most slots prefilled per call (R; calls use a power of two)
     decode_steps: int = 16            # most decode steps per call (it returns early, see below)
+    # Pending tokens up to this many (a tool reply) are fed by decode steps, one a step, instead of
+    # a prefill call: no padded [rows, chunk] call, and the slot's row would be computed anyway.
+    feed_tokens: int = 32
     # Steps between the decode loop's exit checks (`grpo_jax.platform`: 16 on GPU, where the
     # loop predicate goes to the host, 1 elsewhere).
     decode_chunk: int = 1
@@ -75,7 +78,7 @@ class EngineConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        for name in ("slots", "prefill_chunk", "prefill_rows", "decode_steps", "decode_chunk"):
+        for name in ("slots", "prefill_chunk", "prefill_rows", "decode_steps", "decode_chunk", "feed_tokens"):
             if getattr(self, name) < 1:
                 raise EngineError(f"engine config: {name} must be >= 1 (got {getattr(self, name)})")
         if self.evict_idle_s < 0:
@@ -285,7 +288,8 @@ class Engine:
             *map(self._put, (zeros, zeros, np.zeros(cfg.slots, bool), zeros, zeros, zeros, zeros,
                              np.zeros((cfg.slots, self._key_width), np.uint32))),
             sampling=RowSampling(*map(self._put, (np.ones(cfg.slots, np.float32), zeros, np.ones(cfg.slots, np.float32),
-                                                  np.zeros(cfg.slots, np.float32)))))
+                                                  np.zeros(cfg.slots, np.float32)))),
+            forced=self._put(np.zeros((cfg.slots, cfg.feed_tokens), np.int32)), forced_count=self._put(zeros))
         for filters in sorted({(p.top_k > 0, p.top_p < 1, p.min_p > 0) for p in params}):
             cache, _ = programs.decode_steps(
                 self.graphdef, self.state, cache, inputs, np.int32(1), steps=cfg.decode_steps,
@@ -396,7 +400,12 @@ class Engine:
             return "copy"
         if s.group is not None and s.cached == 0 and s.group.prefix and self._prefiller(s.group) is not s:
             return "wait"  # a member is prefilling the shared prompt
-        return "prefill" if len(s.tokens) - s.cached > 1 else "decode"
+        return "prefill" if len(s.tokens) - s.cached - 1 > self._feedable(s) else "decode"
+
+    def _feedable(self, s: Session) -> int:
+        """Pending tokens decode steps may feed: a continuation's (a tool reply); a prompt is
+        prefilled (a group waits for it, and one call beats one step per token there)."""
+        return self.config.feed_tokens if s.turn > 0 and s.cached > 0 else 0
 
     def _plan_copies(self) -> list[tuple[Session, Session]]:
         return [(self._donor(r.session), r.session) for r in self._requests if self._phase(r) == "copy"]
@@ -404,7 +413,9 @@ class Engine:
     def _plan_prefill(self) -> list[tuple[Session, int]]:
         cfg = self.config
         todo = [r.session for r in self._requests if self._phase(r) == "prefill"]
-        return [(s, min(cfg.prefill_chunk, len(s.tokens) - 1 - s.cached)) for s in todo[: cfg.prefill_rows]]
+        # Prefill down to what decode steps feed (a reply's last feed_tokens ride along with decoding).
+        return [(s, min(cfg.prefill_chunk, len(s.tokens) - 1 - s.cached - self._feedable(s))) for s in
+                todo[: cfg.prefill_rows]]
 
     # -- device calls (in a worker thread; the host state is touched only on the loop) ------------
     def _cache_ready(self):
@@ -475,14 +486,18 @@ class Engine:
         for slot, s in enumerate(self._owner):
             if s is not None:
                 length[slot] = s.cached  # idle slots write past their own history only
+        forced, forced_count = np.zeros((n, cfg.feed_tokens), np.int32), np.zeros(n, np.int32)
         for r in decoding:
             s, p, slot = r.session, r.params, r.session.slot
-            last[slot], active[slot], generated[slot], budget[slot] = s.tokens[-1], True, len(r.tokens), r.budget
+            pending = s.tokens[s.cached:]  # fed first, then sampling starts
+            forced[slot, :len(pending) - 1], forced_count[slot] = pending[1:], len(pending) - 1
+            last[slot], active[slot], generated[slot], budget[slot] = pending[0], True, len(r.tokens), r.budget
             turn[slot], row_id[slot], key_data[slot] = s.turn, s.row_id, s.key_data
             temperature[slot], top_k[slot], top_p[slot], min_p[slot] = p.temperature, p.top_k, p.top_p, p.min_p
         filters = (bool((top_k[active] > 0).any()), bool((top_p[active] < 1).any()), bool((min_p[active] > 0).any()))
         inputs = programs.SlotInputs(*map(self._put, (last, length, active, generated, budget, turn, row_id, key_data)),
-                                     sampling=RowSampling(*map(self._put, (temperature, top_k, top_p, min_p))))
+                                     sampling=RowSampling(*map(self._put, (temperature, top_k, top_p, min_p))),
+                                     forced=self._put(forced), forced_count=self._put(forced_count))
         refill_at = np.int32(max(1, len(decoding) // 8))  # return once an eighth of the turns ended
 
         def call(cache):
@@ -496,6 +511,7 @@ class Engine:
         self.stats["decode_calls"] += 1
         self.stats["slot_steps"] += n * int(out.steps)
         self.stats["sampled_tokens"] += int(out.count.sum())
+        self.stats["fed_tokens"] += int(out.fed.sum())
         return out, [r.session.slot for r in decoding]
 
     # -- results ----------------------------------------------------------------------------------
@@ -507,7 +523,7 @@ class Engine:
             k = int(out.count[slot])
             new = [int(t) for t in out.tokens[slot, :k]]
             s.tokens.extend(new)
-            s.cached += k  # each step fed the pending token; the last sampled one is pending now
+            s.cached += int(out.fed[slot]) + k  # each step cached the token it fed; the newest is pending
             r.tokens.extend(new)
             r.logprobs.extend(float(x) for x in out.logprobs[slot, :k])
             if r.on_tokens is not None and k:

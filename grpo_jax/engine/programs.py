@@ -48,6 +48,8 @@ class SlotInputs(NamedTuple):
     row_id: jax.Array       # the episode's global id (its draws use it)
     key_data: jax.Array     # [S, *] uint32: the episode's key
     sampling: RowSampling
+    forced: jax.Array       # [S, F] tokens fed after the pending one before sampling (a tool reply)
+    forced_count: jax.Array  # [S] how many of them
 
 
 class DecodeOut(NamedTuple):
@@ -56,6 +58,7 @@ class DecodeOut(NamedTuple):
     count: jax.Array        # [S] tokens the slot sampled this call
     stopped: jax.Array      # [S] bool: its last token is a stop token
     steps: jax.Array        # decode steps the call ran
+    fed: jax.Array          # [S] forced tokens the slot consumed
 
 
 def empty_cache(model, slots: int, capacity: int, layout: Layout) -> KVCache:
@@ -126,22 +129,27 @@ def decode_steps(graphdef, state, cache: KVCache, inputs: SlotInputs, refill_at,
     width = -(-steps // chunk) * chunk
 
     def step(carry):
-        i, cache, last, length, active, generated, stopped, ended, tokens, logprobs = carry
-        hidden, cache = model.decode(last[:, None], length[:, None], active[:, None], cache._replace(index=length),
+        i, cache, last, length, active, generated, stopped, ended, fed, tokens, logprobs = carry
+        forcing = fed < inputs.forced_count
+        sampling = active & ~forcing
+        running = forcing | sampling
+        hidden, cache = model.decode(last[:, None], length[:, None], running[:, None], cache._replace(index=length),
                                      layers)
         logits = rows(model.logits_from_hidden(hidden)[:, 0])
         u = keyed_uniforms(inputs.key_data, inputs.turn, generated, inputs.row_id)
         token, logprob = select_tokens_rows(logits, u, inputs.sampling, filters=filters)
-        token, logprob = jnp.where(active, token, pad_id), jnp.where(active, logprob, 0.0)
-        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
-        logprobs = jax.lax.dynamic_update_slice(logprobs, logprob[:, None], (0, i))
-        is_stop = jnp.isin(token, stop) & active
-        length, generated = length + active, generated + active
-        last = jnp.where(active, token, last)
+        forced = jnp.take_along_axis(inputs.forced, jnp.minimum(fed, inputs.forced.shape[1] - 1)[:, None], 1)[:, 0]
+        # Sampled tokens go to the slot's next output column; forced steps write nothing.
+        column = jnp.where(sampling, generated - inputs.generated, width)
+        tokens = tokens.at[jnp.arange(n), column].set(token, mode="drop")
+        logprobs = logprobs.at[jnp.arange(n), column].set(logprob, mode="drop")
+        is_stop = jnp.isin(token, stop) & sampling
+        length, generated, fed = length + running, generated + sampling, fed + forcing
+        last = jnp.where(forcing, forced, jnp.where(sampling, token, last))
         still = active & ~is_stop & (generated < inputs.budget)
         ended = ended + jnp.sum(active & ~still)
         return (i + 1, _map_cache(cache, layout.constrain), rows(last), rows(length), rows(still), rows(generated),
-                rows(stopped | is_stop), ended, rows(tokens), rows(logprobs))
+                rows(stopped | is_stop), ended, rows(fed), rows(tokens), rows(logprobs))
 
     def cond(carry):
         i, active, ended = carry[0], carry[4], carry[7]
@@ -153,14 +161,15 @@ def decode_steps(graphdef, state, cache: KVCache, inputs: SlotInputs, refill_at,
         body = lambda c: jax.lax.fori_loop(0, chunk, lambda _, x: step(x), c)  # noqa: E731
     init = (jnp.zeros((), jnp.int32), _map_cache(cache, layout.constrain), inputs.last_token, inputs.length,
             inputs.active, inputs.generated, jnp.zeros((n,), bool), jnp.zeros((), jnp.int32),
-            jnp.full((n, width), pad_id, jnp.int32), jnp.zeros((n, width), jnp.float32))
+            jnp.zeros((n,), jnp.int32), jnp.full((n, width), pad_id, jnp.int32), jnp.zeros((n, width), jnp.float32))
     out = jax.lax.while_loop(cond, body, init)
-    cache, generated, stopped, tokens, logprobs = out[1], out[5], out[6], out[8], out[9]
+    cache, generated, stopped, fed, tokens, logprobs = out[1], out[5], out[6], out[8], out[9], out[10]
     return cache, DecodeOut(tokens=tokens, logprobs=logprobs, count=generated - inputs.generated, stopped=stopped,
-                            steps=out[0])
+                            steps=out[0], fed=fed)
 
 
-def abstract_args(model, slots: int, capacity: int, chunk: int, prefill_rows: int, layout: Layout) -> dict[str, Any]:
+def abstract_args(model, slots: int, capacity: int, chunk: int, prefill_rows: int, layout: Layout,
+                  feed: int = 32) -> dict[str, Any]:
     """Abstract arguments of the three programs (for `jax.export` / cost analysis in tests)."""
     graphdef, state = nnx.split(model)
     spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))  # noqa: E731
@@ -172,6 +181,7 @@ def abstract_args(model, slots: int, capacity: int, chunk: int, prefill_rows: in
     inputs = SlotInputs(last_token=i32(slots), length=i32(slots), active=jax.ShapeDtypeStruct((slots,), bool),
                         generated=i32(slots), budget=i32(slots), turn=i32(slots), row_id=i32(slots),
                         key_data=jax.ShapeDtypeStruct((slots, key_width), jnp.uint32),
-                        sampling=RowSampling(f32(slots), i32(slots), f32(slots), f32(slots)))
+                        sampling=RowSampling(f32(slots), i32(slots), f32(slots), f32(slots)),
+                        forced=i32(slots, feed), forced_count=i32(slots))
     return dict(graphdef=graphdef, state=abstract_state, cache=cache, inputs=inputs, refill_at=i32(),
                 prefill=(i32(prefill_rows), i32(prefill_rows, chunk), i32(prefill_rows), i32(prefill_rows)))
