@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -45,9 +45,12 @@ import numpy as np
 from grpo_jax.engine import Engine, EngineConfig, GenerationParams
 from grpo_jax.envs.agent import AgentEnv, play_episodes
 from grpo_jax.envs.agent_trajectory import assemble
-from grpo_jax.rollout import EngineSampler, ModelSampler, RolloutConfig
+from grpo_jax.samplers import EngineSampler, ModelSampler
 from grpo_jax.trajectories import Rollout, pack_episodes
 from grpo_jax.utils import nan_mean, run_sync
+
+if TYPE_CHECKING:  # `rollout.rollout` calls `play`: importing it here would close a circle
+    from grpo_jax.rollout import RolloutConfig
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +84,12 @@ def _engine_of(sampler, tokenizer, config: RolloutConfig, episodes: int) -> tupl
     return engine, params
 
 
-def play(env: AgentEnv, rows: Sequence[Mapping], tokenizer, sampler, key, config, *,
+def play(env: AgentEnv, rows: Sequence[Mapping], tokenizer, sampler, key, config: "RolloutConfig", *,
          episode_offset: int = 0) -> Rollout:
-    """The rollout of `env`'s agent on `rows` (see the module docstring)."""
+    """The rollout of `env`'s agent on `rows` (see the module docstring); `rollout.rollout`
+    calls it with its parsed `RolloutConfig`."""
     from grpo_jax.serve import serve  # the web stack is imported only by runs that serve
 
-    config = RolloutConfig.from_any(config)
     rows = list(rows)
     if not rows:
         raise ValueError("rollout needs at least one row")

@@ -232,7 +232,7 @@ def rollout(env: Environment, rows: Sequence[Row], tokenizer: Tokenizer, sampler
     """
     config = RolloutConfig.from_any(config)
     if isinstance(env, AgentEnv):  # the user's agent code drives its episodes (grpo_jax.agent_rollout)
-        from grpo_jax import agent_rollout  # imported here: it imports this module
+        from grpo_jax import agent_rollout  # imported on use: the web stack loads only for agent envs
         return agent_rollout.play(env, rows, tokenizer, sampler, key, config, episode_offset=episode_offset)
     rows = list(rows)
     if not rows:
