@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -48,10 +48,6 @@ from grpo_jax.envs.agent_trajectory import assemble
 from grpo_jax.samplers import EngineSampler, ModelSampler
 from grpo_jax.trajectories import Rollout, pack_episodes
 from grpo_jax.utils import nan_mean, run_sync
-
-if TYPE_CHECKING:  # `rollout.rollout` calls `play`: importing it here would close a circle
-    from grpo_jax.rollout import RolloutConfig
-
 logger = logging.getLogger(__name__)
 
 
@@ -67,7 +63,7 @@ def sampling_defaults(params: GenerationParams) -> dict[str, Any]:
     return out
 
 
-def _engine_of(sampler, tokenizer, config: RolloutConfig, episodes: int) -> tuple[Engine, GenerationParams]:
+def _engine_of(sampler, tokenizer, config, episodes: int) -> tuple[Engine, GenerationParams]:
     if isinstance(sampler, EngineSampler):
         engine, params = sampler.engine, sampler.params
     elif isinstance(sampler, ModelSampler):  # a lockstep rollout's model: served by an engine all the same
@@ -84,10 +80,10 @@ def _engine_of(sampler, tokenizer, config: RolloutConfig, episodes: int) -> tupl
     return engine, params
 
 
-def play(env: AgentEnv, rows: Sequence[Mapping], tokenizer, sampler, key, config: "RolloutConfig", *,
+def play(env: AgentEnv, rows: Sequence[Mapping], tokenizer, sampler, key, config, *,
          episode_offset: int = 0) -> Rollout:
     """The rollout of `env`'s agent on `rows` (see the module docstring); `rollout.rollout`
-    calls it with its parsed `RolloutConfig`."""
+    calls it with its parsed `RolloutConfig` (not imported here: `rollout` imports this module)."""
     from grpo_jax.serve import serve  # the web stack is imported only by runs that serve
 
     rows = list(rows)
