@@ -132,3 +132,22 @@ def test_rollout_benchmark_runs_every_runner():
     # Same keys, same draws: the engine and the lockstep sampler keep the same tokens (a float
     # difference between their programs may flip a rare draw, hence not every episode).
     assert engine["episodes_same_as_lockstep"] >= engine["episodes"] // 2
+
+
+def test_serve_benchmark_runs_both_paths():
+    rows = run_benchmark("serve.py", "--repeats", "1")
+    by_runner = {r["runner"]: r for r in rows}
+    assert sorted(by_runner) == ["direct", "server", "summary"] and len(rows) == 3
+    for name in ("server", "direct"):
+        r = by_runner[name]
+        assert r["wall_s"] > 0 and r["episodes_per_s"] > 0 and r["completion_tokens"] > 0
+        assert r["episodes_per_s"] == pytest.approx(r["clients"] / r["wall_s"], rel=0.02)
+        assert r["sampled_tokens"] == r["completion_tokens"]  # every request's tokens, counted by the engine
+    summary = by_runner["summary"]
+    eps = {name: by_runner[name]["episodes_per_s"] for name in ("server", "direct")}
+    assert summary["server_overhead"] == pytest.approx(1 - eps["server"] / eps["direct"], abs=2e-3)
+    # Same prompts and seeds: both paths sample the same number of tokens (the same tokens, bar a
+    # float difference between batchings flipping a rare draw).
+    assert summary["completion_tokens_server"] == by_runner["server"]["completion_tokens"]
+    assert summary["completion_tokens_direct"] == by_runner["direct"]["completion_tokens"]
+    assert summary["episodes_same"] >= summary["clients"] // 2
