@@ -45,7 +45,7 @@ import numpy as np
 from grpo_jax.engine import Engine, EngineConfig, GenerationParams
 from grpo_jax.envs.agent import AgentEnv, play_episodes
 from grpo_jax.envs.agent_trajectory import assemble
-from grpo_jax.samplers import EngineSampler, ModelSampler
+from grpo_jax.samplers import EngineSampler, ModelSampler, model_sampler
 from grpo_jax.trajectories import Rollout, pack_episodes
 from grpo_jax.utils import nan_mean, run_sync
 logger = logging.getLogger(__name__)
@@ -67,11 +67,9 @@ def _engine_of(sampler, tokenizer, config, episodes: int) -> tuple[Engine, Gener
     if isinstance(sampler, EngineSampler):
         engine, params = sampler.engine, sampler.params
     elif isinstance(sampler, ModelSampler):  # a lockstep rollout's model: served by an engine all the same
-        cfg = sampler.config
-        engine = Engine(sampler.model, EngineConfig(
-            slots=min(max(episodes, 1), 64), max_length=config.max_seq_len, stop_token_ids=cfg.stop_token_ids,
-            pad_id=cfg.pad_id, gather_weights=cfg.gather_weights, decode_chunk=cfg.decode_chunk))
-        params = GenerationParams.from_sampling(cfg)
+        made = model_sampler(sampler.model, sampler.config,
+                             EngineConfig(slots=min(max(episodes, 1), 64), max_length=config.max_seq_len))
+        engine, params = made.engine, made.params
     else:
         raise TypeError(f"agent rollouts sample from an EngineSampler or a ModelSampler (model_sampler), "
                         f"got {type(sampler).__name__}")

@@ -155,23 +155,13 @@ class Engine:
         program compiles the first time a request needs its shape, inside someone's turn."""
         cfg = self.config
         cache = self._cache_ready()
-        rows, widths = [], []
-        r = 1
-        while r < cfg.prefill_rows:
-            rows.append(r)
-            r *= 2
-        rows.append(cfg.prefill_rows)
-        c = cfg.prefill_chunk
-        widths.append(c)
-        while c % 4 == 0 and c // 4 >= 8 and c > cfg.prefill_chunk // 16:
-            c //= 4
-            widths.append(c)
-        for r in rows:
-            for c in widths:
-                nowhere = np.full(r, cfg.slots, np.int32)
-                cache = programs.prefill_chunk(self.graphdef, self.state, cache, *map(self._put, (
-                    nowhere, np.zeros((r, c), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32))),
-                    layout=self.layout)
+        shapes = {self._prefill_shape(rows, longest) for rows in range(1, cfg.prefill_rows + 1)
+                  for longest in range(1, cfg.prefill_chunk + 1)}
+        for r, c in sorted(shapes):
+            nowhere = np.full(r, cfg.slots, np.int32)  # rows aimed past the last slot: writes dropped
+            cache = programs.prefill_chunk(self.graphdef, self.state, cache, *map(self._put, (
+                nowhere, np.zeros((r, c), np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32))),
+                layout=self.layout)
         zeros = np.zeros(cfg.slots, np.int32)
         cache = programs.copy_slots(cache, zeros, zeros, np.int32(0), layout=self.layout)
         inputs = programs.SlotInputs(
@@ -342,13 +332,19 @@ class Engine:
                 member.cached = len(member.group.prefix)
         self.stats["copies"] += len(pairs)
 
-    async def _prefill(self, chunk):
+    def _prefill_shape(self, rows: int, longest: int) -> tuple[int, int]:
+        """The prefill program's [R, C] for `rows` slots of at most `longest` new tokens: a few
+        shapes only, R a power of two (at most prefill_rows), C the chunk, a quarter or a 16th."""
         cfg = self.config
-        # A few shapes: a power of two of rows (at most prefill_rows), C, C / 4 or C / 16 tokens.
-        r = min(1 << (len(chunk) - 1).bit_length(), cfg.prefill_rows)
-        c, longest = cfg.prefill_chunk, max(n for _, n in chunk)
+        r = min(1 << (rows - 1).bit_length(), cfg.prefill_rows)
+        c = cfg.prefill_chunk
         while c % 4 == 0 and c // 4 >= 8 and longest <= c // 4 and c > cfg.prefill_chunk // 16:
             c //= 4
+        return r, c
+
+    async def _prefill(self, chunk):
+        cfg = self.config
+        r, c = self._prefill_shape(len(chunk), max(n for _, n in chunk))
         slots = np.full(r, cfg.slots, np.int32)
         tokens = np.full((r, c), cfg.pad_id, np.int32)
         starts, counts = np.zeros(r, np.int32), np.zeros(r, np.int32)
