@@ -222,6 +222,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-lockstep", action="store_true", help="skip the lockstep rollout")
     parser.add_argument("--profile", action="store_true",
                         help="wait for each engine call's result, so copy_s / prefill_s / decode_s split its time")
+    parser.add_argument("--decode-attention", default=None, choices=("full", "blocked", "pallas_gpu"),
+                        help="the model's decode attention (default: the platform's, `grpo_jax.platform`)")
     parser.add_argument("--quick", action="store_true", help="a tiny model and task (smoke test)")
     args = parser.parse_args(argv)
     check_positive(parser, args, ("episodes", "group", "prefill_chunk", "prefill_rows", "short", "long", "repeats"))
@@ -238,7 +240,9 @@ def main():
         raise SystemExit(f"--episodes {episodes} is not a multiple of --group {group}")
     short = args.short or (4 if quick else 16)
     long = args.long or 8 * short
-    cfg = MODEL.replace(cpu_weight_grad=choices.cpu_weight_grad)
+    cfg = MODEL.replace(**choices.model_fields())
+    if args.decode_attention:
+        cfg = cfg.replace(decode_attention=args.decode_attention)
     if quick:
         cfg = cfg.replace(d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, n_layers=2, vocab_size=512)
     task = make_task(episodes, group, (12, 16) if quick else (48, 64), short, long, 4 if quick else 12,
@@ -317,7 +321,7 @@ def main():
             line.update({
                 "slots": e.slots, "decode_steps": e.decode_steps, "prefill_chunk": e.prefill_chunk,
                 "prefill_rows": e.prefill_rows,
-                "decode_chunk": e.decode_chunk,
+                "decode_chunk": e.decode_chunk, "decode_attention": cfg.decode_attention,
                 "slot_utilisation": round(s.get("sampled_tokens", 0) / max(s.get("slot_steps", 0), 1), 3),
                 "decode_calls": s.get("decode_calls", 0), "decode_steps_run": s.get("decode_steps", 0),
                 "slot_steps": s.get("slot_steps", 0), "prefill_calls": s.get("prefill_calls", 0),

@@ -103,7 +103,7 @@ def model_config(config, tokenizer):
         n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, d_ff=m.d_ff,
         max_position_embeddings=m.max_position_embeddings, qkv_bias=m.model_type == "qwen2",
         qk_norm=m.model_type == "qwen3", tie_embeddings=m.tie_embeddings, dtype=m.dtype,
-        param_dtype=m.param_dtype, remat=m.remat, cpu_weight_grad=platform_choices(config).cpu_weight_grad,
+        param_dtype=m.param_dtype, remat=m.remat, **config_utils.model_platform_fields(config),
         eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id,
         pad_token_id=tokenizer.pad_id)
 
@@ -114,7 +114,7 @@ def build_model(config, tokenizer, mesh=None):
     if config.model.hf_path:
         model = load_hf(config.model.hf_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                         mesh=mesh, remat=config.model.remat,
-                        cpu_weight_grad=platform_choices(config).cpu_weight_grad)
+                        **config_utils.model_platform_fields(config))
     else:
         model = create_model(model_config(config, tokenizer), seed=config.seed, mesh=mesh)
     if model.config.vocab_size < tokenizer.vocab_size:

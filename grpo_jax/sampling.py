@@ -154,9 +154,7 @@ def _row_axes(ndim: int) -> tuple:
 
 def _map_cache(cache, place):
     """`place(x, logical_axes)` applied to the KV cache's arrays (not its index)."""
-    return cache._replace(k=tuple(place(x, sharding_lib.KV_K_AXES) for x in cache.k),
-                          v=tuple(place(x, sharding_lib.KV_V_AXES) for x in cache.v),
-                          kv_valid=place(cache.kv_valid, sharding_lib.KV_VALID_AXES))
+    return cache.map_axes(place)
 
 
 def _map_loop(s: "_LoopState", place) -> "_LoopState":
@@ -231,7 +229,7 @@ def _prefill(graphdef, state, tokens_BP, valid_BP, row_ids_N, real_N, key, *, cf
     b, p = tokens_BP.shape
     positions = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0).astype(jnp.int32)
     cache = _map_cache(model.init_cache(b, cache_length), layout.constrain)
-    hidden, cache = model.decode(tokens_BP, positions, valid_BP, cache)
+    hidden, cache = model.decode(tokens_BP, positions, valid_BP, cache, fresh=True)
     logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]           # [B, V]
     if cfg.n > 1:  # share the prompt's prefill with its whole group (rows stay on their device)
         cache = cache.repeat_rows(cfg.n)

@@ -42,10 +42,11 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-# Logical axes of the sampler's KV cache (`models.transformer.KVCache`): rows over the batch axes,
+# Logical axes of the sampler's KV cache (`models.kv_cache.KVCache`): rows over the batch axes,
 # KV heads over tp, so a device holds and reads the cache of its own rows and heads only.
-KV_K_AXES = ("batch", "kv_heads", "head_dim", "cache_seq")   # k stored [B, Hkv, Dh, S]
-KV_V_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")   # v [B, Hkv, S, Dh]
+KV_K_AXES = ("batch", "kv_heads", "head_dim", "cache_seq")   # head_major: k stored [B, Hkv, Dh, S]
+KV_V_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")   # head_major: v [B, Hkv, S, Dh]
+KV_SEQ_MAJOR_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")  # seq_major: k and v [B, S, Hkv, Dh]
 KV_VALID_AXES = ("batch", "cache_seq")
 
 

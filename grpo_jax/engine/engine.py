@@ -73,7 +73,9 @@ class Engine:
         self.layout = Layout(sharding_lib.mesh_of(self.state), tuple(rules))
         self.config = cfg = dataclasses.replace(cfg, slots=round_up(cfg.slots, self.layout.row_shards))
         self.vocab_size = mcfg.vocab_size
-        self.capacity = cfg.max_length + cfg.prefill_chunk  # a chunk's padding may run past max_length
+        # A chunk's padding may run past max_length; a multiple of 16 is what the GPU decode
+        # kernel's blocks need (`models.attention.decode_blocks`).
+        self.capacity = round_up(cfg.max_length + cfg.prefill_chunk, 16)
         self.detokenize = detokenize
         self._fuse = _fuse(self.layout, SamplingConfig(gather_weights=cfg.gather_weights))
         self._cache = None

@@ -74,14 +74,13 @@ def init_cache(graphdef, state, *, slots: int, capacity: int, layout: Layout):
 
 def _rows(cache: KVCache, slots_R) -> KVCache:
     take = lambda x: jnp.take(x, slots_R, axis=0, mode="clip")  # noqa: E731
-    return KVCache(k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)), kv_valid=take(cache.kv_valid),
-                   index=jnp.take(cache.index, slots_R, mode="clip"))
+    return cache.map_rows(take)._replace(index=jnp.take(cache.index, slots_R, mode="clip"))
 
 
 def _put_rows(cache: KVCache, slots_R, rows: KVCache) -> KVCache:
     put = lambda x, y: x.at[slots_R].set(y, mode="drop")  # noqa: E731
-    return KVCache(k=tuple(map(put, cache.k, rows.k)), v=tuple(map(put, cache.v, rows.v)),
-                   kv_valid=put(cache.kv_valid, rows.kv_valid), index=cache.index)
+    return cache._replace(k=tuple(map(put, cache.k, rows.k)), v=tuple(map(put, cache.v, rows.v)),
+                          kv_valid=put(cache.kv_valid, rows.kv_valid))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout"), donate_argnames=("cache",))
@@ -94,7 +93,7 @@ def prefill_chunk(graphdef, state, cache: KVCache, slots_R, tokens_RC, starts_R,
     positions_RC = starts_R[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
     valid_RC = jnp.arange(c)[None, :] < counts_R[:, None]
     rows = _rows(cache, slots_R)._replace(index=starts_R)
-    _, rows = model.decode(tokens_RC, positions_RC, valid_RC, rows)
+    _, rows = model.decode(tokens_RC, positions_RC, valid_RC, rows, contiguous=True)
     return _map_cache(_put_rows(cache, slots_R, rows), layout.constrain)
 
 
@@ -105,8 +104,7 @@ def copy_slots(cache: KVCache, src_F, dst_F, count, *, layout: Layout):
     def copy_row(f, cache):
         take = lambda x: jax.lax.dynamic_index_in_dim(x, src_F[f], 0, keepdims=True)  # noqa: E731
         put = lambda x: jax.lax.dynamic_update_index_in_dim(x, take(x), dst_F[f], 0)  # noqa: E731
-        return KVCache(k=tuple(map(put, cache.k)), v=tuple(map(put, cache.v)), kv_valid=put(cache.kv_valid),
-                       index=cache.index)
+        return cache.map_rows(put)
     return _map_cache(jax.lax.fori_loop(0, count, copy_row, cache), layout.constrain)
 
 
@@ -134,7 +132,7 @@ def decode_steps(graphdef, state, cache: KVCache, inputs: SlotInputs, refill_at,
         sampling = active & ~forcing
         running = forcing | sampling
         hidden, cache = model.decode(last[:, None], length[:, None], running[:, None], cache._replace(index=length),
-                                     layers)
+                                     layers, contiguous=True)
         logits = rows(model.logits_from_hidden(hidden)[:, 0])
         u = keyed_uniforms(inputs.key_data, inputs.turn, generated, inputs.row_id)
         token, logprob = select_tokens_rows(logits, u, inputs.sampling, filters=filters)

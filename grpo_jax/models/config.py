@@ -31,6 +31,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 #   projection, gate/up, down) and the layer input, recomputing attention scores/probabilities and
 #   the elementwise ops; "full": the layer input only (the whole layer recomputed).
 REMAT_MODES = ("none", "dots", "full")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,11 @@ class ModelConfig:
     # Platform form of the weight matmuls' gradient (`models.dense`): True for XLA:CPU. Set by
     # the run from `grpo_jax.platform`; same values either way.
     cpu_weight_grad: bool = False
+    # Attention implementations and the KV cache's layout, also set by the run from
+    # `grpo_jax.platform` (same values up to rounding): `models.attention` and `models.kv_cache`.
+    attention: str = "xla"              # training / scoring / first prefill: xla | cudnn | splash
+    kv_layout: str = "head_major"       # head_major (k [B, Hkv, Dh, S]) | seq_major ([B, S, Hkv, Dh])
+    decode_attention: str = "blocked"   # full | blocked (live blocks only) | pallas_gpu (per-row lengths)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, Mapping):
@@ -90,6 +96,10 @@ class ModelConfig:
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(f"rope_scaling.rope_type={rope_type!r} is not supported; "
                               f"expected one of {SUPPORTED_ROPE_TYPES}")
+        for name, allowed in (("attention", ATTENTION_IMPLS), ("kv_layout", ("head_major", "seq_major")),
+                              ("decode_attention", ("full", "blocked", "pallas_gpu"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: use one of {allowed}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: use float32, bfloat16 or float16")

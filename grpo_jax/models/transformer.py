@@ -11,8 +11,10 @@ Attention masks are built from two per-token arrays instead of a [B, T, T] input
   left padding needs no special handling).
 - `positions_BT`: RoPE positions (0 at each sequence's first real token).
 
-KV-cache mode (`decode`) keeps keys/values for every layer in a preallocated `KVCache` with a
-common write `index`; `kv_valid_BS` marks which cache slots hold real tokens. It runs the layers
+Attention runs as `cfg.attention` says (`models.attention`: XLA, cuDNN or splash, chosen per
+platform). KV-cache mode (`decode`) keeps keys/values for every layer in a preallocated
+`KVCache` (`models.kv_cache`: its layout per platform, and decode attention that reads only the
+cache's live prefix); `kv_valid_BS` marks which positions hold real tokens. It runs the layers
 as straight-line code over per-layer arrays (`unstack_layers`, cache arrays per layer): inside
 a sampler's decode loop a scan over stacked weights would copy every layer's weights and cache
 out of the stacks at every step, which costs more than the step's own matmuls on CPU.
@@ -22,45 +24,18 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from grpo_jax import sharding as sharding_lib
+from grpo_jax.models import kv_cache
+from grpo_jax.models.attention import segment_attention, takes_length
 from grpo_jax.models.config import ModelConfig, rope_inv_freq
+from grpo_jax.models.kv_cache import KVCache
 from grpo_jax.models.dense import DENSE_NAME, dense
 from grpo_jax.utils import is_var, path_name
-
-# Fills masked attention scores; finite so that a fully masked row (a padding query) gives a
-# uniform average instead of NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-class KVCache(NamedTuple):
-    """Keys/values per layer, head-major: k a tuple of L arrays [B, Hkv, Dh, S] (stored
-    transposed, so the scores q @ k are a plain matmul on the stored matrix, with no per-step
-    transpose or repacking of the cache), v a tuple of L arrays [B, Hkv, S, Dh];
-    kv_valid [B, S]; index: the next slot to write, common to all rows (a scalar) or per row
-    ([B], the rollout engine's slots)."""
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-    kv_valid: jax.Array
-    index: jax.Array
-
-    @property
-    def max_length(self) -> int:
-        return self.kv_valid.shape[1]
-
-    def repeat_rows(self, n: int) -> "KVCache":
-        """Each row repeated n times (row-major): a prompt's cache shared by its group."""
-        rep = lambda x: jnp.repeat(x, n, axis=0)
-        return KVCache(k=tuple(map(rep, self.k)), v=tuple(map(rep, self.v)), kv_valid=rep(self.kv_valid),
-                       index=self.index)
-
 
 def rms_norm(x, weight, eps):
     """HF-compatible RMSNorm: statistics in float32, result cast back before the scale."""
@@ -80,33 +55,6 @@ def apply_rope(x_BTHD, cos_BTD, sin_BTD):
     half = x_BTHD.shape[-1] // 2
     rotated = jnp.concatenate([-x_BTHD[..., half:], x_BTHD[..., :half]], axis=-1)
     return x_BTHD * cos_BTD[:, :, None, :] + rotated * sin_BTD[:, :, None, :]
-
-
-def attention(q_BTHD, k, v, mask_BTS, *, cache_layout: bool = False):
-    """Grouped-query softmax attention; scores and softmax in float32, no K/V repetition.
-
-    k, v are [B, S, Hkv, Dh]; with `cache_layout` they are the KV cache's k [B, Hkv, Dh, S]
-    and v [B, Hkv, S, Dh].
-    Both products are written as plain batched matmuls, [B, Hkv] batch dims first, with a
-    group's G query heads and T positions as the rows: XLA:CPU runs that layout as one batched
-    GEMM, where the equivalent einsum over [B, T, Hkv, G, Dh] made it copy operands around
-    every product (docs/performance.md, "Sampler").
-    """
-    b, t, h, d = q_BTHD.shape
-    # Training keeps k [B, Hkv, S, Dh]: its transpose to [.., Dh, S] costs more in the backward
-    # pass than the decode step saves by storing it.
-    k_spec = "bkds" if cache_layout else "bksd"
-    if not cache_layout:
-        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
-    kv_heads = k.shape[1]
-    g = h // kv_heads
-    q_BKQD = q_BTHD.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
-    scores = jnp.einsum(f"bkqd,{k_spec}->bkqs", q_BKQD, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-    scores = scores.reshape(b, kv_heads, g, t, -1)
-    scores = jnp.where(mask_BTS[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, -1)
-    out_BKQD = jnp.einsum("bkqs,bksd->bkqd", probs, v)
-    return out_BKQD.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 INIT_STD = 0.02
@@ -269,23 +217,21 @@ class Transformer(nnx.Module):
 
     # -- full forward (training, scoring) -------------------------------------------------------
     def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *,
-                      fuse: bool = False) -> jax.Array:
+                      fuse: bool = False, mesh=None) -> jax.Array:
         """Final-normed hidden states [B, T, D] (feed to `logits_from_hidden` or chunked log-probs).
 
         `fuse`: q/k/v and gate/up as one wide matmul each (`fuse_layer`, same values and
         gradients; faster on CPU). Only for weights whose head / MLP axes are not sharded.
+        `mesh`: the mesh the batch is sharded on (splash attention runs under `shard_map` on it).
         """
         b, t = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((b, t), jnp.int32)
-        idx = jnp.arange(t)
-        mask_BTS = ((segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-                    & (idx[None, :, None] >= idx[None, None, :]))
 
         def attend(q, k, v, extra, layer_xs, layer):
-            return attention(q, k, v, mask_BTS), extra
+            return segment_attention(q, k, v, segment_ids_BT, impl=self.config.attention, mesh=mesh), extra
 
         hidden, _ = self._scan_layers(self._embed(tokens_BT), positions_BT, attend, (), fuse=fuse)
         return hidden
@@ -296,13 +242,8 @@ class Transformer(nnx.Module):
     # -- KV-cache mode (sampling) -----------------------------------------------------------------
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         cfg = self.config
-        dtype = dtype or cfg.compute_dtype
-        k_shape = (batch_size, cfg.n_kv_heads, cfg.head_dim, max_length)
-        v_shape = (batch_size, cfg.n_kv_heads, max_length, cfg.head_dim)
-        return KVCache(k=tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers)),
-                       v=tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers)),
-                       kv_valid=jnp.zeros((batch_size, max_length), bool),
-                       index=jnp.zeros((), jnp.int32))
+        return kv_cache.empty(cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, max_length,
+                              dtype or cfg.compute_dtype, cfg.kv_layout)
 
     def unstack_layers(self, fuse: bool = False) -> list[dict[str, jax.Array]]:
         """Per-layer parameter dicts (`fuse`: with `fuse_layer`'s concatenated matmuls).
@@ -311,54 +252,50 @@ class Transformer(nnx.Module):
         layers = [{name: w[i] for name, w in stacked.items()} for i in range(self.config.n_layers)]
         return [fuse_layer(self.config, p) for p in layers] if fuse else layers
 
-    def decode(self, tokens_BT, positions_BT, valid_BT, cache: KVCache, layers=None):
+    def decode(self, tokens_BT, positions_BT, valid_BT, cache: KVCache, layers=None, *,
+               contiguous: bool = False, fresh: bool = False):
         """Runs T new tokens against the cache (prefill when T > 1, one decode step when T == 1).
 
-        The new keys/values are written at cache slots [index, index + T): `cache.index` is a
-        scalar (every row writes at the same slot, the sampler's left-padded batch) or [B], one
-        write slot per row (the rollout engine's slots, each holding its own episode).
+        The new keys/values are written at cache positions [index, index + T): `cache.index` is
+        a scalar (every row writes at the same position, the sampler's left-padded batch) or [B],
+        one write position per row (the rollout engine's slots, each holding its own episode).
         `valid_BT` marks real tokens (False on padding). Returns hidden [B, T, D] (final-normed)
-        and the updated cache. Query i attends to valid slots <= index + i. `layers`: the result
-        of `unstack_layers()` (computed here when None).
+        and the updated cache. Query i attends to valid positions <= index + i, read as
+        `cfg.decode_attention` says (`models.kv_cache`). `layers`: the result of
+        `unstack_layers()` (computed here when None). `contiguous`: each row's valid positions
+        are [0, index + T) (the engine's slots). `fresh`: the cache is empty and index 0 (a first
+        prefill): the tokens attend to each other only, with the training attention
+        (`cfg.attention`), never reading the cache's empty positions.
         """
         cfg = self.config
         t = tokens_BT.shape[1]
         start = cache.index
-        kv_valid = _write_at(cache.kv_valid, valid_BT.astype(bool), start, axis=1)
-        slots = jnp.arange(cache.max_length)
-        q_slots_BT = (start[:, None] if start.ndim else start) + jnp.arange(t)[None, :]
-        mask_BTS = kv_valid[:, None, :] & (slots[None, None, :] <= q_slots_BT[:, :, None])
+        kv_valid = kv_cache.write_at(cache.kv_valid, valid_BT.astype(bool), start, axis=1)
+        positions_S = jnp.arange(cache.max_length)
+        q_pos_BT = (start[:, None] if start.ndim else start) + jnp.arange(t)[None, :]
+        mask_BTS = kv_valid[:, None, :] & (positions_S[None, None, :] <= q_pos_BT[:, :, None])
+        end_B = jnp.broadcast_to(start + t, (tokens_BT.shape[0],))
+        segment_ids_BT = valid_BT.astype(jnp.int32)
+        # A first prefill's length is a prompt bucket, not always what the kernel takes.
+        fresh_impl = cfg.attention if takes_length(cfg.attention, t) else "xla"
         cos, sin = rope_cos_sin(positions_BT, rope_inv_freq(cfg), cfg.compute_dtype)
         x = self._embed(tokens_BT)
         new_k, new_v = [], []
         for params, k_cache, v_cache in zip(layers or self.unstack_layers(), cache.k, cache.v):
             def attend(q, k, v, k_cache=k_cache, v_cache=v_cache):
-                k_cache = _write_at(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype), start, axis=3)
-                v_cache = _write_at(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), start, axis=2)
-                out = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BTS, cache_layout=True)
+                k_cache, v_cache = kv_cache.write_kv(k_cache, v_cache, k, v, start, cache.layout)
+                if fresh:
+                    return segment_attention(q, k, v, segment_ids_BT, impl=fresh_impl), (k_cache, v_cache)
+                out = kv_cache.decode_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_BTS, end_B,
+                                                layout=cache.layout, impl=cfg.decode_attention,
+                                                contiguous=contiguous)
                 return out, (k_cache, v_cache)
 
             x, (k_cache, v_cache) = _layer(cfg, params, x, cos, sin, attend)
             new_k.append(k_cache)
             new_v.append(v_cache)
         hidden = rms_norm(x, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
-        return hidden, KVCache(k=tuple(new_k), v=tuple(new_v), kv_valid=kv_valid, index=start + t)
-
-
-def _write_at(cache_arr, update, start, *, axis: int):
-    """`update` written into `cache_arr` ([B, ...]) at offset `start` along `axis`: one offset
-    for every row (a scalar `start`) or one per row ([B]; a scatter, in place under donation)."""
-    if start.ndim == 0:
-        offsets = [jnp.zeros((), jnp.int32)] * cache_arr.ndim
-        offsets[axis] = start.astype(jnp.int32)
-        return jax.lax.dynamic_update_slice(cache_arr, update, offsets)
-
-    def one_row(row, upd, s):
-        offsets = [jnp.zeros((), jnp.int32)] * row.ndim
-        offsets[axis - 1] = s.astype(jnp.int32)
-        return jax.lax.dynamic_update_slice(row, upd, offsets)
-
-    return jax.vmap(one_row)(cache_arr, update, start)
+        return hidden, cache._replace(k=tuple(new_k), v=tuple(new_v), kv_valid=kv_valid, index=start + t)
 
 
 def _host_init(name: str, var: nnx.Variable, seed: int) -> np.ndarray:
