@@ -54,6 +54,10 @@ def default_config() -> ml_collections.ConfigDict:
     #                                    masters off (half the weight memory; updates below
     #                                    bfloat16's resolution are lost)
     c.model.remat = "dots"             # what a layer keeps for the backward: none | dots | full
+    # Kernels and layouts; None = the platform's (`grpo_jax.platform`, docs/accelerators.md):
+    c.model.attention = placeholder(str)  # training attention: xla | cudnn | splash
+    c.model.kv_layout = placeholder(str)  # KV cache: head_major | seq_major
+    c.model.decode_attention = placeholder(str)  # over the KV cache: full | blocked | pallas_gpu
     c.model.model_type = "qwen2"       # from-scratch architecture: llama | qwen2 | qwen3
     c.model.vocab_size = 0             # 0 = the tokenizer's vocabulary size
     c.model.d_model = 128              # hidden size
@@ -151,7 +155,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.grpo.beta = 0.0                  # KL(pi || pi_ref) weight, k3 estimator; > 0 keeps a reference
     c.grpo.importance_sampling_level = "token"  # token | sequence (GSPO)
     c.grpo.num_iterations = 1          # mu: updates per batch of rollouts
-    c.grpo.micro_batch_size = placeholder(int)  # rows per gradient-accumulation step; None = the batch
+    c.grpo.pack = True                 # several episodes per train row of rollout.max_seq_len tokens
+    #                                    (`grpo_jax.packing`; the same update, less padding); False:
+    #                                    one episode per row, padded to the step's longest
+    c.grpo.micro_batch_size = placeholder(int)  # rows per gradient-accumulation step (packed: rows
+    #                                    of rollout.max_seq_len tokens); None = the batch
+    c.grpo.micro_batch_tokens = placeholder(int)  # packed only, instead of micro_batch_size: token
+    #                                    positions per micro-batch (rows = this // rollout.max_seq_len)
     c.grpo.chunk_size = placeholder(int)  # vocabulary chunk of the log-prob computation; None = by
     #                                    platform (`grpo_jax.platform`: 1024 on CPU, 8192 elsewhere)
     c.grpo.tis_cap = placeholder(float)  # truncated importance sampling cap; None = off (the
@@ -223,15 +233,38 @@ def platform_choices(config) -> platform_lib.PlatformChoices:
     return platform_lib.choices(config.get("platform", "auto"))
 
 
-def train_config(config) -> TrainConfig:
-    """The `TrainConfig` of `config.grpo`; chunk_size None: the platform's."""
+def model_platform_fields(config) -> dict[str, Any]:
+    """The `ModelConfig` fields set by the platform, with `config.model`'s overrides."""
+    fields = platform_choices(config).model_fields()
+    model = config.get("model") or {}
+    return {k: model.get(k) or v for k, v in fields.items()}
+
+
+def packed_micro_rows(config) -> int | None:
+    """Rows per micro-batch of a packed run: grpo.micro_batch_tokens // rollout.max_seq_len (at
+    least 1), or grpo.micro_batch_size; None: the whole batch."""
     g = config.grpo
-    # The rollout appends at most max_new_tokens model tokens per turn: the most loss tokens a row
-    # can hold (dr_grpo's constant and the output head's bound).
+    if g.get("micro_batch_tokens"):
+        return max(g.micro_batch_tokens // config.rollout.max_seq_len, 1)
+    return g.micro_batch_size
+
+
+def train_config(config) -> TrainConfig:
+    """The `TrainConfig` of `config.grpo`; chunk_size None: the platform's. Packed (grpo.pack):
+    micro-batches of `packed_micro_rows` rows and no per-row loss-token bound (a row holds
+    several episodes)."""
+    g = config.grpo
+    # The rollout appends at most max_new_tokens model tokens per turn: the most loss tokens an
+    # episode can hold (dr_grpo's constant and, one episode per row, the output head's bound).
     budget = ("sampling.max_new_tokens", config.sampling.max_new_tokens * config.rollout.max_turns)
+    packed = {}
+    if g.get("pack", False):
+        packed = {"max_loss_tokens": ("grpo.pack", None),
+                  "micro_batch_size": ("grpo.micro_batch_tokens" if g.get("micro_batch_tokens")
+                                       else "grpo.micro_batch_size", packed_micro_rows(config))}
     return _settings(TrainConfig, {
         **_group(TrainConfig, config, "grpo"),
-        "max_completion_length": budget, "max_loss_tokens": budget,
+        "max_completion_length": budget, "max_loss_tokens": budget, **packed,
         "temperature": ("sampling.temperature", config.sampling.temperature),
         "chunk_size": ("grpo.chunk_size", g.chunk_size or platform_choices(config).logprob_chunk),
         # With TIS the old log-probs are the trainer's own and the sampler's reweight them;
@@ -359,7 +392,14 @@ def _check_sizes(c) -> None:
     batch = c.train.prompts_per_step * c.rollout.group_size
     if c.train.prompts_per_step < 1:
         _fail("train.prompts_per_step", f"must be >= 1, got {c.train.prompts_per_step}")
-    if c.grpo.micro_batch_size and batch % c.grpo.micro_batch_size:
+    if c.grpo.micro_batch_tokens is not None and not c.grpo.pack:
+        _fail("grpo.micro_batch_tokens", "sizes the micro-batches of packed rows: set grpo.pack = True "
+              "or use grpo.micro_batch_size")
+    if c.grpo.micro_batch_tokens is not None and c.grpo.micro_batch_size is not None:
+        _fail("grpo.micro_batch_tokens", "and grpo.micro_batch_size both size the micro-batches: set one")
+    if c.grpo.micro_batch_tokens is not None and c.grpo.micro_batch_tokens < 1:
+        _fail("grpo.micro_batch_tokens", f"must be >= 1 or None, got {c.grpo.micro_batch_tokens}")
+    if not c.grpo.pack and c.grpo.micro_batch_size and batch % c.grpo.micro_batch_size:
         _fail("grpo.micro_batch_size", f"{c.grpo.micro_batch_size} does not divide the batch of "
               f"{batch} rows (train.prompts_per_step * rollout.group_size)")
     if not c.model.hf_path and c.rollout.max_seq_len > c.model.max_position_embeddings:
@@ -403,7 +443,16 @@ def _check_devices(c) -> None:
     mesh = sharding_lib.mesh_from_config(c.mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = c.train.prompts_per_step * c.rollout.group_size
-    micro = c.grpo.micro_batch_size or rows
+    if c.grpo.pack:  # the packed row count is rounded to a multiple of the micro-batch rows
+        micro = packed_micro_rows(c)
+        if micro is not None and micro % shards:
+            field = "grpo.micro_batch_tokens" if c.grpo.micro_batch_tokens else "grpo.micro_batch_size"
+            _fail(field, f"micro-batches of {micro} packed rows of rollout.max_seq_len="
+                  f"{c.rollout.max_seq_len} tokens must split evenly over the {shards} data-parallel "
+                  "devices (mesh data x fsdp)")
+        micro = micro or rows
+    else:
+        micro = c.grpo.micro_batch_size or rows
     if rows % shards or micro % shards:
         _fail("train.prompts_per_step", f"the batch of {rows} rows (micro-batches of {micro}) must split "
               f"evenly over the {shards} data-parallel devices (mesh data x fsdp)")

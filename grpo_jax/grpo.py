@@ -1,9 +1,14 @@
 """GRPO math: the clipped policy-gradient loss family and its exact normalisation.
 
 Pure functions of arrays (jax.numpy only, no model code); all of them jit. Shapes:
-``B`` rows (completions), ``T`` token positions. A row's *tokens* are the positions
-where ``mask_BT`` is non-zero: the model's own completion tokens, never prompt,
-padding or environment tokens. ``n_i`` is the number of tokens of row ``i``.
+``B`` rows, ``T`` token positions. A row holds one completion (episode), or several
+when the batch is packed (``grpo_jax.packing``): then ``sequence_ids`` [B, T] numbers
+them, ``k > 0`` on the tokens of the row's k-th sequence (ids in 1..T) and 0 on
+padding; absent, each row is one sequence. A *sequence*'s tokens are its positions
+where ``mask_BT`` is non-zero (and, packed, its id is > 0): the model's own completion
+tokens, never prompt, padding or environment tokens. ``n_i`` is the number of tokens of
+sequence ``i``. Advantages are ``[B]`` (one per row) or ``[B, T]`` (per token: a packed
+row's sequences each carry their own, constant over the sequence's tokens).
 
 Static vs traced arguments: ``loss_type``, ``importance_sampling_level``,
 ``max_completion_length``, ``cispo_clip_low`` and whether ``ref_logps``,
@@ -16,17 +21,21 @@ Normalisation as (sum, count)
 -----------------------------
 Every loss type is ``loss = loss_sum / max(normalizer, 1)`` where
 
-* ``loss_sum = sum_i c_i sum_t m_it l_it`` is a sum over rows, with a per-row
-  weight ``c_i`` that depends on that row alone (``1/n_i`` for grpo and gspo,
-  ``1`` otherwise), and
+* ``loss_sum = sum_i c_i sum_t m_it l_it`` is a sum over sequences, with a
+  per-sequence weight ``c_i`` that depends on that sequence alone (``1/n_i`` for grpo
+  and gspo, ``1`` otherwise), and
 * ``normalizer`` (``loss_normalizer``) is a count that adds up over rows: the
-  number of non-empty rows (grpo, gspo), of tokens (bnpo, dapo, cispo), or
-  ``rows * max_completion_length`` (dr_grpo).
+  number of non-empty sequences (grpo, gspo), of tokens (bnpo, dapo, cispo), or
+  ``sequences * max_completion_length`` (dr_grpo; sequences: the rows, or packed, the
+  (row, id > 0) pairs present, empty ones included).
 
-Both are additive over any split of the batch into row micro-batches or data
-shards, so ``sum_k policy_loss_sum(micro_k) / loss_normalizer(full_mask)``
-equals ``policy_loss(full)`` (and so do its gradients): gradient accumulation
-and sharding reproduce the full-batch objective exactly. For grpo this is the
+Every per-sequence quantity (``n_i``, GSPO's sequence ratio, the counts) is a
+segment sum over the sequence ids inside each row, so packing episodes into rows
+changes nothing (``tests/test_packing.py``). Both sums are additive over any split of
+the batch into row micro-batches or data shards, so
+``sum_k policy_loss_sum(micro_k) / loss_normalizer(full_mask)`` equals
+``policy_loss(full)`` (and so do its gradients): gradient accumulation and sharding
+reproduce the full-batch objective exactly. For grpo this is the
 full-batch "mean over each completion's tokens, then mean over completions",
 with completions that have no tokens left out of the count. Metrics follow the
 same pattern: ``policy_loss_sum`` returns sums (and a min and a max), combined
@@ -34,22 +43,25 @@ with ``combine_metric_sums`` (or ``psum``/``pmin``/``pmax`` per
 ``metric_reduction``) and turned into averages by ``finalize_metrics``.
 
 Group-relative advantages live in ``grpo_jax.advantages`` and are re-exported
-here: ``group_advantages``, ``ADVANTAGE_SCALES``.
+here: ``group_advantages``, ``ADVANTAGE_SCALES``; the argument checks in
+``grpo_jax.loss_checks`` (``check_settings`` re-exported).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from grpo_jax.advantages import ADVANTAGE_SCALES, group_advantages  # noqa: F401 (re-export)
+from grpo_jax import loss_checks
+from grpo_jax.loss_checks import (_check_choice, _check_max_completion_length, _check_shapes,
+                                  _resolve_settings)
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+LOSS_TYPES = loss_checks.LOSS_TYPES
+IMPORTANCE_SAMPLING_LEVELS = loss_checks.IMPORTANCE_SAMPLING_LEVELS
+check_settings = loss_checks.check_settings  # the checks `TrainConfig` runs when it is made
 
-# Loss types whose rows are averaged over their own tokens first (per-row weight 1/n_i).
+# Loss types whose sequences are averaged over their own tokens first (weight 1/n_i).
 _PER_SEQUENCE_MEAN = ("grpo", "gspo")
 # Loss types normalised by the number of tokens in the batch.
 _TOKEN_MEAN = ("bnpo", "dapo", "cispo")
@@ -74,30 +86,72 @@ def k3_kl(logps, ref_logps):
     return jnp.exp(d) - d - 1.0
 
 
-def loss_normalizer(mask, loss_type, max_completion_length=None):
-    """The denominator of the loss, computed from a ``[B, T]`` mask alone.
+def loss_normalizer(mask, loss_type, max_completion_length=None, *, sequence_ids=None):
+    """The denominator of the loss, computed from a ``[B, T]`` mask (and ``sequence_ids``) alone.
 
-    * grpo, gspo: number of rows with at least one token (the ``1/n_i`` per-row
-      weighting is in the numerator, ``policy_loss_sum``);
+    * grpo, gspo: number of sequences with at least one token (the ``1/n_i``
+      per-sequence weighting is in the numerator, ``policy_loss_sum``);
     * bnpo, dapo, cispo: number of tokens, ``sum_it m_it``;
-    * dr_grpo: ``B * max_completion_length`` (a constant per row).
+    * dr_grpo: ``sequences * max_completion_length``, a constant per sequence: the
+      sequences are the rows (``B``), or with ``sequence_ids`` the (row, id > 0) pairs
+      present, tokens or not, so a packed batch counts its episodes as the unpacked
+      batch counts its rows.
 
-    The value is a float32 count, additive over any split of the rows, so the
-    normaliser of a full batch is the sum of those of its micro-batches or
+    The value is a float32 count (an exact integer), additive over any split of the
+    rows, so the normaliser of a full batch is the sum of those of its micro-batches or
     shards. Divide with ``finalize_loss`` (which guards against a zero count).
     """
     _check_choice("loss_type", loss_type, LOSS_TYPES)
     if jnp.ndim(mask) != 2:
         raise ValueError(f"mask must be [B, T], got shape {jnp.shape(mask)}")
-    present_BT = jnp.asarray(mask) != 0
+    if sequence_ids is not None and jnp.shape(sequence_ids) != jnp.shape(mask):
+        raise ValueError(f"sequence_ids must have the shape of mask {jnp.shape(mask)}, "
+                         f"got {jnp.shape(sequence_ids)}")
+    segments = _segments(sequence_ids, jnp.shape(mask))
+    present_BT = _present(mask, sequence_ids)
     if loss_type in _PER_SEQUENCE_MEAN:
-        count = jnp.sum(jnp.any(present_BT, axis=-1))
+        count = jnp.sum(_sequence_totals(present_BT.astype(jnp.int32), segments) > 0)
     elif loss_type in _TOKEN_MEAN:
         count = jnp.sum(present_BT)
     else:  # dr_grpo
         _check_max_completion_length(max_completion_length)
-        count = jnp.shape(mask)[0] * max_completion_length
+        if segments is None:
+            sequences = jnp.shape(mask)[0]
+        else:
+            sequences = jnp.sum(_sequence_totals((jnp.asarray(sequence_ids) > 0).astype(jnp.int32),
+                                                 segments) > 0)
+        count = sequences * max_completion_length
     return jnp.asarray(count, jnp.float32)
+
+
+def _present(mask, sequence_ids):
+    """[B, T] bool: the trained tokens (mask non-zero; packed, also a sequence id > 0)."""
+    present_BT = jnp.asarray(mask) != 0
+    return present_BT if sequence_ids is None else present_BT & (jnp.asarray(sequence_ids) > 0)
+
+
+def _segments(sequence_ids, shape):
+    """``(ids_BT, T + 1)``: each token's sequence id within its row (clipped to 0..T) and the
+    number of ids a row can hold; None without ``sequence_ids`` (each row is one sequence:
+    plain row reductions)."""
+    if sequence_ids is None:
+        return None
+    t = shape[1]
+    return jnp.clip(jnp.asarray(sequence_ids).astype(jnp.int32), 0, t), t + 1
+
+
+def _sequence_totals(x_BT, segments):
+    """The sum of ``x`` over each sequence: [B] (rows), or [B, T + 1] (row, sequence id), a
+    segment sum within each row (so rows stay where the batch's sharding puts them)."""
+    if segments is None:
+        return jnp.sum(x_BT, axis=-1)
+    ids_BT, count = segments
+    return jax.vmap(lambda x, ids: jax.ops.segment_sum(x, ids, num_segments=count))(x_BT, ids_BT)
+
+
+def _per_token(totals, segments):
+    """Per-sequence values back on their tokens: [B, 1] (rows) or [B, T]."""
+    return totals[:, None] if segments is None else jnp.take_along_axis(totals, segments[0], axis=1)
 
 
 def finalize_loss(loss_sum, normalizer):
@@ -108,14 +162,15 @@ def finalize_loss(loss_sum, normalizer):
 def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type="grpo",
                 epsilon=0.2, epsilon_high=None, delta=None, beta=0.0,
                 max_completion_length=None, importance_sampling_level="token",
-                sampler_logps=None, tis_cap=None, cispo_clip_low=False):
+                sampler_logps=None, tis_cap=None, cispo_clip_low=False, sequence_ids=None):
     """The GRPO-family policy loss of one batch, and its metrics.
 
     Args:
       logps: ``[B, T]`` log pi_theta of the sampled tokens (the differentiated input).
       old_logps: ``[B, T]`` log pi_old of the same tokens (the policy that sampled
         them, as recomputed by the trainer); treated as constant.
-      advantages: ``[B]`` one advantage per completion (``group_advantages``).
+      advantages: ``[B]`` one advantage per row (``group_advantages``), or ``[B, T]``
+        per token (constant over each sequence's tokens: a packed batch).
       mask: ``[B, T]`` float or bool; non-zero exactly on the model's own
         completion tokens. Masked positions may hold anything (even NaN or
         -inf): they are replaced before any arithmetic and get zero gradient.
@@ -145,6 +200,10 @@ def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type
         ``tis_cap`` changes nothing (TIS off); ``tis_cap`` without it is an error.
       cispo_clip_low: cispo only; also clip its weight below at ``1 - epsilon``
         (MiniMax-M1 allows this but trained without a lower bound).
+      sequence_ids: ``[B, T]`` int, the sequence of each token within its row (k > 0:
+        the row's k-th sequence, ids in 1..T; 0: padding, never trained) for rows that
+        hold several episodes; None: each row is one sequence. Every ``i`` below is then
+        a (row, sequence) pair.
 
     Objective. With ``r_it`` the ratio, ``A_i`` the advantage, ``m_it`` the mask
     and ``w_it`` the TIS weight (1 without TIS), each token's loss is
@@ -163,7 +222,9 @@ def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type
         grpo    (DeepSeekMath, Shao et al. 2024):  (1/|{i: n_i>0}|) sum_i (1/n_i) sum_t m_it l_it
         gspo    (Zheng et al. 2025, GSPO):         same aggregation, sequence-level ratio
         bnpo, dapo (Yu et al. 2025, DAPO), cispo:  sum_it m_it l_it / sum_it m_it
-        dr_grpo (Liu et al. 2025, Dr. GRPO):       sum_it m_it l_it / (B * max_completion_length)
+        dr_grpo (Liu et al. 2025, Dr. GRPO):       sum_it m_it l_it / (S * max_completion_length)
+
+    with ``S`` the number of sequences (``B`` rows; packed, every (row, id > 0) pair).
 
     bnpo and dapo are the same objective: "dapo" names the token-level sum
     meant to be used with clip-higher (``epsilon_high > epsilon``). The KL term
@@ -184,7 +245,7 @@ def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type
       lower clip is active), ``clip_ratio/high`` (r > 1+eps_high with A > 0;
       for cispo: the weight is truncated, any advantage), ``clip_ratio/region``
       (either), ``ratio/mean``, ``ratio/min``, ``ratio/max`` (min and max over
-      tokens), ``num_tokens`` and ``num_sequences`` (non-empty rows; counts);
+      tokens), ``num_tokens`` and ``num_sequences`` (non-empty sequences; counts);
       with ``ref_logps``: ``kl`` (mean k3, reported even when beta is 0); with
       ``delta``: ``clip_ratio/delta`` (r > delta with A < 0); with TIS:
       ``tis/weight_mean`` and ``tis/frac_capped``. With no tokens every
@@ -195,20 +256,22 @@ def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type
         epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, beta=beta,
         max_completion_length=max_completion_length,
         importance_sampling_level=importance_sampling_level,
-        sampler_logps=sampler_logps, tis_cap=tis_cap, cispo_clip_low=cispo_clip_low)
-    normalizer = loss_normalizer(mask, loss_type, max_completion_length)
+        sampler_logps=sampler_logps, tis_cap=tis_cap, cispo_clip_low=cispo_clip_low,
+        sequence_ids=sequence_ids)
+    normalizer = loss_normalizer(mask, loss_type, max_completion_length, sequence_ids=sequence_ids)
     return finalize_loss(loss_sum, normalizer), finalize_metrics(metric_sums)
 
 
 def policy_loss_sum(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type="grpo",
                     epsilon=0.2, epsilon_high=None, delta=None, beta=0.0,
                     max_completion_length=None, importance_sampling_level="token",
-                    sampler_logps=None, tis_cap=None, cispo_clip_low=False):
+                    sampler_logps=None, tis_cap=None, cispo_clip_low=False, sequence_ids=None):
     """The numerator of ``policy_loss`` and the metric sums, for accumulation.
 
     Same arguments and objective as ``policy_loss``. Returns
     ``(loss_sum, metric_sums)`` with ``loss_sum = sum_i c_i sum_t m_it l_it``
-    (``c_i = 1/max(n_i, 1)`` for grpo and gspo, else 1) and ``metric_sums`` the
+    (``c_i = 1/max(n_i, 1)`` for grpo and gspo, else 1; ``i`` a row, or packed a
+    (row, sequence id) pair) and ``metric_sums`` the
     un-normalised metrics: sums over tokens for the averages, the min and max
     ratio, and the counts ``num_tokens`` / ``num_sequences``. For any split of
     a batch into row micro-batches ``k``:
@@ -218,13 +281,14 @@ def policy_loss_sum(logps, old_logps, advantages, mask, *, ref_logps=None, loss_
     and the same holds for gradients; ``finalize_metrics`` of the
     ``combine_metric_sums`` of the parts equals ``policy_loss(full)[1]``.
     """
-    _check_shapes(logps, old_logps, advantages, mask, ref_logps, sampler_logps)
+    _check_shapes(logps, old_logps, advantages, mask, ref_logps, sampler_logps, sequence_ids)
     settings = _resolve_settings(
         loss_type, importance_sampling_level, epsilon, epsilon_high, delta, beta,
         max_completion_length, ref_logps is not None, sampler_logps is not None, tis_cap)
     inputs = [logps, old_logps] + [x for x in (ref_logps, sampler_logps) if x is not None]
     dtype = jnp.result_type(*[jnp.asarray(x).dtype for x in inputs], jnp.float32)
-    present_BT = jnp.asarray(mask) != 0
+    present_BT = _present(mask, sequence_ids)
+    segments = _segments(sequence_ids, jnp.shape(logps))
 
     def masked(x_BT):
         # Replace masked positions *before* arithmetic so that NaN / -inf padding can
@@ -232,9 +296,12 @@ def policy_loss_sum(logps, old_logps, advantages, mask, *, ref_logps=None, loss_
         return jnp.where(present_BT, jnp.asarray(x_BT).astype(dtype), 0.0)
 
     logps_BT, old_logps_BT = masked(logps), masked(old_logps)
-    advantages_B1 = jnp.asarray(advantages).astype(dtype)[:, None]
-    num_tokens_B = present_BT.astype(dtype).sum(axis=-1)
-    ratio_BT = _ratio(logps_BT, old_logps_BT, num_tokens_B, settings["sequence_level"])
+    advantages_B1 = jnp.asarray(advantages).astype(dtype)
+    if advantages_B1.ndim == 1:
+        advantages_B1 = advantages_B1[:, None]  # [B, 1] or [B, T]: broadcasts over the tokens
+    num_tokens_S = _sequence_totals(present_BT.astype(dtype), segments)
+    num_tokens_B1 = _per_token(num_tokens_S, segments)  # n_i on each token of sequence i
+    ratio_BT = _ratio(logps_BT, old_logps_BT, num_tokens_B1, segments, settings["sequence_level"])
     tis_weight_BT, raw_tis_BT = 1.0, None
     if settings["use_tis"]:
         raw_tis_BT = jnp.exp(old_logps_BT - masked(sampler_logps))
@@ -247,18 +314,19 @@ def policy_loss_sum(logps, old_logps, advantages, mask, *, ref_logps=None, loss_
         token_loss_BT = token_loss_BT + beta * kl_BT
 
     if loss_type in _PER_SEQUENCE_MEAN:
-        row_weight_B1 = (1.0 / jnp.maximum(num_tokens_B, 1.0))[:, None]
+        row_weight_B1 = 1.0 / jnp.maximum(num_tokens_B1, 1.0)
     else:
         row_weight_B1 = 1.0
     loss_sum = jnp.sum(jnp.where(present_BT, row_weight_B1 * token_loss_BT, 0.0))
     metric_sums = _metric_sums(
-        present_BT, dtype, ratio_BT, advantages_B1, clip_low_BT, clip_high_BT, kl_BT=kl_BT,
+        present_BT, num_tokens_S, dtype, ratio_BT, advantages_B1, clip_low_BT, clip_high_BT, kl_BT=kl_BT,
         delta=delta, tis_weight_BT=tis_weight_BT, raw_tis_BT=raw_tis_BT, tis_cap=tis_cap)
     return loss_sum, metric_sums
 
 
-def _ratio(logps_BT, old_logps_BT, num_tokens_B, sequence_level: bool):
-    """The importance ratio ``r_it`` of each token (masked positions hold 0 log-probs):
+def _ratio(logps_BT, old_logps_BT, num_tokens_B1, segments, sequence_level: bool):
+    """The importance ratio ``r_it`` of each token (masked positions hold 0 log-probs;
+    ``num_tokens_B1``: ``n_i`` on the tokens of sequence i, ``segments``: `_segments`):
 
         token:     r_it = exp(logp_it - old_logp_it)
         sequence:  r_it = sg(s_i) exp(logp_it - sg(logp_it)),
@@ -268,8 +336,9 @@ def _ratio(logps_BT, old_logps_BT, num_tokens_B, sequence_level: bool):
     log_ratio_BT = logps_BT - old_logps_BT
     if not sequence_level:
         return jnp.exp(log_ratio_BT)
-    seq_log_ratio_B = log_ratio_BT.sum(axis=-1) / jnp.maximum(num_tokens_B, 1.0)
-    return jnp.exp(sg(seq_log_ratio_B))[:, None] * jnp.exp(logps_BT - sg(logps_BT))
+    seq_log_ratio_B1 = (_per_token(_sequence_totals(log_ratio_BT, segments), segments)
+                        / jnp.maximum(num_tokens_B1, 1.0))
+    return jnp.exp(sg(seq_log_ratio_B1)) * jnp.exp(logps_BT - sg(logps_BT))
 
 
 def _token_loss(loss_type, ratio_BT, logps_BT, advantages_B1, tis_weight_BT, *, epsilon,
@@ -300,7 +369,7 @@ def _token_loss(loss_type, ratio_BT, logps_BT, advantages_B1, tis_weight_BT, *, 
     return -tis_weight_BT * surrogate_BT, clip_low_BT, clip_high_BT
 
 
-def _metric_sums(present_BT, dtype, ratio_BT, advantages_B1, clip_low_BT, clip_high_BT, *,
+def _metric_sums(present_BT, num_tokens_S, dtype, ratio_BT, advantages_B1, clip_low_BT, clip_high_BT, *,
                  kl_BT, delta, tis_weight_BT, raw_tis_BT, tis_cap):
     """The un-normalised metrics of ``policy_loss_sum`` (token sums, min/max ratio, counts)."""
     def token_sum(x_BT):
@@ -315,7 +384,7 @@ def _metric_sums(present_BT, dtype, ratio_BT, advantages_B1, clip_low_BT, clip_h
         "ratio/min": jnp.min(jnp.where(present_BT, ratio_value_BT, jnp.inf)),
         "ratio/max": jnp.max(jnp.where(present_BT, ratio_value_BT, -jnp.inf)),
         "num_tokens": jnp.sum(present_BT, dtype=jnp.int32),
-        "num_sequences": jnp.sum(jnp.any(present_BT, axis=-1), dtype=jnp.int32),
+        "num_sequences": jnp.sum(num_tokens_S > 0, dtype=jnp.int32),
     }
     if kl_BT is not None:
         metric_sums["kl"] = token_sum(jax.lax.stop_gradient(kl_BT))
@@ -361,100 +430,3 @@ def finalize_metrics(metric_sums):
         else:
             metrics[name] = jnp.where(has_tokens, value, jnp.zeros_like(value))
     return metrics
-
-
-# ----------------------------------------------------------------------------
-# Validation: all at trace time, from static shapes and Python hyper-parameters.
-# ----------------------------------------------------------------------------
-
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def _check_max_completion_length(max_completion_length):
-    if max_completion_length is None:
-        raise ValueError("loss_type='dr_grpo' normalises by B * max_completion_length: "
-                         "pass max_completion_length (the sampler's completion budget)")
-    if not isinstance(max_completion_length, int) or max_completion_length <= 0:
-        raise ValueError("max_completion_length must be a positive int, got "
-                         f"{max_completion_length!r}")
-
-
-def _check_shapes(logps, old_logps, advantages, mask, ref_logps, sampler_logps):
-    shape = jnp.shape(logps)
-    if len(shape) != 2:
-        raise ValueError(f"logps must be [B, T], got shape {shape}")
-    named = {"old_logps": old_logps, "mask": mask, "ref_logps": ref_logps,
-             "sampler_logps": sampler_logps}
-    for name, x in named.items():
-        if x is not None and jnp.shape(x) != shape:
-            raise ValueError(f"{name} must have the shape of logps {shape}, got {jnp.shape(x)}")
-    if jnp.shape(advantages) != shape[:1]:
-        raise ValueError(f"advantages must be [B] = {shape[:1]} (one per row of logps), "
-                         f"got shape {jnp.shape(advantages)}")
-
-
-def _static_float(x: Any):
-    """``float(x)`` for a concrete number, None for a traced value."""
-    if isinstance(x, jax.core.Tracer):
-        return None
-    return float(x)
-
-
-def check_settings(*, loss_type="grpo", epsilon=0.2, epsilon_high=None, delta=None,
-                   importance_sampling_level="token", beta=0.0):
-    """Raises ``ValueError`` naming the setting for a loss setting ``policy_loss`` rejects.
-
-    The one place these checks live: ``policy_loss_sum`` runs them at trace time and
-    ``TrainConfig`` (``grpo_jax.train_inputs``) when it is made, so a config fails before compiling.
-    Traced ``epsilon``, ``epsilon_high``, ``delta`` or ``beta`` skip their range checks.
-    """
-    _check_choice("loss_type", loss_type, LOSS_TYPES)
-    _check_choice("importance_sampling_level", importance_sampling_level,
-                  IMPORTANCE_SAMPLING_LEVELS)
-    eps = _static_float(epsilon)
-    eps_high = eps if epsilon_high is None else _static_float(epsilon_high)
-    if loss_type == "cispo" and (epsilon_high is None or (eps_high is not None and eps_high <= 0)):
-        raise ValueError(f"epsilon_high must be > 0 for loss_type='cispo', got {epsilon_high}: its "
-                         "IS weight is truncated at 1 + epsilon_high (MiniMax-M1 tunes only this "
-                         "upper bound)")
-    for name, value in (("epsilon", eps), ("epsilon_high", eps_high)):
-        if value is not None and value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if delta is not None:
-        if loss_type == "cispo":
-            raise ValueError("delta (two-sided clipping) applies to the clipped-surrogate losses; "
-                             "cispo already caps its weight at 1 + epsilon_high")
-        d = _static_float(delta)
-        if d is not None and eps_high is not None and d <= 1.0 + eps_high:
-            raise ValueError(f"delta must exceed 1 + epsilon_high = {1.0 + eps_high}, got {d}")
-    b = _static_float(beta)
-    if b is not None and b < 0:
-        raise ValueError(f"beta must be >= 0, got {b}")
-
-
-def _resolve_settings(loss_type, importance_sampling_level, epsilon, epsilon_high, delta, beta,
-                      max_completion_length, has_ref, has_sampler, tis_cap):
-    check_settings(loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta,
-                   importance_sampling_level=importance_sampling_level, beta=beta)
-    if loss_type == "dr_grpo":
-        _check_max_completion_length(max_completion_length)
-    b = _static_float(beta)
-    use_kl = b is None or b > 0
-    if use_kl and not has_ref:
-        raise ValueError("beta > 0 (or a traced beta) adds a KL penalty to the reference "
-                         "policy: pass ref_logps")
-    if tis_cap is not None:
-        if not has_sampler:
-            raise ValueError("tis_cap given without sampler_logps: truncated importance "
-                             "sampling needs the sampler's log-probs")
-        cap = _static_float(tis_cap)
-        if cap is not None and cap <= 0:
-            raise ValueError(f"tis_cap must be > 0, got {cap}")
-    return {
-        "sequence_level": loss_type == "gspo" or importance_sampling_level == "sequence",
-        "epsilon_high": epsilon if epsilon_high is None else epsilon_high,
-        "use_kl": use_kl,
-        "use_tis": tis_cap is not None,
-    }

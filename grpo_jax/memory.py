@@ -27,7 +27,8 @@ Categories and their assumptions (the table repeats them):
 - kv_cache:    the sampler's cache (`models.KVCache`): per layer k [B, Hkv, Dh, S] and
                v [B, Hkv, S, Dh] with logical axes `sharding.KV_K_AXES` / `KV_V_AXES` (listed
                stacked over a replicated "layers" axis), kv_valid [B, S] (`KV_VALID_AXES`):
-               rows over (data, fsdp), KV heads over tp.
+               rows over (data, fsdp), KV heads over tp. (The `head_major` layout; the
+               accelerators' `seq_major` [B, S, Hkv, Dh] holds the same bytes, split alike.)
 - sampling_weights: the compute-dtype copy of the weights the sampler reads during a rollout,
                laid out by `sharding.sampling_rules(rules, gather_weights=...)`: gathered over
                fsdp (the train rules with `embed` unsharded) when `gather_weights`, else the
@@ -442,7 +443,10 @@ def _sampling_weights_category(params, gather_weights: bool, masters: bool, comp
 
 def plan_for_run(run) -> MemoryPlan:
     """`plan_memory` of a `components.Run`: its model, mesh, optimizer and batch, against the
-    memory of its first local device (when the backend reports it)."""
+    memory of its first local device (when the backend reports it). The train step's
+    micro-batch is `run.train.micro_batch_size` rows (packed: of `micro_batch_tokens` //
+    max_seq_len) or the batch's rows (packed: at most one row per episode), of
+    rollout.max_seq_len tokens (the packed width; one episode per row: the widest)."""
     c = run.config
     rows = c.train.prompts_per_step * c.rollout.group_size
     kv_batch, kv_length = rows, c.rollout.max_seq_len  # the lockstep sampler: every episode at once
@@ -454,6 +458,6 @@ def plan_for_run(run) -> MemoryPlan:
     return plan_memory(run.model.config, dict(run.mesh.shape), optimizer=run.optimizer,
                        with_reference=run.uses_reference, kv_batch=kv_batch, kv_length=kv_length,
                        gather_weights=c.sampling.gather_weights,
-                       train_batch=c.grpo.micro_batch_size or rows, train_seq=c.rollout.max_seq_len,
+                       train_batch=run.train.micro_batch_size or rows, train_seq=c.rollout.max_seq_len,
                        chunk_size=run.train.chunk_size, device_memory_gib=limit / GIB if limit else None,
                        label=c.model.hf_path or f"{run.model.config.model_type} from the config")

@@ -2,6 +2,9 @@
 
 The batch's keys and shapes are listed in `grpo_jax.train_step`'s docstring; `prepare_batch`
 checks them and shifts the per-token arrays once (the logits at position t score token t + 1).
+A packed batch (`grpo_jax.packing`: several episodes per row) adds `sequence_ids` and per-token
+advantages; the token that starts a sequence is scored from the previous sequence's last
+position, so it never counts (its mask is zeroed, as position 0's is).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ class TrainConfig:
     max_completion_length: int | None = None  # dr_grpo's constant L
     # At most this many loss tokens (loss_mask != 0) per row, e.g. max_new_tokens x max_turns:
     # when fewer than the row's positions, the output head runs at each row's first
-    # `max_loss_tokens` loss positions only (a row with more raises in `step`). None: everywhere.
+    # `max_loss_tokens` loss positions only (a row with more raises in `step`). None: everywhere
+    # (packed batches: a row holds several episodes, so no per-episode budget bounds it).
     max_loss_tokens: int | None = None
     importance_sampling_level: str = "token"  # "token" or "sequence" (GSPO)
     temperature: float = 1.0                  # the sampler's temperature (greedy sampling: 1)
@@ -81,24 +85,31 @@ def prepare_batch(batch: Mapping[str, jax.Array], cfg: TrainConfig) -> dict[str,
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [B, T] with T >= 2, got {tokens.shape}")
     b, t = tokens.shape
-    for name in ("positions", "segment_ids", "loss_mask", "old_logps"):
+    for name in ("positions", "segment_ids", "sequence_ids", "loss_mask", "old_logps"):
         if batch.get(name) is not None and jnp.shape(batch[name]) != (b, t):
             raise ValueError(f"{name} must be [B, T] = {(b, t)} like tokens, got {jnp.shape(batch[name])}")
-    if jnp.shape(batch["advantages"]) != (b,):
-        raise ValueError(f"advantages must be [B] = {(b,)}, got {jnp.shape(batch['advantages'])}")
+    if jnp.shape(batch["advantages"]) not in ((b,), (b, t)):
+        raise ValueError(f"advantages must be [B] = {(b,)} or [B, T] = {(b, t)}, got "
+                         f"{jnp.shape(batch['advantages'])}")
     positions = batch.get("positions")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     segment_ids = batch.get("segment_ids")
     if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
+    advantages = jnp.asarray(batch["advantages"], jnp.float32)
     prepared = {
         "tokens": tokens,
         "positions": jnp.asarray(positions, jnp.int32),
         "segment_ids": jnp.asarray(segment_ids, jnp.int32),
         "mask": jnp.asarray(batch["loss_mask"], jnp.float32)[:, 1:],
-        "advantages": jnp.asarray(batch["advantages"], jnp.float32),
+        "advantages": advantages[:, 1:] if advantages.ndim == 2 else advantages,
     }
+    if batch.get("sequence_ids") is not None:
+        ids = jnp.asarray(batch["sequence_ids"], jnp.int32)
+        prepared["sequence_ids"] = ids[:, 1:]  # the sequence of the scored token
+        # A sequence's first token is scored from the previous sequence's context: no loss.
+        prepared["mask"] = jnp.where(ids[:, 1:] == ids[:, :-1], prepared["mask"], 0.0)
     if needs_sampler:
         prepared["sampler_logps"] = jnp.asarray(batch["old_logps"], jnp.float32)[:, 1:]
     return prepared

@@ -7,12 +7,19 @@ Batch (a dict of arrays; `B` rows, `T` token positions, all `[B, T]` unless note
 
     tokens        int32    prompt + completion (+ environment turns) of each row
     positions     int32    RoPE positions (optional: 0..T-1)
-    segment_ids   int32    0 on padding, > 0 on real tokens (optional: all 1)
+    segment_ids   int32    0 on padding, > 0 on real tokens (optional: all 1); attention never
+                           crosses segments
+    sequence_ids  int32    optional, packed rows (`grpo_jax.packing`): k > 0 on the tokens of the
+                           row's k-th episode (each a loss sequence; an episode may span several
+                           attention segments), 0 on padding; absent: each row is one sequence.
+                           A sequence needs 2 tokens: its first is never scored
     loss_mask     float32  1 where tokens[t] was sampled by the policy and is trained on;
-                           0 on prompt, padding and environment tokens (position 0 never counts)
+                           0 on prompt, padding and environment tokens (position 0 and each
+                           sequence's first token never count)
     old_logps     float32  the sampler's log pi_old(tokens[t]) (0 where loss_mask is 0);
                            optional when `use_sampler_logps_as_old=False` and no TIS
-    advantages    float32  [B], one per row (`grpo_jax.grpo.group_advantages`)
+    advantages    float32  [B], one per row (`grpo_jax.grpo.group_advantages`), or [B, T] per
+                           token (packed rows: each episode's advantage on its tokens)
 
 The logits at position t score token t + 1, so the step shifts once: targets are tokens[:, 1:],
 scored from the hidden states [:, :-1], and the mask and log-probs used are [:, 1:]. Log-probs
@@ -30,7 +37,8 @@ One step, for `mu = num_iterations` (DeepSeekMath's GRPO iteration, Shao et al. 
         theta, opt_state = optimizer(g, theta, opt_state)
 
 The micro-batch sum reproduces the full-batch loss and gradient exactly (`grpo_jax.grpo`'s
-(sum, count) normalisation), so accumulation changes memory, not the update. When old log-probs
+(sum, count) normalisation, per (row, sequence id) in packed rows), so accumulation changes
+memory, not the update, and a packed batch gives the update of its episodes unpacked. When old log-probs
 are recomputed, the first iteration uses `sg(logps)` of its own forward pass (so the ratio is
 exactly 1 and no extra forward is spent) and keeps those log-probs as `old` for the others.
 With `tis_cap` the batch's `old_logps` are the sampler's and the policy term is reweighted by
@@ -83,10 +91,11 @@ def scored_columns(micro: Mapping[str, jax.Array], cfg: TrainConfig):
 
 
 def score_tokens(model, micro: Mapping[str, jax.Array], cfg: TrainConfig, *, return_entropy=False,
-                 fuse: bool = False):
+                 fuse: bool = False, mesh=None):
     """log pi(tokens[:, t+1] | tokens[:, :t+1]) at the temperature: [B, T - 1] (and entropy);
     0 outside the loss positions when `cfg.max_loss_tokens` applies (`scored_columns`)."""
-    hidden_BTD = model.hidden_states(micro["tokens"], micro["positions"], micro["segment_ids"], fuse=fuse)
+    hidden_BTD = model.hidden_states(micro["tokens"], micro["positions"], micro["segment_ids"], fuse=fuse,
+                                     mesh=mesh)
     return token_logprobs_at(hidden_BTD[:, :-1], model.unembedding(), micro["tokens"][:, 1:],
                              scored_columns(micro, cfg), temperature=cfg.temperature,
                              chunk_size=cfg.chunk_size, return_entropy=return_entropy)
@@ -122,7 +131,7 @@ def loss_from_hidden(hidden_BTD, unembed_VD, micro: Mapping[str, jax.Array], cfg
         delta=cfg.delta, beta=cfg.beta, max_completion_length=cfg.max_completion_length,
         importance_sampling_level=cfg.importance_sampling_level,
         sampler_logps=micro["sampler_logps"] if tis else None, tis_cap=cfg.tis_cap,
-        cispo_clip_low=cfg.cispo_clip_low)
+        cispo_clip_low=cfg.cispo_clip_low, sequence_ids=micro.get("sequence_ids"))
     metric_sums["entropy"] = jnp.sum(jnp.where(mask_BT != 0, jax.lax.stop_gradient(entropy_BT), 0.0))
     return loss_sum / normalizer, (metric_sums, current)
 
@@ -201,7 +210,7 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
     graphdef, _, rest = split_params(model)
     body = _StepBody(cfg, optimizer, graphdef, rest,
                      fuse=cfg.fuse_projections and sharding_lib.can_fuse_projections(mesh, rules),
-                     constrain_micro=layout.constrain_micro, constrain_grads=layout.constrain_grads)
+                     constrain_micro=layout.constrain_micro, constrain_grads=layout.constrain_grads, mesh=mesh)
     jitted = jax.jit(body.train_step, donate_argnums=0, compiler_options=compiler_options,
                      **layout.jit_shardings)
     return TrainStep(jitted, cfg, batch_shards=layout.batch_shards)
@@ -275,6 +284,7 @@ class _StepBody:
     fuse: bool
     constrain_micro: Callable
     constrain_grads: Callable
+    mesh: Any = None   # splash attention runs under shard_map on it (`models.attention`)
 
     def forward(self, params):
         """The model with these parameters."""
@@ -286,7 +296,8 @@ class _StepBody:
         cfg = self.cfg
         data = prepare_batch(batch, cfg)
         n_micro = _num_micro_batches(data["tokens"].shape[0], cfg)
-        normalizer = grpo.loss_normalizer(data["mask"], cfg.loss_type, cfg.max_completion_length)
+        normalizer = grpo.loss_normalizer(data["mask"], cfg.loss_type, cfg.max_completion_length,
+                                          sequence_ids=data.get("sequence_ids"))
         micro = _to_micro(data, n_micro, self.constrain_micro)
         ref_logps = self.ref_logps(micro, ref_params)
         if cfg.use_sampler_logps_as_old:
@@ -305,7 +316,7 @@ class _StepBody:
         if not self.cfg.beta > 0:
             return None
         ref_model = self.forward(ref_params)
-        return jax.lax.map(lambda m: score_tokens(ref_model, m, self.cfg, fuse=self.fuse), micro)
+        return jax.lax.map(lambda m: score_tokens(ref_model, m, self.cfg, fuse=self.fuse, mesh=self.mesh), micro)
 
     def iteration(self, micro, ref_logps, normalizer, carry, index):
         """One of the mu updates, `carry = (theta, opt_state, old_logps)`:
@@ -357,7 +368,7 @@ class _StepBody:
         """`policy_loss_sum(micro) / normalizer` of the policy with `params` (`loss_from_hidden`)."""
         policy = self.forward(params)
         hidden_BTD = policy.hidden_states(micro["tokens"], micro["positions"], micro["segment_ids"],
-                                          fuse=self.fuse)
+                                          fuse=self.fuse, mesh=self.mesh)
         return loss_from_hidden(hidden_BTD, policy.unembedding(), micro, self.cfg,
                                 normalizer=normalizer, old_logps_BT=old_BT, ref_logps_BT=ref_BT,
                                 use_current_as_old=use_current_as_old)

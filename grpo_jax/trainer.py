@@ -9,6 +9,8 @@
             rollout  = episodes of the current policy, group_size per prompt (grpo_jax.rollout)
             rewards  = rubric scores (NaN where a reward function failed), gathered over processes
             adv      = group_advantages(rewards)                             (grpo_jax.advantages)
+            batch    = the episodes packed into rows of rollout.max_seq_len   (grpo_jax.packing)
+                       (grpo.pack = False: one episode per row)
         state    = run.train_step(state, batch)                             (grpo_jax.train_step)
         metrics of the previous step are fetched here (one step late: no host sync in the step)
         evaluate every eval_every steps; checkpoint every checkpoint.every steps
@@ -28,7 +30,9 @@ Several processes (`jax.distributed`, see `grpo_jax.distributed`): process p rol
 contiguous block of the step's prompts on its own devices (with the episodes' global ids, so
 the samples are those of a one-process run), the per-episode rewards and statistics are gathered
 so every process computes the metrics of the whole batch, advantages come from the gathered
-rewards, and each process's rows become its block of the global batch of the compiled step.
+rewards, and each process's rows become its block of the global batch of the compiled step
+(packed: every process packs its own episodes, padded with empty rows to the most rows any
+process needs).
 Only process 0 writes metrics.jsonl, TensorBoard and samples.txt; all processes checkpoint and
 restore together. A signal received by any process stops all of them after the step.
 
@@ -53,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax import config_utils, distributed, guard
+from grpo_jax import config_utils, distributed, guard, packing
 from grpo_jax import sharding as sharding_lib
 from grpo_jax import workdir as workdir_lib
 from grpo_jax.advantages import group_advantages
@@ -73,6 +77,9 @@ _advantages = jax.jit(group_advantages, static_argnums=(1, 2), static_argnames=(
 
 # Metrics that measure wall time: the only ones allowed to differ between identical runs.
 TIMING_PREFIXES = ("step_time", "time/", "sft/elapsed_s", "eval/time")
+# How the train batch was laid out: a multi-process run packs each process's episodes apart, so
+# these differ from a one-process run of the same episodes (its update does not).
+LAYOUT_METRICS = ("train/padding_frac", "train/rows")
 
 
 def step_rows(num_rows: int, step: int, per_step: int, seed: int) -> np.ndarray:
@@ -181,6 +188,11 @@ class Collector:
         self.run = run
         self.block = distributed.process_block(run.config.train.prompts_per_step)
         self.episode_offset = self.block[0] * run.config.rollout.group_size  # global id of the first
+        mesh = run.mesh
+        shards = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+        # A process's packed rows: with the other processes', they split over the data-parallel
+        # devices and into whole micro-batches.
+        self.row_multiple = packing.row_multiple(shards, run.train.micro_batch_size, jax.process_count())
 
     def prompts(self, step: int) -> list:
         """This process's block of the rows of `step` (all of them on one process)."""
@@ -200,23 +212,44 @@ class Collector:
         rewards = jnp.asarray(np.asarray(episodes.rewards, np.float32))
         advantages, adv_info = _advantages(rewards, c.rollout.group_size, c.grpo.advantage_scale,
                                            return_info=True)
-        batch = self.train_batch(result, advantages, episodes.width)
-        return batch, _rollout_row(episodes, jax.device_get(adv_info), rollout_s)
+        batch, stats = self.train_batch(result, advantages, episodes)
+        return batch, {**_rollout_row(episodes, jax.device_get(adv_info), rollout_s), **stats}
 
-    def train_batch(self, result, advantages, width: int) -> dict[str, Any]:
-        """The train step's batch: this process's trajectories (padded to `width`, the widest of
-        any process) and its rows of `advantages` ([B], the whole batch's), as global arrays."""
-        batch = {"tokens": result.tokens, "positions": result.positions, "segment_ids": result.segment_ids,
-                 "loss_mask": result.loss_mask, "old_logps": result.logprobs}
-        if not distributed.is_multiprocess():
-            return {**batch, "advantages": advantages}
-        pad_id = self.run.rollout.pad_id
-        batch = {k: np.pad(v, ((0, 0), (0, width - v.shape[1])),
-                           constant_values=pad_id if k == "tokens" else 0) for k, v in batch.items()}
-        batch["advantages"] = np.asarray(advantages)[self.episode_offset:self.episode_offset + len(result)]
+    def train_batch(self, result, advantages, episodes: Episodes) -> tuple[dict[str, Any], dict[str, float]]:
+        """The train step's batch and its padding stats (`packing.padding_stats`, of the whole
+        batch): this process's trajectories, packed (grpo.pack) or one per row (padded to the
+        widest of any process), with its episodes' slice of `advantages` ([B], the whole
+        batch's), as global arrays when there are several processes."""
+        c, pad_id, multiprocess = self.run.config, self.run.rollout.pad_id, distributed.is_multiprocess()
+        count = len(advantages)
+        if c.grpo.pack:
+            own = np.asarray(advantages)[self.episode_offset:self.episode_offset + len(result)]
+            width = c.rollout.max_seq_len
+            batch, _ = packing.pack_rollout(result, own, width=width, row_multiple=self.row_multiple,
+                                            pad_id=pad_id)
+            rows = len(batch["tokens"])
+            if multiprocess:  # every process holds as many rows as the one that needs the most
+                rows = max(distributed.allgather_objects(rows))
+                batch = packing.pad_rows(batch, rows, pad_id)
+            rows *= jax.process_count()
+        else:
+            width, rows = episodes.width, count
+            batch = {"tokens": result.tokens, "positions": result.positions,
+                     "segment_ids": result.segment_ids, "loss_mask": result.loss_mask,
+                     "old_logps": result.logprobs}
+            if not multiprocess:
+                batch["advantages"] = advantages
+            else:
+                batch = {k: np.pad(v, ((0, 0), (0, width - v.shape[1])),
+                                   constant_values=pad_id if k == "tokens" else 0) for k, v in batch.items()}
+                batch["advantages"] = np.asarray(advantages)[self.episode_offset:self.episode_offset + len(result)]
+        real_tokens = round(episodes.rollout_metrics["sequence_length/mean"] * count)
+        stats = packing.padding_stats(real_tokens, rows, width, count, episodes.width)
+        if not multiprocess:
+            return batch, stats
         mesh = self.run.mesh
         return distributed.global_batch(batch, lambda ndim: sharding_lib.batch_sharding(mesh, ndim),
-                                        len(advantages))
+                                        rows), stats
 
 
 # ---------------------------------------------------------------------------------------------

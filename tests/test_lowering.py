@@ -11,11 +11,18 @@ StableHLO must be the accelerator's program, not the CPU's:
 - the log-prob vocabulary chunk is the platform's: [.., C] chunk tensors of C = 8192 columns,
   never the CPU's 1024 (the vocabulary is 2 x 8192, so both widths would show as a dimension);
 - for cuda the decode loop's body is a loop of `decode_chunk` steps: one more `while` than the
-  decode_chunk = 1 program, whose body is a single step (as tpu's is).
+  decode_chunk = 1 program, whose body is a single step (as tpu's is);
+- attention is the platform's kernel (`models.attention`): cuDNN's fused attention in the cuda
+  forward and train step (forward and backward), splash's `tpu_custom_call` in tpu's, and the
+  Pallas decode-attention kernel (Triton) in the cuda engine's decode step.
+
+cuDNN's version and the GPU generation are probed while tracing; with no GPU here they are
+stubbed, and the export is told the custom calls are expected (`DisabledSafetyCheck`).
 """
 
 import functools
 import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -28,14 +35,14 @@ from grpo_jax import train_step as ts
 from grpo_jax.models import ModelConfig, abstract_model
 
 PLATFORMS = ("cuda", "tpu")
-ROWS, LENGTH, PROMPTS, PROMPT_LEN = 4, 16, 2, 8
+ROWS, LENGTH, PROMPTS, PROMPT_LEN = 4, 128, 2, 8  # splash takes multiples of 128
 MODEL = ModelConfig(model_type="qwen2", vocab_size=2 * 8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                     head_dim=16, d_ff=128, qkv_bias=True, max_position_embeddings=64, dtype="bfloat16",
                     param_dtype="bfloat16", remat="full")
 
 
 def model_for(choices) -> ModelConfig:
-    return MODEL.replace(cpu_weight_grad=choices.cpu_weight_grad)
+    return MODEL.replace(**choices.model_fields())
 
 
 def forward_program(choices):
@@ -48,7 +55,7 @@ def train_step_program(choices):
     model = abstract_model(model_for(choices))
     optimizer = optim.make_optimizer(1e-6)
     cfg = ts.TrainConfig(beta=0.04, micro_batch_size=ROWS // 2, num_iterations=1, chunk_size=choices.logprob_chunk,
-                         max_loss_tokens=LENGTH // 2)
+                         max_loss_tokens=LENGTH // 4)
     step = ts.make_train_step(model, optimizer, cfg)
     state = jax.eval_shape(lambda: ts.init_train_state(model, optimizer, jax.random.key(0)))
     spec = lambda dtype: jax.ShapeDtypeStruct((ROWS, LENGTH), dtype)  # noqa: E731
@@ -98,9 +105,16 @@ def build(program: str, choices, decode_chunk=None):
 def exported_text(program: str, platform: str, choices_of: str | None = None, decode_chunk: int | None = None) -> str:
     """StableHLO of `program` exported for `platform`, built with the choices of `choices_of`
     (default: the platform's own)."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
     choices = platform_lib.choices(choices_of or platform)
-    jitted, args = build(program, choices, decode_chunk)
-    return jax.export.export(jitted, platforms=[platform])(*args).mlir_module()
+    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in CUSTOM_CALLS]
+    with mock.patch.object(fa, "check_cudnn_version", lambda: 91000), \
+            mock.patch.object(fa, "check_compute_capability", lambda capability: True):
+        jitted, args = build(program, choices, decode_chunk)
+        return jax.export.export(jitted, platforms=[platform], disabled_checks=checks)(*args).mlir_module()
+
+
+CUSTOM_CALLS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__gpu$xla.gpu.triton")
 
 
 def dims(text: str, size: int) -> int:
@@ -113,7 +127,9 @@ def dims(text: str, size: int) -> int:
                                      "engine_copy"])
 def test_accelerator_programs_have_no_cpu_barrier(program, platform):
     text = exported_text(program, platform)
-    assert "optimization_barrier" not in text
+    # The Pallas GPU decode kernel's split-K combine holds one barrier per call (one per layer).
+    kernel_barriers = MODEL.n_layers if (program, platform) == ("engine_decode", "cuda") else 0
+    assert text.count("stablehlo.optimization_barrier") == kernel_barriers
 
 
 def test_the_cpu_choices_do_put_barriers_in_the_train_step():
@@ -143,3 +159,40 @@ def test_decode_runs_the_platform_decode_chunk_inside_its_loop(platform, program
         assert re.search(rf"stablehlo.constant dense<{chunk}> : tensor<i32>", exported_text(program, platform))
     else:
         assert whiles == single
+
+
+@pytest.mark.parametrize("program", ["forward", "train_step"])
+def test_training_attention_is_the_platform_kernel(program):
+    cuda, tpu = exported_text(program, "cuda"), exported_text(program, "tpu")
+    assert "@__cudnn$fmhaSoftmax(" in cuda and "tpu_custom_call" not in cuda
+    assert "tpu_custom_call" in tpu and "cudnn" not in tpu
+    if program == "train_step":  # the backward kernels too
+        assert "@__cudnn$fmhaSoftmaxBackward(" in cuda
+        assert tpu.count("tpu_custom_call") >= 3  # policy forward, its backward, the reference forward
+    # The CPU choices keep plain XLA attention: no kernel at all.
+    assert "cudnn" not in exported_text(program, "cuda", choices_of="cpu")
+
+
+def test_cuda_engine_decode_reads_the_cache_with_the_pallas_kernel():
+    assert "__gpu$xla.gpu.triton" in exported_text("engine_decode", "cuda")
+    # The lockstep sampler's rows have holes (left padding): it keeps XLA attention.
+    assert "__gpu$xla.gpu.triton" not in exported_text("decode", "cuda")
+
+
+def test_sharded_tpu_train_step_runs_splash_per_device():
+    """On a mesh the train step runs splash under `shard_map` (rows over data x fsdp, heads over
+    tp): a Pallas call on globally sharded arrays would be gathered to every device instead."""
+    from grpo_jax.sharding import make_mesh
+    mesh = make_mesh(data=2, fsdp=2, tp=2)
+    model = abstract_model(model_for(platform_lib.choices("tpu")))
+    optimizer = optim.make_optimizer(1e-6)
+    cfg = ts.TrainConfig(micro_batch_size=8, chunk_size=8192)
+    step = ts.make_train_step(model, optimizer, cfg, mesh=mesh)
+    state = jax.eval_shape(lambda: ts.init_train_state(model, optimizer, jax.random.key(0)))
+    spec = lambda dtype: jax.ShapeDtypeStruct((8, LENGTH), dtype)  # noqa: E731
+    batch = {"tokens": spec(jnp.int32), "positions": spec(jnp.int32), "segment_ids": spec(jnp.int32),
+             "loss_mask": spec(jnp.float32), "old_logps": spec(jnp.float32),
+             "advantages": jax.ShapeDtypeStruct((8,), jnp.float32)}
+    assert "shard_map" in str(step.jitted.trace(state, batch, None).jaxpr)
+    text = jax.export.export(step.jitted, platforms=["tpu"])(state, batch, None).mlir_module()
+    assert "mhlo.num_partitions = 8" in text and text.count("tpu_custom_call") >= 2

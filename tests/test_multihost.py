@@ -107,7 +107,9 @@ def _two_processes(script, workdir):
 
 
 def _comparable(rows):
-    return [{k: v for k, v in r.items() if not k.startswith(trainer.TIMING_PREFIXES)} for r in rows]
+    """Rows without timings, nor the packed batch's layout (each process packs its own episodes)."""
+    return [{k: v for k, v in r.items() if not k.startswith(trainer.TIMING_PREFIXES)
+             and k not in trainer.LAYOUT_METRICS} for r in rows]
 
 
 def _close(a, b) -> bool:

@@ -51,11 +51,15 @@ def test_config_small_variant_runs_end_to_end(name, tmp_path):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, config.train.num_steps + 1))
     for key in ("reward", "kl", "entropy", "completion_length", "frac_reward_zero_std", "step_time",
-                "clip_ratio/region", "grad_norm"):
+                "clip_ratio/region", "grad_norm", "train/padding_frac", "train/padding_frac_unpacked",
+                "train/rows"):
         if key == "kl" and config.grpo.beta == 0:
             continue
         assert key in train_rows[-1], key
     assert any(k.startswith("reward/") for k in train_rows[-1])
+    # Packed by default (grpo.pack): rows of rollout.max_seq_len, no more padding than one per row.
+    assert config.grpo.pack and 0 <= train_rows[-1]["train/padding_frac"] < 1
+    assert train_rows[-1]["train/rows"] <= config.train.prompts_per_step * config.rollout.group_size
     eval_rows = [r for r in rows if "eval/accuracy" in r]
     assert eval_rows[0]["step"] == 0 and eval_rows[-1]["step"] == config.train.num_steps
     assert summary["eval_after"]["eval/num_problems"] == config.eval.num_examples
@@ -126,6 +130,8 @@ def test_mistyped_override_fails_before_compiling():
     ("grpo.loss_type", "ppo", "grpo.loss_type"),
     ("rollout.max_seq_len", 4096, "rollout.max_seq_len"),
     ("grpo.micro_batch_size", 3, "grpo.micro_batch_size"),
+    ("grpo.micro_batch_tokens", 100, "grpo.micro_batch_tokens"),  # 1 row: not a multiple of the devices
+    ("grpo.pack", False, None),  # with micro_batch_tokens set below: packed rows only
     ("grpo.loss_type", "cispo", "grpo.epsilon_high"),
     ("env.name", "chess", "env.name"),
 ])
@@ -134,6 +140,8 @@ def test_inconsistent_config_fails_with_the_field_named(field, value, match, tmp
     group, name = field.split(".")
     with config.unlocked():
         config[group][name] = value
+        if field == "grpo.pack":
+            config.grpo.micro_batch_tokens, match = 1024, "grpo.micro_batch_tokens"
     with pytest.raises(config_utils.ConfigError, match=match):
         trainer.run(config, str(tmp_path))
     assert not os.listdir(tmp_path)  # nothing built or written
