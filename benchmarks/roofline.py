@@ -1,7 +1,7 @@
-r"""Roofline of the GSM8K run's three programs, from XLA's cost analysis, on a CPU host.
+r"""Roofline of the GSM8K run's three programs and one attention layer, from XLA's cost analysis, on a CPU host.
 
     python benchmarks/roofline.py [--presets qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b]
-                                  [--prompt-len 256] [--table] [--quick]
+                                  [--prompt-len 256] [--decode-fill 0.6] [--table] [--quick]
     JAX_PLATFORMS=cuda python benchmarks/roofline.py --presets qwen2.5-0.5b   # on a GPU
 
 For each preset (random-weight shapes, abstract: nothing is allocated) and each program, one JSON
@@ -9,6 +9,9 @@ line with the FLOPs and bytes of the program XLA compiles, the model-formula FLO
 and the compute and memory floors on an H100 / H200 and a TPU v5e chip. Shapes are those of
 `configs/gsm8k_qwen2_5_0_5b.py`:
 
+- "attention_layer": one layer's training attention on one train micro-batch (64 rows x 768
+  tokens, the preset's heads / KV heads / head_dim, bfloat16), forward + backward, "before"
+  (the XLA form compiled) and "after" (a flash kernel's HBM traffic, modelled: see below);
 - "train_step": `grpo_jax.train_step` on prompts_per_step x group_size rows (512) of
   prompt_len + max_new_tokens tokens (256 + 512 = 768, within the config's max_seq_len of
   1024), in micro-batches of `grpo.micro_batch_size` (64), beta 0.001 (the reference forward is
@@ -20,9 +23,13 @@ and the compute and memory floors on an H100 / H200 and a TPU v5e chip. Shapes a
   prompt_len + max_new_tokens (768) slots.
 
 Every program is lowered with the accelerator's platform choices (`grpo_jax.platform`: no CPU
-gradient form, 8192-column log-prob chunks, the GPU's 16-step decode chunk) and compiled for the
-CPU here (`JAX_PLATFORMS`, default cpu: set it to cuda or tpu on an accelerator machine to
-read that compiler's bytes; `compiled_for` says which). How the figures are counted:
+gradient form, 8192-column log-prob chunks, the GPU's 16-step decode chunk) where XLA:CPU can
+compile them: attention is compiled in its XLA form (`attention="xla"`: cuDNN's and splash's
+flash kernels have no CPU backend) and the decode step reads the whole cache
+(`decode_attention="full"`), both corrected below by a model of what the GPU/TPU kernels move
+(`platform_choices` records both). Compiled for the CPU here (`JAX_PLATFORMS`, default cpu: set
+it to cuda or tpu on an accelerator machine to read that compiler's bytes, attention still in its
+XLA form; `compiled_for` says which). How the figures are counted:
 
 - XLA's cost analysis counts a `while` body once. The layer stack is a `lax.scan`, the
   micro-batches and the log-prob vocabulary chunks are scans too: the train step is therefore
@@ -50,6 +57,33 @@ read that compiler's bytes; `compiled_for` says which). How the figures are coun
   certain) and with the lower one (from an accelerator's compile: with the first only); `projected_mfu` = model_flops / (floor x peak) with floor =
   max(compute floor, memory floor), and `projected_mfu_best` with the lower memory floor.
   A decode step also gets `tokens_per_s_ceiling` = rows / floor.
+- Attention, before and after (`attention_layer`): `bytes_xla` / `flops_xla` are those of
+  `segment_attention(impl="xla")` and its vjp w.r.t. q, k, v (output and dq, dk, dv from a dO
+  argument) compiled at the micro-batch's shape, `bytes_xla_fwd` of the forward alone; the XLA
+  form materialises [B, H, T, S] float32 scores (`scores_bytes_removed`: one such tensor, 2.1 GB
+  at 0.5B) and writes and reads several per pass. `bytes_flash_fwd` / `bytes_flash_fwd_bwd`
+  follow the FlashAttention-2 I/O model (Dao 2023, "FlashAttention-2: Faster Attention with
+  Better Parallelism and Work Partitioning", arXiv:2307.08691), in bfloat16: the forward reads
+  Q, K, V and writes O and the float32 row log-sum-exp; the backward reads Q, K, V, O, dO, LSE
+  and writes dQ, dK, dV; K and V are re-read once per query block (T / 128 passes, block_q 128
+  as in cuDNN's and splash-like tiling), everything else once, no causal block skipping (an upper
+  bound: causal kernels skip about half of the K/V re-reads). This row's `bytes_min` is the flash
+  figure, so its `projected_mfu_best` (= `projected_mfu_flash`) is the flash kernel's.
+- `bytes_xla_flash` (train step): `bytes_xla` less, for each layer and micro-batch, the XLA form's
+  excess over the flash kernel's for the attention passes the step runs, read from the config:
+  one forward-backward, one more forward when the layer is rematerialised (remat "full" or
+  "dots": forward, then recompute + backward) and one for the reference model when beta > 0, so
+  2 forwards + 1 forward-backward for the GSM8K config (`counted_by` says which). It assumes the
+  attention inside the step moves what it moves compiled alone. `projected_mfu_flash` and
+  `memory_floor_flash_s` per device use it in place of `bytes_xla`. Still an XLA:CPU upper bound
+  for everything but attention.
+- Live KV reads (decode step): `bytes_kv_full` is the full cache's read (rows x slots x layers x
+  K and V), `bytes_kv_live` the read when on average `--decode-fill` (0.6) of each row's slots
+  hold tokens, rounded up to `kv_cache.block_size(slots)` positions (the `blocked` read's block:
+  512 for long caches, a quarter of a short one, 192 at 768 slots; the GPU's Pallas kernel reads
+  128-position blocks per row, the TPU's `blocked` loop up to the longest live row).
+  `tokens_per_s_ceiling_live` (`_best`) = rows / max(compute floor, (bytes_xla (bytes_min) -
+  bytes_kv_full + bytes_kv_live) / bandwidth), the compute floor kept at the full cache's.
 
 Timing: on 2 CPU cores 1 min 45 s for the three default presets (most of it the train step's
 four compiles per preset). `--table`: a markdown table after the JSON lines. `--quick`: a tiny
@@ -78,7 +112,9 @@ sys.path.insert(0, ROOT)
 from grpo_jax import components, sampling  # noqa: E402
 from grpo_jax import platform as platform_lib  # noqa: E402
 from grpo_jax import train_step as ts  # noqa: E402
-from grpo_jax.models import PRESETS, ModelConfig, abstract_model  # noqa: E402
+from grpo_jax.models import PRESETS, ModelConfig, abstract_model, kv_cache  # noqa: E402
+from grpo_jax.models.attention import segment_attention  # noqa: E402
+from grpo_jax.utils import round_up  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "gsm8k_qwen2_5_0_5b.py")
 # Datasheet peaks: dense bfloat16 FLOP/s and HBM bytes/s.
@@ -91,6 +127,9 @@ DEFAULT_PRESETS = "qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b"
 # --quick: a tiny model (2 log-prob chunks of 512 columns) and batch.
 QUICK_MODEL = dict(vocab_size=1024, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128)
 QUICK_SHAPE = dict(prompts=2, group=4, micro=4, prompt_len=16, new_tokens=16, chunk=512)
+# The flash kernels' query tile (cuDNN's and splash-like tiling): K and V are re-read once per
+# query block in the FlashAttention-2 I/O model (`flash_attention_bytes`).
+FLASH_BLOCK_Q = 128
 
 
 def model_shape(name: str) -> ModelConfig:
@@ -184,6 +223,50 @@ def sampling_programs(cfg: ModelConfig, shape: dict, decode_chunk: int):
     return sampling.programs(model, shape["prompts"], shape["prompt_len"], scfg)
 
 
+def attention_programs(cfg: ModelConfig, shape: dict):
+    """{"fwd": (jitted, args), "fwd_bwd": (jitted, args)}: one layer's training attention on one
+    micro-batch (micro rows x prompt_len + new_tokens tokens), `segment_attention(impl="xla")` in
+    the compute dtype. "fwd_bwd" is the forward and its vjp: the output and the gradients w.r.t.
+    q, k and v of a loss whose output cotangent dO is an argument (as the layer above gives it;
+    the gradient of a plain sum, a constant dO, lets XLA fold the dO products into reductions and
+    under-count the backward's FLOPs)."""
+    b, t = shape["micro"], shape["prompt_len"] + shape["new_tokens"]
+    q = jax.ShapeDtypeStruct((b, t, cfg.n_heads, cfg.head_dim), cfg.dtype)
+    kv = jax.ShapeDtypeStruct((b, t, cfg.n_kv_heads, cfg.head_dim), cfg.dtype)
+    seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+    def fwd(q_, k_, v_, seg_):
+        return segment_attention(q_, k_, v_, seg_, impl="xla")
+
+    def fwd_bwd(q_, k_, v_, seg_, do_):
+        out, vjp = jax.vjp(lambda a, b_, c: fwd(a, b_, c, seg_), q_, k_, v_)
+        return out, *vjp(do_)
+
+    return {"fwd": (jax.jit(fwd), (q, kv, kv, seg)), "fwd_bwd": (jax.jit(fwd_bwd), (q, kv, kv, seg, q))}
+
+
+def flash_attention_bytes(b: int, t: int, heads: int, kv_heads: int, head_dim: int, itemsize: int,
+                          block_q: int = FLASH_BLOCK_Q) -> dict:
+    """HBM bytes of one flash-attention layer (T queries over S = T keys), from the
+    FlashAttention-2 I/O model (Dao 2023, "FlashAttention-2: Faster Attention with Better
+    Parallelism and Work Partitioning", arXiv:2307.08691): no [B, H, T, S] tensor is written.
+
+    forward:  reads Q, K, V, writes O and the row log-sum-exp (float32, [B, H, T]);
+    backward: reads Q, K, V, O, dO, LSE, writes dQ, dK, dV;
+    K and V are read once per query block (ceil(T / block_q) passes), everything else once; the
+    segment ids (int32) read once per pass. No causal block skipping: an upper bound for the
+    causal kernels, which skip the blocks above the diagonal (about half of the K/V re-reads).
+    """
+    passes = -(-t // block_q)
+    q = b * t * heads * head_dim * itemsize  # also O, dO, dQ
+    kv = b * t * kv_heads * head_dim * itemsize  # each of K, V, dK, dV
+    lse = b * heads * t * 4
+    seg = b * t * 4
+    fwd = q + passes * 2 * kv + seg + q + lse
+    bwd = 3 * q + passes * 2 * kv + lse + seg + q + 2 * kv
+    return {"fwd": fwd, "fwd_bwd": fwd + bwd, "kv_passes": passes}
+
+
 def model_figures(cfg: ModelConfig, shape: dict, opt_state_bytes: int) -> dict:
     """Model-formula FLOPs and minimal bytes of each program."""
     d, v, layers = cfg.d_model, cfg.vocab_size, cfg.n_layers
@@ -238,18 +321,81 @@ def rounded(x):
     return x
 
 
-def measure(name: str, shape: dict, config, quick: bool):
-    """One JSON-ready dict per program for preset `name`."""
+def attention_passes(remat: str, beta: float) -> dict:
+    """How many times the train step runs each layer's attention per micro-batch: one forward and
+    backward (the gradient), one more forward when the layer is rematerialised ("full" recomputes
+    the whole layer, "dots" the attention scores and probabilities) and one for the reference
+    model when beta > 0."""
+    return {"fwd": int(remat in ("full", "dots")) + int(beta > 0), "fwd_bwd": 1}
+
+
+def measure(name: str, shape: dict, config, quick: bool, decode_fill: float = 0.6):
+    """One JSON-ready dict per program for preset `name`: "attention_layer", "train_step",
+    "prefill", "decode_step".
+
+    The programs are compiled with the GPU's platform choices where XLA:CPU can compile them: of
+    `platform.choices("gpu").model_fields()` only `cpu_weight_grad` (False) is taken. Attention
+    is compiled in its XLA form (`attention="xla"`: the flash kernels, cuDNN and splash, have no
+    CPU backend) and the decode step reads the full cache (`decode_attention="full"`: the cost of
+    a full-cache step; "blocked" would also be a loop, counted once); the flash kernels' and the
+    live-block reads' bytes are then modelled below (`bytes_xla_flash`, `bytes_kv_live`).
+    """
     choices = platform_lib.choices("gpu")
     backend = jax.default_backend()
     chunk = shape.get("chunk") or choices.logprob_chunk
     full = model_shape(name).replace(**(QUICK_MODEL if quick else {}))
     full = full.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
-                        cpu_weight_grad=choices.cpu_weight_grad,
+                        cpu_weight_grad=choices.cpu_weight_grad, attention="xla", decode_attention="full",
                         max_position_embeddings=max(full.max_position_embeddings,
                                                     shape["prompt_len"] + shape["new_tokens"]))
     rows = shape["prompts"] * shape["group"]
     micro = rows // shape["micro"]
+    length = shape["prompt_len"] + shape["new_tokens"]
+    model_desc = (f"{full.model_type} d{full.d_model} L{full.n_layers} H{full.n_heads}/{full.n_kv_heads} "
+                  f"Dh{full.head_dim} F{full.d_ff} V{full.vocab_size} {full.dtype} (weights {full.param_dtype})")
+    platform_choices = {"platform": choices.platform, "cpu_weight_grad": full.cpu_weight_grad,
+                        "attention": f"{full.attention} (the GPU's: {choices.attention})",
+                        "decode_attention": f"{full.decode_attention} (the GPU's: {choices.decode_attention})",
+                        "kv_layout": full.kv_layout, "logprob_chunk": chunk, "decode_chunk": choices.decode_chunk}
+    bytes_note = "XLA:CPU bytes: an upper bound for GPU/TPU" if backend == "cpu" else f"XLA:{backend.upper()} bytes"
+
+    # -- One layer's attention, XLA form compiled here, flash form modelled. -------------------
+    att = {key: compiled_cost(*prog) for key, prog in attention_programs(full, shape).items()}
+    b, h = shape["micro"], full.n_heads
+    flash = flash_attention_bytes(b, length, h, full.n_kv_heads, full.head_dim, jnp.dtype(full.dtype).itemsize)
+    att_model_flops = 3 * 4 * b * h * length * length * full.head_dim  # QK^T, PV; backward twice the forward
+    att_row = {
+        "preset": name + (" (quick)" if quick else ""), "program": "attention_layer",
+        "shape": f"{b} rows x {length} tokens (one train micro-batch), one layer, forward + backward",
+        "model": model_desc, "platform_choices": platform_choices,
+        "counted_by": ("bytes_xla / flops_xla: segment_attention(impl='xla') and its vjp w.r.t. q, k, v "
+                       "(output and dq, dk, dv from dO) compiled (forward + backward; *_fwd: the forward "
+                       "alone); bytes_flash_*: the FlashAttention-2 I/O model (Dao 2023, arXiv:2307.08691): "
+                       "forward reads Q, K, V, writes O and the float32 row log-sum-exp; backward reads Q, K, "
+                       "V, O, dO, LSE, writes dQ, dK, dV; no [B, H, T, S] scores"),
+        "flash_assumption": (f"block_q {FLASH_BLOCK_Q} (cuDNN / splash-like tiling): K and V read once per "
+                             f"query block ({flash['kv_passes']} passes), the rest once; no causal block "
+                             "skipping (an upper bound for causal kernels)"),
+        "loops_left": max(c["loops"] for c in att.values()),
+        "compiled_for": backend, "flops_xla": att["fwd_bwd"]["flops"], "flops_xla_fwd": att["fwd"]["flops"],
+        "bytes_xla": att["fwd_bwd"]["bytes"], "bytes_xla_fwd": att["fwd"]["bytes"], "bytes_xla_note": bytes_note,
+        "bytes_flash_fwd": flash["fwd"], "bytes_flash_fwd_bwd": flash["fwd_bwd"],
+        "bytes_xla_over_flash_fwd": att["fwd"]["bytes"] / flash["fwd"],
+        "bytes_xla_over_flash_fwd_bwd": att["fwd_bwd"]["bytes"] / flash["fwd_bwd"],
+        "scores_bytes_removed": b * h * length * length * 4,
+        "scores_note": "one [B, H, T, S] float32 tensor (scores or probabilities); the XLA form writes and "
+                       "reads several per pass, the flash kernels none",
+        "model_flops": att_model_flops, "bytes_min": flash["fwd_bwd"],
+        "flops_xla_over_model": att["fwd_bwd"]["flops"] / att_model_flops,
+        "devices": roofline(att["fwd_bwd"]["flops"], att["fwd_bwd"]["bytes"], flash["fwd_bwd"], att_model_flops,
+                            bytes_are_upper_bound=backend == "cpu"),
+        "compile_s": sum(c["compile_s"] for c in att.values()),
+    }
+    for device in att_row["devices"].values():  # bytes_min is the flash kernel's
+        device["projected_mfu_flash"] = device["projected_mfu_best"]
+    yield rounded(att_row)
+
+    # -- The three programs of a GSM8K step. ---------------------------------------------------
     optimizer = components.optimizer(config, config.train.num_steps)
     costs = {"train_step": {}, "prefill": {}, "decode_step": {}}
     opt_bytes = {}
@@ -264,13 +410,14 @@ def measure(name: str, shape: dict, config, quick: bool):
             costs[program][layers] = compiled_cost(*programs[key])
     opt_state_bytes = extrapolate(opt_bytes, full.n_layers)
     model = model_figures(full, shape, opt_state_bytes)
-    length = shape["prompt_len"] + shape["new_tokens"]
     described = {
         "train_step": (f"{rows}x{length} tokens in {micro} micro-batches of {shape['micro']}, beta "
                        f"{shape['beta']}, remat {full.remat}, head at {shape['new_tokens']} positions"),
         "prefill": f"{shape['prompts']} prompts x {shape['prompt_len']} tokens, cache {length} slots x {rows} rows",
         "decode_step": f"{rows} rows x {length} cache slots, one step",
     }
+    passes = attention_passes(full.remat, shape["beta"])
+    removed_per_layer = sum(n * (att[k]["bytes"] - flash[k]) for k, n in passes.items())
     for program, points in costs.items():
         is_train = program == "train_step"
         pick = lambda k: {lm: c[k] for lm, c in points.items()}  # noqa: E731
@@ -279,47 +426,72 @@ def measure(name: str, shape: dict, config, quick: bool):
         loops = sorted(set(pick("loops").values()))
         row = {
             "preset": name + (" (quick)" if quick else ""), "program": program, "shape": described[program],
-            "model": (f"{full.model_type} d{full.d_model} L{full.n_layers} H{full.n_heads}/{full.n_kv_heads} "
-                      f"Dh{full.head_dim} F{full.d_ff} V{full.vocab_size} {full.dtype} "
-                      f"(weights {full.param_dtype})"),
-            "platform_choices": {"platform": choices.platform, "cpu_weight_grad": full.cpu_weight_grad,
-                                 "logprob_chunk": chunk, "decode_chunk": choices.decode_chunk},
+            "model": model_desc, "platform_choices": platform_choices,
             "counted_by": ("scans unrolled; lowered at 1, 2 layers x 1, 2 micro-batches, extrapolated "
                            f"bilinearly to {full.n_layers} x {micro}" if is_train else
                            f"lowered at 1 and 2 layers, extrapolated linearly to {full.n_layers}"
                            + ("; the decode loop's body (one step) counted once" if program == "decode_step" else "")),
             "loops_left": loops if not is_train else max(loops),
-            "compiled_for": backend, "flops_xla": flops, "bytes_xla": nbytes,
-            "bytes_xla_note": ("XLA:CPU bytes: an upper bound for GPU/TPU" if backend == "cpu"
-                               else f"XLA:{backend.upper()} bytes"),
+            "compiled_for": backend, "flops_xla": flops, "bytes_xla": nbytes, "bytes_xla_note": bytes_note,
             "model_flops": model[program]["flops"], "bytes_min": model[program]["bytes"],
             "flops_xla_over_model": flops / model[program]["flops"],
             "devices": roofline(flops, nbytes, model[program]["bytes"], model[program]["flops"],
                                 bytes_are_upper_bound=backend == "cpu"),
             "compile_s": sum(c["compile_s"] for c in points.values()),
         }
+        if is_train:
+            removed = full.n_layers * micro * removed_per_layer
+            row["attention_bytes_removed"] = removed
+            row["bytes_xla_flash"] = nbytes - removed
+            policy = "forward, then recompute + backward" if full.remat != "none" else "forward + backward"
+            reference = "+ the reference forward" if shape["beta"] > 0 else "no reference forward"
+            row["counted_by"] += (
+                f"; bytes_xla_flash: bytes_xla less {full.n_layers} layers x {micro} micro-batches x "
+                f"({passes['fwd']} attention forward + {passes['fwd_bwd']} forward-backward) x the "
+                f"attention_layer row's (bytes_xla - bytes_flash) (remat {full.remat}: {policy}; "
+                f"beta {shape['beta']}: {reference})")
+            for dev_name, device in row["devices"].items():
+                peak = DEVICES[dev_name]
+                floor = max(device["compute_floor_s"], row["bytes_xla_flash"] / peak["bytes"])
+                device["memory_floor_flash_s"] = row["bytes_xla_flash"] / peak["bytes"]
+                device["projected_mfu_flash"] = model[program]["flops"] / (floor * peak["flops"])
         if program == "decode_step":
-            for device in row["devices"].values():
+            kv_per_slot = 2 * full.n_layers * full.n_kv_heads * full.head_dim * jnp.dtype(full.dtype).itemsize
+            block = kv_cache.block_size(length)
+            live = min(length, round_up(math.ceil(decode_fill * length), block))
+            row["bytes_kv_full"] = rows * length * kv_per_slot
+            row["bytes_kv_live"] = rows * live * kv_per_slot
+            row["kv_live"] = (f"fill {decode_fill}: {decode_fill * length:.0f} of {length} slots per row, read in "
+                              f"blocks of {block} (kv_cache.block_size) -> {live} slots; compute floor kept "
+                              "at the full cache's")
+            saved = row["bytes_kv_full"] - row["bytes_kv_live"]
+            for dev_name, device in row["devices"].items():
+                peak = DEVICES[dev_name]
                 floor = max(device["compute_floor_s"], device["memory_floor_s"])
                 floor_best = max(device["compute_floor_s"], device["memory_floor_min_s"])
                 device["tokens_per_s_ceiling"] = rows / floor
                 device["tokens_per_s_ceiling_best"] = rows / floor_best
+                device["tokens_per_s_ceiling_live"] = rows / max(
+                    device["compute_floor_s"], (nbytes - saved) / peak["bytes"])
+                device["tokens_per_s_ceiling_live_best"] = rows / max(
+                    device["compute_floor_s"], (model[program]["bytes"] - saved) / peak["bytes"])
         yield rounded(row)
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The figures a reader compares, one row per (preset, program)."""
     lines = ["| preset | program | TFLOP (XLA) | TFLOP (model) | GB (XLA) | GB (min) | H100 compute s "
-             "| H100 memory s (XLA / min) | H100 bound | H100 MFU (XLA / min bytes) | v5e bound "
-             "| v5e MFU (XLA / min bytes) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| H100 memory s (XLA / min) | H100 bound | H100 MFU (XLA / min bytes) | H100 MFU (flash) "
+             "| v5e bound | v5e MFU (XLA / min bytes) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h, t = r["devices"]["h100"], r["devices"]["tpu_v5e"]
+        flash = f"{h['projected_mfu_flash']:.0%}" if "projected_mfu_flash" in h else "-"
         lines.append(
             f"| {r['preset']} | {r['program']} | {r['flops_xla'] / 1e12:.4g} | {r['model_flops'] / 1e12:.4g} "
             f"| {r['bytes_xla'] / 1e9:.4g} | {r['bytes_min'] / 1e9:.4g} | {h['compute_floor_s']:.3g} "
             f"| {h['memory_floor_s']:.3g} / {h['memory_floor_min_s']:.3g} | {h['bound']} "
-            f"| {h['projected_mfu']:.0%} / {h['projected_mfu_best']:.0%} | {t['bound']} "
+            f"| {h['projected_mfu']:.0%} / {h['projected_mfu_best']:.0%} | {flash} | {t['bound']} "
             f"| {t['projected_mfu']:.0%} / {t['projected_mfu_best']:.0%} |")
     return "\n".join(lines)
 
@@ -332,7 +504,12 @@ def main(argv=None):
                         help="tokens per prompt (GSM8K chat prompts rounded to the prompt bucket)")
     parser.add_argument("--table", action="store_true", help="also print a markdown table at the end")
     parser.add_argument("--quick", action="store_true", help="a tiny model and batch (smoke test)")
+    parser.add_argument("--decode-fill", type=float, default=0.6,
+                        help="average fraction of a row's cache slots that hold tokens during decode "
+                             "(bytes_kv_live, tokens_per_s_ceiling_live)")
     args = parser.parse_args(argv)
+    if not 0 < args.decode_fill <= 1:
+        parser.error(f"--decode-fill {args.decode_fill}: a fraction in (0, 1]")
     config = gsm8k_config()
     if args.quick:
         shape = dict(QUICK_SHAPE)
@@ -348,7 +525,7 @@ def main(argv=None):
         model_shape(name)  # fail early on a typo
     rows = []
     for name in args.presets.split(","):
-        for row in measure(name, shape, config, args.quick):
+        for row in measure(name, shape, config, args.quick, args.decode_fill):
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.table:

@@ -64,12 +64,15 @@ def test_train_step_benchmark_takes_a_shape_and_a_dtype():
 
 def test_roofline_prints_every_program_with_its_floors():
     rows = run_benchmark("roofline.py", "--presets", "qwen2.5-0.5b", "--table")
-    assert [r["program"] for r in rows] == ["train_step", "prefill", "decode_step"]
+    assert [r["program"] for r in rows] == ["attention_layer", "train_step", "prefill", "decode_step"]
     by_name = {r["program"]: r for r in rows}
     train = by_name["train_step"]
-    # Every scan was unrolled (a while body would be counted once), on the accelerator's choices.
+    # Every scan was unrolled (a while body would be counted once), on the accelerator's choices,
+    # attention in its XLA form (the flash kernels have no CPU backend; they are modelled).
     assert train["loops_left"] == 0 and "bilinearly" in train["counted_by"]
     assert train["platform_choices"]["cpu_weight_grad"] is False
+    assert train["platform_choices"]["attention"].startswith("xla")
+    assert train["platform_choices"]["decode_attention"].startswith("full")
     assert train["compiled_for"] == "cpu" and "upper bound" in train["bytes_xla_note"]
     for r in rows:
         # The compiled program does at least the model's work (remat recomputes, chunks overlap).
@@ -83,9 +86,36 @@ def test_roofline_prints_every_program_with_its_floors():
             assert device["projected_mfu"] == pytest.approx(r["model_flops"] / (floor * peak), rel=1e-2)
             assert device["projected_mfu"] <= device["projected_mfu_best"] <= 1
             assert device["bound"] in ("compute", "memory", "compute or memory")
-    assert by_name["decode_step"]["devices"]["h100"]["tokens_per_s_ceiling"] > 0
+    # One layer's attention: the flash kernel moves less than the XLA form, forward and backward,
+    # and never holds the [B, H, T, S] float32 scores (--quick: 4 rows, 4 heads, 32 tokens).
+    att = by_name["attention_layer"]
+    assert att["loops_left"] == 0 and "Dao 2023" in att["counted_by"] and "block_q 128" in att["flash_assumption"]
+    assert att["bytes_flash_fwd"] < att["bytes_flash_fwd_bwd"] == att["bytes_min"] < att["bytes_xla"]
+    assert att["bytes_flash_fwd"] < att["bytes_xla_fwd"] < att["bytes_xla"]
+    assert att["flops_xla_fwd"] < att["flops_xla"]
+    assert att["bytes_xla_over_flash_fwd_bwd"] == pytest.approx(att["bytes_xla"] / att["bytes_flash_fwd_bwd"], rel=1e-2)
+    assert att["bytes_xla_over_flash_fwd"] == pytest.approx(att["bytes_xla_fwd"] / att["bytes_flash_fwd"], rel=1e-2)
+    assert att["scores_bytes_removed"] == 4 * 4 * 32 * 32 * 4
+    # The train step with flash attention: its bytes less, per layer and micro-batch (2 x 2 here),
+    # the XLA form's excess over the flash kernel's for 2 forwards (policy, reference) and one
+    # forward-backward (remat recompute + backward).
+    assert "2 attention forward + 1 forward-backward" in train["counted_by"]
+    removed = 2 * 2 * (2 * (att["bytes_xla_fwd"] - att["bytes_flash_fwd"]) + att["bytes_xla"] - att["bytes_flash_fwd_bwd"])
+    assert train["attention_bytes_removed"] == pytest.approx(removed, rel=1e-2)
+    assert train["bytes_xla_flash"] == pytest.approx(train["bytes_xla"] - train["attention_bytes_removed"], rel=1e-2)
+    assert train["bytes_min"] < train["bytes_xla_flash"] < train["bytes_xla"]
+    for device in train["devices"].values():
+        assert device["projected_mfu"] <= device["projected_mfu_flash"] <= device["projected_mfu_best"]
+        assert device["memory_floor_min_s"] < device["memory_floor_flash_s"] < device["memory_floor_s"]
+    # Decode: the live part of the cache (--decode-fill 0.6: 19.2 of 32 slots, blocks of 8 -> 24).
+    decode = by_name["decode_step"]
+    assert decode["bytes_kv_live"] == pytest.approx(decode["bytes_kv_full"] * 24 / 32, rel=1e-3)
+    assert decode["bytes_kv_full"] < decode["bytes_min"]
+    h100 = decode["devices"]["h100"]
+    assert 0 < h100["tokens_per_s_ceiling"] <= h100["tokens_per_s_ceiling_live"]
+    assert h100["tokens_per_s_ceiling_best"] <= h100["tokens_per_s_ceiling_live_best"]
     # Beside the 1- and 2-layer points: the train step grows with its micro-batches' work.
-    assert train["model_flops"] > by_name["prefill"]["model_flops"] > by_name["decode_step"]["model_flops"]
+    assert train["model_flops"] > by_name["prefill"]["model_flops"] > decode["model_flops"]
 
 
 def test_device_check_script_runs_tiny_on_cpu(tmp_path):
@@ -151,3 +181,18 @@ def test_serve_benchmark_runs_both_paths():
     assert summary["completion_tokens_server"] == by_runner["server"]["completion_tokens"]
     assert summary["completion_tokens_direct"] == by_runner["direct"]["completion_tokens"]
     assert summary["episodes_same"] >= summary["clients"] // 2
+
+
+def test_packing_benchmark_prints_padded_and_packed():
+    rows = run_benchmark("packing.py", "--repeats", "1")
+    by_name = {r["config"]: r for r in rows}
+    assert sorted(by_name) == ["packed", "padded"]
+    padded, packed = by_name["padded"], by_name["packed"]
+    assert padded["useful_tokens"] == packed["useful_tokens"] > 0  # the same episodes
+    assert int(packed["batch"].split("x")[0]) < int(padded["batch"].split("x")[0])
+    assert packed["padding_frac"] < packed["padding_frac_unpacked"] == padded["padding_frac"]
+    for r in rows:
+        assert r["step_time_s"] > 0
+        assert r["useful_tokens_per_s"] == pytest.approx(r["useful_tokens"] / r["step_time_s"], rel=0.02)
+    ratio = packed["useful_tokens_per_s"] / padded["useful_tokens_per_s"]
+    assert packed["speedup"] == pytest.approx(ratio, rel=0.02)
