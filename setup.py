@@ -31,7 +31,8 @@ INSTALL_REQUIRES = [
 TORCH = "torch==2.13.0"
 
 EXTRAS = {
-    "test": [TORCH, "pytest>=8", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6", "matplotlib>=3.8"],
+    "test": [TORCH, "pytest>=8", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6", "matplotlib>=3.8",
+             "peft==0.21.2"],  # tests/test_lora_export.py: PEFT applies our exported adapters
     # TRL 1.x needs Python >= 3.11; the GRPO-step benchmark uses TRL 1.16 internals.
     "bench": [TORCH, "trl==1.16.0", "accelerate>=1.10.1", "datasets>=4.7.0"],
     "notebooks": ["jupyter", "matplotlib>=3.8"],

@@ -207,7 +207,7 @@ def train_step_program(cfg: ModelConfig, shape: dict, micro_batches: int, optimi
              "loss_mask": spec(jnp.float32), "old_logps": spec(jnp.float32),
              "advantages": jax.ShapeDtypeStruct((rows,), jnp.float32)}
     ref = state.params if shape["beta"] > 0 else None
-    return step.jitted, (state, batch, ref), tree_bytes(state.opt_state)
+    return step.jitted, (state, batch, ref, step.frozen), tree_bytes(state.opt_state)
 
 
 def sampling_programs(cfg: ModelConfig, shape: dict, decode_chunk: int):

@@ -7,6 +7,12 @@ the logical-axis rules on an abstract mesh, so a 256-device plan runs on a lapto
         --kv_batch 64 --kv_length 2048 --dtype bfloat16 --param_dtype float32
     python experiments/plan_memory.py --hf_config path/to/config.json --mesh data=2,fsdp=4,tp=2 \
         --train_batch 16 --train_seq 2048 --remat full --device_memory_gib 80 --json
+    python experiments/plan_memory.py --model qwen2.5-7b --mesh fsdp=1 --lora_rank 64 \
+        --lora_alpha 64 --beta 0.001 --kv_batch 256 --kv_length 1152 --train_batch 16 \
+        --train_seq 1024 --remat full --device_memory_gib 80
+
+`--lora_rank r > 0` plans a LoRA run (`ModelConfig.lora_rank`): the base frozen in the compute
+dtype, adapters on `--lora_targets` trained, no reference copy (docs/lora.md, "Memory").
 """
 
 import json
@@ -38,6 +44,11 @@ _TRAIN_SEQ = flags.DEFINE_integer("train_seq", None, "Tokens per training row.")
 _REMAT = flags.DEFINE_enum("remat", "dots", list(REMAT_MODES),
                            "What each layer keeps for the backward pass (ModelConfig.remat).")
 _DEVICE_GIB = flags.DEFINE_float("device_memory_gib", 80.0, "Memory of one device (GiB).")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "LoRA rank; 0 = off (every weight trained).")
+_LORA_ALPHA = flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha (scale alpha / rank; no effect "
+                                 "on memory).")
+_LORA_TARGETS = flags.DEFINE_list("lora_targets", ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"],
+                                  "Comma list of the projections that get adapters.")
 _JSON = flags.DEFINE_bool("json", False, "Print the plan as one JSON line instead of a table.")
 
 
@@ -49,7 +60,8 @@ def main(argv):
         label = _HF_CONFIG.value
     else:
         cfg, label = preset(_MODEL.value), _MODEL.value
-    cfg = cfg.replace(dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value)
+    cfg = cfg.replace(dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, lora_rank=_LORA_RANK.value,
+                      lora_alpha=_LORA_ALPHA.value, lora_targets=tuple(_LORA_TARGETS.value))
     plan = memory.plan_memory(
         cfg, _MESH.value, optimizer=None if _OPTIMIZER.value == "none" else _OPTIMIZER.value,
         optimizer_dtype=_OPTIMIZER_DTYPE.value, grad_dtype=_GRAD_DTYPE.value,

@@ -26,6 +26,7 @@ from grpo_jax import sharding as sharding_lib
 from grpo_jax import tokenizer as tokenizer_lib
 from grpo_jax.checkpoint import Checkpointer, abstract_like
 from grpo_jax.envs import datasets, registry
+from grpo_jax.models import lora
 from grpo_jax.evaluation import EvalConfig
 from grpo_jax.engine import EngineConfig
 from grpo_jax.rollout import RolloutConfig, check_template
@@ -112,7 +113,9 @@ def build_model(config, tokenizer, mesh=None):
     from grpo_jax.models import create_model, load_hf
 
     if config.model.hf_path:
-        model = load_hf(config.model.hf_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+        # Under LoRA the base is frozen: stored in the compute dtype, no float32 masters.
+        param_dtype = config.model.dtype if config.lora.rank else config.model.param_dtype
+        model = load_hf(config.model.hf_path, dtype=config.model.dtype, param_dtype=param_dtype,
                         mesh=mesh, remat=config.model.remat,
                         **config_utils.model_platform_fields(config))
     else:
@@ -195,6 +198,15 @@ class Run:
         return nnx.merge(graphdef, distributed.local_copy(params, self.mesh),
                          distributed.local_copy(rest, self.mesh))
 
+    def warm_base(self):
+        """The base weights when a warm start trains them under LoRA adapters (checkpointed with
+        the adapters: a resumed run would otherwise rebuild the base from its seed or
+        checkpoint), else None."""
+        sft = self.config.sft
+        if lora.has_adapters(self.model) and (sft.steps > 0 or sft.mixed_steps > 0):
+            return nnx.state(self.model, lora.BASE)
+        return None
+
     def init_state(self):
         """The train state of the model's current weights, born sharded."""
         return init_train_state(self.model, self.optimizer, self.root_key, mesh=self.step_mesh)
@@ -237,8 +249,12 @@ def build(config, workdir: str | None = None) -> Run:
 def restore(run: Run, checkpointer: Checkpointer, step: int | None = None):
     """(step, train state, reference params or None, meta) of a checkpoint of `run`."""
     template = run.init_state()
+    base = run.warm_base()
     target = {"train": abstract_like(template),
-              "ref": abstract_like(template.params) if run.uses_reference else None}
+              "ref": abstract_like(template.params) if run.uses_reference else None,
+              "base": abstract_like(base) if base is not None else None}
     del template
     step, restored, meta = checkpointer.restore(target, step)
+    if base is not None:  # the warm-started base under the adapters
+        nnx.update(run.model, restored["base"])
     return step, restored["train"], restored["ref"], meta

@@ -37,6 +37,12 @@ Categories and their assumptions (the table repeats them):
 - activations: a rough *estimate* for one forward + backward of `train_batch` rows of
                `train_seq` tokens (only when both are given); see `activation_bytes`.
 
+LoRA (`model_cfg.lora_rank > 0`, `grpo_jax.models.lora`): only the adapters (`LoRAParam`s) are
+trained. params = the frozen base in the compute dtype (no masters; table part "frozen base") +
+the adapters as the model makes them (float32; part "adapters"); gradients and optimizer cover
+the adapters only; reference = 0 (the base with adapters off); sampling_weights = the merged
+copy W + alpha/r A B in the compute dtype, shaped and laid out like the base (always a copy).
+
 Two sums: `total` (all categories at once, an upper bound) and `peak`, which uses the fact that
 the KV cache and the sampler's weights live only during the rollout, gradients and activations
 only during the train step:
@@ -57,12 +63,13 @@ import optax
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
+from grpo_jax import memory_table
 from grpo_jax import sharding as sharding_lib
 from grpo_jax.models import ModelConfig, abstract_model
 from grpo_jax.models.config import remat_mode
 from grpo_jax.utils import is_var, path_name
 
-GIB = 2 ** 30
+GIB = memory_table.GIB
 CATEGORIES = ("params", "gradients", "optimizer", "reference", "kv_cache", "sampling_weights",
               "activations")
 
@@ -129,18 +136,19 @@ class LeafPlan:
     spec: PartitionSpec
     device_bytes: int
     global_bytes: int
+    part: str = ""        # a part of the category (LoRA's params: "frozen base", "adapters")
 
 
-def _leaf(category, name, shape, dtype, logical_axes, mesh, sizes, rules) -> LeafPlan:
+def _leaf(category, name, shape, dtype, logical_axes, mesh, sizes, rules, part="") -> LeafPlan:
     shape = tuple(int(s) for s in shape)
     spec = sharding_lib.logical_to_spec(logical_axes, shape, mesh, rules)
     itemsize = np.dtype(dtype).itemsize
     return LeafPlan(category, name, shape, np.dtype(dtype).name, tuple(logical_axes), spec,
                     math.prod(shard_shape(shape, spec, sizes)) * itemsize,
-                    math.prod(shape) * itemsize)
+                    math.prod(shape) * itemsize, part)
 
 
-def _tree_leaves(category, tree, mesh, sizes, rules, dtype=None) -> list[LeafPlan]:
+def _tree_leaves(category, tree, mesh, sizes, rules, dtype=None, part="") -> list[LeafPlan]:
     """Variables shard by their logical axes (in `dtype` if given); other leaves are replicated."""
     out = []
     for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_var)[0]:
@@ -148,7 +156,7 @@ def _tree_leaves(category, tree, mesh, sizes, rules, dtype=None) -> list[LeafPla
             continue
         axes = sharding_lib.logical_axes_of(x) if is_var(x) else (None,) * len(x.shape)
         out.append(_leaf(category, path_name(path), x.shape, dtype or x.dtype, axes, mesh, sizes,
-                         rules))
+                         rules, part))
     return out
 
 
@@ -176,6 +184,7 @@ def activation_bytes(cfg: ModelConfig, mesh, sizes, *, batch: int, seq: int, rem
                    cotangents)
         remat "full": L * [B, T, D] (the saved layer inputs) + 2 * layer
 
+    With LoRA (rank r), each target adds its x A [B, T, r] to a layer (and to what "dots" saves).
     plus the chunked log-prob head: 3 float32 [B, T, chunk] (logits, exponentials, cotangent).
     XLA fuses and reorders, so treat the figure as an order of magnitude, not a bound.
     """
@@ -188,19 +197,22 @@ def activation_bytes(cfg: ModelConfig, mesh, sizes, *, batch: int, seq: int, rem
     scores = ((B, H, T, T), ("batch", "q_heads", "seq", None))
     mlp = ((B, T, F), ("batch", "seq", "mlp"))
     logits = ((B, T, min(chunk_size, cfg.vocab_size)), ("batch", "seq", None))
+    lora = ((B, T, max(cfg.lora_rank, 1)), ("batch", "seq", "lora"))
+    n_lora = len(cfg.lora_targets) if cfg.lora_rank else 0
 
     def nbytes(tensor, dtype, count=1):
         (shape, axes) = tensor
         return count * _leaf("activations", "", shape, dtype, axes, mesh, sizes, rules).device_bytes
 
     layer = (nbytes(btd, c, 5) + nbytes(q, c, 3) + nbytes(kv, c, 3) + nbytes(scores, "float32")
-             + nbytes(scores, c) + nbytes(mlp, c, 3))
+             + nbytes(scores, c) + nbytes(mlp, c, 3) + nbytes(lora, c, n_lora))
     head = nbytes(logits, "float32", 3)
     mode = remat_mode(remat)
     if mode == "full":
         return cfg.n_layers * nbytes(btd, c) + 2 * layer + head
     if mode == "dots":
-        saved = nbytes(btd, c, 3) + nbytes(q, c) + nbytes(kv, c, 2) + nbytes(mlp, c, 2)
+        saved = (nbytes(btd, c, 3) + nbytes(q, c) + nbytes(kv, c, 2) + nbytes(mlp, c, 2)
+                 + nbytes(lora, c, n_lora))
         return cfg.n_layers * saved + 2 * layer + head
     return (cfg.n_layers + 1) * layer + head
 
@@ -221,16 +233,20 @@ class MemoryPlan:
     notes: dict[str, str]                   # category -> assumption shown in the table
     warnings: tuple[str, ...]               # dimensions a mesh axis could not split
     device_memory: int | None = None        # bytes of one device, for the fits check
+    lora_rank: int = 0                      # > 0: only the adapters are trained
+    num_trainable: int | None = None        # parameters trained (all of them without LoRA)
 
     @property
     def num_devices(self) -> int:
         return math.prod(self.mesh_shape.values())
 
-    def category_bytes(self, category: str, *, per_device: bool = True) -> int | None:
+    def category_bytes(self, category: str, *, per_device: bool = True,
+                       part: str | None = None) -> int | None:
         if category == "activations":
             return self.activations if per_device else None
         field = "device_bytes" if per_device else "global_bytes"
-        return sum(getattr(x, field) for x in self.leaves if x.category == category)
+        return sum(getattr(x, field) for x in self.leaves
+                   if x.category == category and (part is None or x.part == part))
 
     @property
     def per_device(self) -> dict[str, int]:
@@ -259,6 +275,9 @@ class MemoryPlan:
     def as_dict(self) -> dict[str, Any]:
         return {
             "label": self.label, "num_params": self.num_params, "mesh": dict(self.mesh_shape),
+            "lora_rank": self.lora_rank, "num_trainable": self.num_trainable,
+            "parts_bytes": {c: {p: self.category_bytes(c, part=p) for p in self.parts(c)}
+                            for c in CATEGORIES if len(self.parts(c)) > 1},
             "num_devices": self.num_devices, "per_device_bytes": self.per_device,
             "per_device_gib": {k: v / GIB for k, v in self.per_device.items()},
             "total_bytes": self.total, "peak_bytes": self.peak,
@@ -267,41 +286,13 @@ class MemoryPlan:
             "warnings": list(self.warnings),
         }
 
+    def parts(self, category: str) -> dict[str, str]:
+        """The parts of a category and their dtypes, in order (LoRA's params: "frozen base",
+        "adapters"); one part "" otherwise."""
+        return {x.part: x.dtype for x in self.leaves if x.category == category}
+
     def table(self) -> str:
-        mesh = " ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
-        lines = [f"memory plan: {self.label} ({self.num_params:,} params) on mesh {mesh} "
-                 f"({self.num_devices} devices)",
-                 f"{'category':<16} {'per device':>12} {'unsharded':>12}  {'dtype':<9} assumption"]
-        for c in CATEGORIES:
-            dev = self.category_bytes(c)
-            if dev is None:
-                lines.append(f"{c:<16} {'-':>12} {'-':>12}  {'':<9} {self.notes.get(c, '')}")
-                continue
-            glob = self.category_bytes(c, per_device=False)
-            glob_text = "-" if glob is None else _gib(glob)
-            lines.append(f"{c:<16} {_gib(dev):>12} {glob_text:>12}  {self.dtypes.get(c, ''):<9} "
-                         f"{self.notes.get(c, '')}")
-        lines.append(f"{'total':<16} {_gib(self.total):>12}   (every category at once)")
-        lines.append(f"{'peak':<16} {_gib(self.peak):>12}   (params + optimizer + reference + "
-                     "max(kv_cache + sampling_weights, gradients + activations))")
-        if self.device_memory is not None:
-            share = self.peak / self.device_memory
-            verdict = "fits" if self.fits else "DOES NOT FIT"
-            lines.append(f"{'device':<16} {_gib(self.device_memory):>12}   {verdict} "
-                         f"(peak is {share:.0%} of one device)")
-            if not self.fits:
-                lines.append(f"WARNING: peak {_gib(self.peak)} exceeds the {_gib(self.device_memory)} "
-                             "of one device: shard more (fsdp/tp), shrink kv_batch/kv_length or "
-                             "the micro-batch, use remat=\"full\", or gather_weights=False")
-            elif self.total > self.device_memory:
-                lines.append(f"WARNING: total {_gib(self.total)} exceeds one device; this relies on "
-                             "the rollout's buffers being freed before the train step")
-        lines.extend(f"note: {w}" for w in self.warnings)
-        return "\n".join(lines)
-
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
+        return memory_table.format_table(self, CATEGORIES)
 
 
 def _divisibility_warnings(leaves, mesh, rules) -> list[str]:
@@ -345,29 +336,48 @@ def plan_memory(model_cfg: ModelConfig, mesh: Any, *, param_dtype: str | None = 
       train_batch, train_seq: rows and tokens of one forward/backward (the micro-batch, global)
         for the activation estimate; `remat` defaults to the config's.
       device_memory_gib: memory of one device (e.g. 80 for an H100) for the fits check.
+
+    LoRA comes from `model_cfg.lora_rank` / `lora_targets`: the base is then planned in the
+    compute dtype whatever `param_dtype`, and `with_reference` keeps nothing (adapters off).
     """
     sizes = mesh_axis_sizes(mesh)
     at = (abstract_mesh(sizes), sizes, rules)  # where every leaf is placed: mesh, sizes, rules
-    param_dtype = param_dtype or model_cfg.param_dtype
-    cfg = model_cfg.replace(param_dtype=np.dtype(param_dtype).name)
+    param_dtype = np.dtype(param_dtype or model_cfg.param_dtype).name
+    cfg = model_cfg.replace(param_dtype=param_dtype)
     compute_dtype = np.dtype(cfg.dtype).name
     masters = compute_dtype != cfg.param_dtype
-    reference_dtype = reference_dtype or param_dtype
-    params = nnx.state(abstract_model(cfg), nnx.Param)
-    categories = {
-        "params": _Category(_tree_leaves("params", params, *at),
-                            f"policy weights (masters of {compute_dtype} compute)" if masters
-                            else "policy weights", np.dtype(param_dtype).name),
-        "gradients": _Category(_tree_leaves("gradients", params, *at, dtype=grad_dtype),
-                               "accumulator sharded like params", np.dtype(grad_dtype).name),
-        "optimizer": _optimizer_category(optimizer, optimizer_dtype, params, at),
-        "reference": _Category(_tree_leaves("reference", params, *at, dtype=reference_dtype),
+    lora_rank = cfg.lora_rank
+    if lora_rank:  # frozen base in the compute dtype; adapters (trained) as the model makes them
+        from grpo_jax.models.lora import LoRAParam
+        trained, base = nnx.state(abstract_model(cfg), LoRAParam, nnx.Param)
+        base = _cast(base, compute_dtype)
+        adapters = _tree_leaves("params", trained, *at, part="adapters")
+        adapter_dtype = adapters[0].dtype
+        params = _Category(_tree_leaves("params", base, *at, part="frozen base") + adapters,
+                           f"frozen base ({compute_dtype}) + LoRA adapters ({adapter_dtype}, trained)",
+                           compute_dtype if adapter_dtype == compute_dtype else "mixed")
+        trained_note = "adapters only"
+        reference = _Category([], "none (LoRA: the reference is the base with adapters off)")
+    else:
+        base = trained = nnx.state(abstract_model(cfg), nnx.Param)
+        params = _Category(_tree_leaves("params", trained, *at),
+                           f"policy weights (masters of {compute_dtype} compute)" if masters
+                           else "policy weights", param_dtype)
+        trained_note = "sharded like params"
+        reference_dtype = reference_dtype or param_dtype
+        reference = (_Category(_tree_leaves("reference", trained, *at, dtype=reference_dtype),
                                "frozen reference policy (beta > 0), sharded like params",
                                np.dtype(reference_dtype).name) if with_reference
-                     else _Category([], "none (beta = 0)"),
+                     else _Category([], "none (beta = 0)"))
+    categories = {
+        "params": params,
+        "gradients": _Category(_tree_leaves("gradients", trained, *at, dtype=grad_dtype),
+                               f"accumulator, {trained_note}", np.dtype(grad_dtype).name),
+        "optimizer": _optimizer_category(optimizer, optimizer_dtype, trained, at, trained_note),
+        "reference": reference,
         "kv_cache": _kv_cache_category(cfg, kv_batch, kv_length, kv_dtype, at),
-        "sampling_weights": _sampling_weights_category(params, gather_weights, masters,
-                                                       compute_dtype, at),
+        "sampling_weights": _sampling_weights_category(base, gather_weights, masters or lora_rank,
+                                                       compute_dtype, at, merged=bool(lora_rank)),
     }
     remat = cfg.remat if remat is None else remat_mode(remat)
     activations = None
@@ -383,11 +393,16 @@ def plan_memory(model_cfg: ModelConfig, mesh: Any, *, param_dtype: str | None = 
     warnings = _divisibility_warnings(
         [x for x in leaves if x.category in ("params", "kv_cache")], at[0], rules)
     device_memory = None if device_memory_gib is None else int(device_memory_gib * GIB)
-    return MemoryPlan(label=label or cfg.model_type, num_params=cfg.num_params(),
+    return MemoryPlan(label=label or cfg.model_type, num_params=_count(base),
                       mesh_shape=sizes, leaves=tuple(leaves), activations=activations,
                       dtypes={k: c.dtype for k, c in categories.items() if c.dtype is not None},
                       notes={k: c.note for k, c in categories.items()}, warnings=tuple(warnings),
-                      device_memory=device_memory)
+                      device_memory=device_memory, lora_rank=lora_rank,
+                      num_trainable=_count(trained))
+
+
+def _count(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 class _Category(NamedTuple):  # a category's arrays, the assumption shown for it, its dtype
@@ -396,7 +411,7 @@ class _Category(NamedTuple):  # a category's arrays, the assumption shown for it
     dtype: str | None = None
 
 
-def _optimizer_category(optimizer, optimizer_dtype, params, at) -> _Category:
+def _optimizer_category(optimizer, optimizer_dtype, params, at, like="sharded like params") -> _Category:
     if isinstance(optimizer, str):
         makers = {"adamw": optax.adamw, "adam": optax.adam}
         if optimizer not in makers:
@@ -404,7 +419,7 @@ def _optimizer_category(optimizer, optimizer_dtype, params, at) -> _Category:
                              "transformation or None")
         opt_state = jax.eval_shape(makers[optimizer](1e-3).init, _cast(params, optimizer_dtype))
         return _Category(_tree_leaves("optimizer", opt_state, *at),
-                         f"{optimizer}: mu + nu sharded like params", np.dtype(optimizer_dtype).name)
+                         f"{optimizer}: mu + nu, {like}", np.dtype(optimizer_dtype).name)
     if optimizer is not None:
         opt_state = jax.eval_shape(optimizer.init, params)
         return _Category(_tree_leaves("optimizer", opt_state, *at),
@@ -429,15 +444,17 @@ def _kv_cache_category(cfg: ModelConfig, kv_batch: int, kv_length: int, kv_dtype
 
 
 def _sampling_weights_category(params, gather_weights: bool, masters: bool, compute_dtype: str,
-                               at) -> _Category:
-    """The compute-dtype copy the sampler reads: gathered over fsdp, or cast in the train layout."""
+                               at, merged: bool = False) -> _Category:
+    """The compute-dtype copy the sampler reads: gathered over fsdp, or cast in the train layout
+    (`merged`: LoRA's W + alpha/r A B, shaped like the base weights, always a copy)."""
     if not (gather_weights or masters):
         return _Category([], "none (the sampler reads the params)")
     mesh, sizes, rules = at
     layout = sharding_lib.sampling_rules(rules, gather_weights=gather_weights)
     leaves = _tree_leaves("sampling_weights", params, mesh, sizes, layout, dtype=compute_dtype)
-    return _Category(leaves, "copy gathered over fsdp, split over tp, for the rollout"
-                     if gather_weights else "cast copy in the train layout, for the rollout",
+    what = "merged copy (W + alpha/r A B)" if merged else "copy" if gather_weights else "cast copy"
+    return _Category(leaves, f"{what} gathered over fsdp, split over tp, for the rollout"
+                     if gather_weights else f"{what} in the train layout, for the rollout",
                      compute_dtype)
 
 
@@ -446,7 +463,8 @@ def plan_for_run(run) -> MemoryPlan:
     memory of its first local device (when the backend reports it). The train step's
     micro-batch is `run.train.micro_batch_size` rows (packed: of `micro_batch_tokens` //
     max_seq_len) or the batch's rows (packed: at most one row per episode), of
-    rollout.max_seq_len tokens (the packed width; one episode per row: the widest)."""
+    rollout.max_seq_len tokens (the packed width; one episode per row: the widest). LoRA: the
+    model config's `lora_rank` / `lora_targets` (from `config.lora`)."""
     c = run.config
     rows = c.train.prompts_per_step * c.rollout.group_size
     kv_batch, kv_length = rows, c.rollout.max_seq_len  # the lockstep sampler: every episode at once

@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from grpo_jax import sharding as sharding_lib
+from grpo_jax.models import lora
 from grpo_jax.token_selection import categorical, filter_logits, row_uniforms, select_tokens  # noqa: F401
 from grpo_jax.utils import dataclass_from, is_var, round_up
 
@@ -164,7 +165,8 @@ def _map_loop(s: "_LoopState", place) -> "_LoopState":
                       done=rows(s.done), tokens=rows(s.tokens), logprobs=rows(s.logprobs))
 
 
-def sampling_model(model, *, gather_weights: bool = True, rules=sharding_lib.DEFAULT_RULES):
+def sampling_model(model, *, gather_weights: bool = True, rules=sharding_lib.DEFAULT_RULES,
+                   merge_adapters: bool = True):
     """The weights the sampler reads: the model in its compute dtype and, on a mesh, in the
     sampling layout (`grpo_jax.sharding.sampling_rules`).
 
@@ -172,7 +174,11 @@ def sampling_model(model, *, gather_weights: bool = True, rules=sharding_lib.DEF
     weight, so the sampler reads a bfloat16 copy (half the bytes), made here in one compiled
     cast-and-reshard. Call it once per rollout and drop the result after it (the trainer does):
     the copy lives only while it is referenced. Returns `model` itself when nothing would change.
+    LoRA adapters are merged into the copy (`models.lora.merged`) unless `merge_adapters` is
+    False (then every decode step runs their two thin matmuls per target; `benchmarks/lora_sampling.py`).
     """
+    if merge_adapters and lora.has_adapters(model):  # once per rollout: no adapter matmuls per step
+        model = lora.merged(model)
     graphdef, state = nnx.split(model)
     cfg = model.config
     mesh = sharding_lib.mesh_of(state)

@@ -28,6 +28,7 @@ from flax import nnx
 
 from grpo_jax.config_utils import ConfigError
 from grpo_jax.models.logprobs import token_logprobs
+from grpo_jax.models.lora import BASE
 from grpo_jax.optim import keep_state_dtypes
 from grpo_jax.sharding import can_fuse_projections, mesh_of
 from grpo_jax.train_step import TrainState, init_train_state, split_params
@@ -103,7 +104,7 @@ class SFTConfig:
 def make_sft_step(model: nnx.Module, optimizer: optax.GradientTransformation,
                   chunk_size: int | None = None):
     """A jitted `(state, batch) -> (state, metrics)` minimising the masked token NLL."""
-    graphdef, params, rest = split_params(model)
+    graphdef, params, rest = split_params(model, BASE)  # the base (adapters, if any, stay off)
     fuse = can_fuse_projections(mesh_of(params))  # the default rules placed them
 
     def loss_fn(params, batch):
@@ -147,7 +148,7 @@ def run_sft(model: nnx.Module, data: Mapping[str, np.ndarray], config: SFTConfig
                                else "constant", warmup_steps=config.warmup_steps, total_steps=config.steps,
                                end_fraction=0.1, weight_decay=config.weight_decay,
                                max_grad_norm=config.max_grad_norm)
-    state = init_train_state(model, optimizer, jax.random.key(seed))
+    state = init_train_state(model, optimizer, jax.random.key(seed), which=BASE)
     step_fn = make_sft_step(model, optimizer, config.chunk_size)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)

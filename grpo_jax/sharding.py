@@ -39,6 +39,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("seq", None),
     ("cache_seq", None),
+    ("lora", None),
 )
 
 

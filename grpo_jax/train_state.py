@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from grpo_jax import sharding as sharding_lib
+from grpo_jax.models.lora import trainable
 from grpo_jax.utils import is_var
 
 
@@ -30,9 +31,11 @@ class TrainState(NamedTuple):
     key: jax.Array    # root key; per-step randomness is fold_in(key, step)
 
 
-def split_params(model: nnx.Module):
-    """`(graphdef, params, rest)` with `params` the `nnx.Param` state (what the step trains)."""
-    return nnx.split(model, nnx.Param, ...)
+def split_params(model: nnx.Module, which=None):
+    """`(graphdef, params, rest)` with `params` what the step trains: the `nnx.Param` state, or
+    the LoRA adapters alone when the model has them (`models.lora.trainable`; the base weights
+    are then in `rest`, frozen). `which`: another `nnx` filter (e.g. `models.lora.BASE`)."""
+    return nnx.split(model, which or trainable(model), ...)
 
 
 def _replicated(mesh):
@@ -64,14 +67,14 @@ def train_state_shardings(model: nnx.Module, optimizer: optax.GradientTransforma
 
 
 def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, key, *,
-                     mesh=None, rules=sharding_lib.DEFAULT_RULES) -> TrainState:
+                     mesh=None, rules=sharding_lib.DEFAULT_RULES, which=None) -> TrainState:
     """The initial state, born sharded on `mesh` (optimizer state created by a jitted init).
 
     The state holds a copy of the model's parameters: the step donates (frees) the state's
     buffers, and `model` stays usable. The policy after some steps is
-    `nnx.merge(graphdef, state.params, rest)` (`split_params`).
+    `nnx.merge(graphdef, state.params, rest)` (`split_params`; `which`: its filter).
     """
-    _, params, _ = split_params(model)
+    _, params, _ = split_params(model, which)
     if mesh is None:
         return _init_state(optimizer, params, key)
     shardings = train_state_shardings(model, optimizer, mesh, rules)

@@ -74,8 +74,8 @@ from grpo_jax import sharding as sharding_lib
 from grpo_jax.models.logprobs import loss_columns, token_logprobs_at
 from grpo_jax.optim import current_learning_rate, keep_state_dtypes
 from grpo_jax.train_inputs import TrainConfig, prepare_batch  # noqa: F401 (re-export)
-from grpo_jax.train_state import (TrainState, _replicated, init_train_state,  # noqa: F401 (re-export)
-                                  split_params, train_state_shardings)
+from grpo_jax.train_state import (TrainState, _replicated, _tree_shardings,  # noqa: F401 (re-export)
+                                  init_train_state, split_params, train_state_shardings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +203,9 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
 
     `ref_params` (the reference model's `nnx.Param` state, laid out like `state.params`) is
     required when `cfg.beta > 0` and ignored otherwise. The returned function has `.jitted`,
-    the underlying jitted function of `(state, batch, ref_params)` (for `lower`/`compile`).
+    the underlying jitted function of `(state, batch, ref_params, frozen)` (for `lower`/`compile`;
+    `.frozen` is the model's untrained state, `split_params(model)[2]`: the frozen base under
+    LoRA adapters, `models.lora`).
     """
     cfg = TrainConfig.from_any(cfg)
     layout = _step_layout(model, optimizer, cfg, mesh, rules)
@@ -213,7 +215,8 @@ def make_train_step(model: nnx.Module, optimizer: optax.GradientTransformation, 
                      constrain_micro=layout.constrain_micro, constrain_grads=layout.constrain_grads, mesh=mesh)
     jitted = jax.jit(body.train_step, donate_argnums=0, compiler_options=compiler_options,
                      **layout.jit_shardings)
-    return TrainStep(jitted, cfg, batch_shards=layout.batch_shards)
+    frozen_sh = layout.jit_shardings["in_shardings"][3] if mesh is not None else None
+    return TrainStep(jitted, cfg, batch_shards=layout.batch_shards, model=model, frozen_shardings=frozen_sh)
 
 
 class _StepLayout(NamedTuple):
@@ -245,7 +248,8 @@ def _step_layout(model, optimizer, cfg: TrainConfig, mesh, rules) -> _StepLayout
 
     batch_sh = NamedSharding(mesh, batch_spec)  # a prefix: rows over the batch axes
     ref_sh = state_sh.params if cfg.beta > 0 else None
-    jit_shardings = {"in_shardings": (state_sh, batch_sh, ref_sh),
+    frozen_sh = _tree_shardings(split_params(model)[2], mesh, rules)
+    jit_shardings = {"in_shardings": (state_sh, batch_sh, ref_sh, frozen_sh),
                      "out_shardings": (state_sh, _replicated(mesh))}
     return _StepLayout(constrain_micro, constrain_grads, batch_shards, jit_shardings)
 
@@ -290,9 +294,14 @@ class _StepBody:
         """The model with these parameters."""
         return nnx.merge(self.graphdef, params, self.rest)
 
-    def train_step(self, state: TrainState, batch, ref_params):
-        """`(state, batch, ref_params) -> (state, metrics)`: the reference and old log-probs,
-        then mu `iteration`s (the step of the module docstring)."""
+    def train_step(self, state: TrainState, batch, ref_params, frozen):
+        """`(state, batch, ref_params, frozen) -> (state, metrics)`; `frozen`: the model's
+        state that is not trained (the base weights under LoRA adapters), an argument so that
+        the program never holds weights as constants."""
+        return dataclasses.replace(self, rest=frozen).step(state, batch, ref_params)
+
+    def step(self, state: TrainState, batch, ref_params):
+        """The reference and old log-probs, then mu `iteration`s (the module docstring's step)."""
         cfg = self.cfg
         data = prepare_batch(batch, cfg)
         n_micro = _num_micro_batches(data["tokens"].shape[0], cfg)
@@ -378,11 +387,24 @@ class _StepBody:
 class TrainStep:
     """`step(state, batch, ref_params=None) -> (state, metrics)`: the host checks (reference
     given when beta > 0, rows split evenly, no row over `max_loss_tokens`), then `jitted`, the
-    compiled `(state, batch, ref_params)` function (for `lower`, `compile`, `jax.export`)."""
+    compiled `(state, batch, ref_params, frozen)` function (for `lower`, `compile`, `jax.export`)."""
 
     jitted: Callable
     config: TrainConfig
     batch_shards: int = 1   # devices the batch rows are split over
+    model: Any = None       # its untrained state is read at each call (`frozen`)
+    frozen_shardings: Any = None
+
+    @property
+    def frozen(self):
+        """The model's untrained state now (the base under LoRA adapters, updated in place by a
+        warm start), `split_params(model)[2]`, placed as the step takes it (a no-op when it is)."""
+        rest = split_params(self.model)[2]
+        if self.frozen_shardings is None or not jax.tree.leaves(rest):
+            return rest
+        if isinstance(jax.tree.leaves(rest)[0], jax.ShapeDtypeStruct):  # an abstract model
+            return rest
+        return jax.device_put(rest, self.frozen_shardings)
 
     def __call__(self, state: TrainState, batch: Mapping[str, Any], ref_params=None):
         cfg, uses_ref = self.config, self.config.beta > 0
@@ -394,4 +416,4 @@ class TrainStep:
         if rows % self.batch_shards:
             raise ValueError(f"the batch has {rows} rows, not a multiple of the {self.batch_shards} "
                              "devices its rows are split over (the mesh's batch axes)")
-        return self.jitted(state, batch, ref_params if uses_ref else None)
+        return self.jitted(state, batch, ref_params if uses_ref else None, self.frozen)

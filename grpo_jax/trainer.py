@@ -66,6 +66,7 @@ from grpo_jax.components import Run, build, restore
 from grpo_jax.evaluation import evaluate_run
 from grpo_jax.memory import plan_for_run
 from grpo_jax.metrics import MetricsWriter, read_metrics, to_host
+from grpo_jax.models import lora
 from grpo_jax.rollout import model_sampler, rollout
 from grpo_jax.rubrics.rubric import check_rewards, score_metrics
 from grpo_jax.sft import warm_start
@@ -352,9 +353,11 @@ def _evaluate(run: Run, writer: MetricsWriter, params, step: int) -> dict[str, f
     return eval_row
 
 
-def _save(checkpointer: Checkpointer, step: int, state, ref_params, eval_before):
-    checkpointer.save(step, {"train": state, "ref": ref_params}, {"step": step, "eval_before": eval_before},
-                      force=True)
+def _save(checkpointer: Checkpointer, step: int, state, ref_params, eval_before, base=None):
+    """`base`: the frozen base weights when a warm start changed them under LoRA adapters (a
+    resumed run could not rebuild them: `Run.warm_base`)."""
+    checkpointer.save(step, {"train": state, "ref": ref_params, "base": base},
+                      {"step": step, "eval_before": eval_before}, force=True)
 
 
 def _begin(run: Run, writer: MetricsWriter, checkpointer: Checkpointer):
@@ -364,9 +367,12 @@ def _begin(run: Run, writer: MetricsWriter, checkpointer: Checkpointer):
     if sft.steps > 0 or sft.mixed_steps > 0:
         warm_start(run, writer)
     state = run.init_state()
-    ref_params = jax.tree.map(jnp.copy, state.params) if run.uses_reference else None
+    ref_params = None
+    if run.uses_reference:  # the initial policy; under LoRA the base itself (adapters off, no copy)
+        ref_params = (lora.adapters_off(state.params) if lora.has_adapters(run.model)
+                      else jax.tree.map(jnp.copy, state.params))
     eval_before = _evaluate(run, writer, state.params, 0)
-    _save(checkpointer, 0, state, ref_params, eval_before)
+    _save(checkpointer, 0, state, ref_params, eval_before, run.warm_base())
     return 0, state, ref_params, eval_before
 
 
@@ -440,7 +446,7 @@ def _run(config, workdir: str, stop_after: int | None) -> dict[str, Any]:
             stopping = signalled or step == stop_after
             if step % c.checkpoint.every == 0 or step == c.train.num_steps or stopping:
                 late.flush()
-                _save(checkpointer, step, state, ref_params, eval_before)
+                _save(checkpointer, step, state, ref_params, eval_before, run.warm_base())
             if stopping:
                 checkpointer.wait()
                 print(f"stopped by {stop.why(signalled)} after step {step}; checkpoint saved under "

@@ -62,7 +62,7 @@ def train_step_program(choices):
     batch = {"tokens": spec(jnp.int32), "positions": spec(jnp.int32), "segment_ids": spec(jnp.int32),
              "loss_mask": spec(jnp.float32), "old_logps": spec(jnp.float32),
              "advantages": jax.ShapeDtypeStruct((ROWS,), jnp.float32)}
-    return step.jitted, (state, batch, state.params)
+    return step.jitted, (state, batch, state.params, step.frozen)
 
 
 def sampler_programs(choices, decode_chunk=None):
@@ -193,6 +193,6 @@ def test_sharded_tpu_train_step_runs_splash_per_device():
     batch = {"tokens": spec(jnp.int32), "positions": spec(jnp.int32), "segment_ids": spec(jnp.int32),
              "loss_mask": spec(jnp.float32), "old_logps": spec(jnp.float32),
              "advantages": jax.ShapeDtypeStruct((8,), jnp.float32)}
-    assert "shard_map" in str(step.jitted.trace(state, batch, None).jaxpr)
-    text = jax.export.export(step.jitted, platforms=["tpu"])(state, batch, None).mlir_module()
+    assert "shard_map" in str(step.jitted.trace(state, batch, None, step.frozen).jaxpr)
+    text = jax.export.export(step.jitted, platforms=["tpu"])(state, batch, None, step.frozen).mlir_module()
     assert "mhlo.num_partitions = 8" in text and text.count("tpu_custom_call") >= 2

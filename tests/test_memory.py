@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from grpo_jax import memory, sharding
+from grpo_jax import config_utils, memory, sharding
 from grpo_jax.models import ModelConfig, preset
 
 # Qwen2.5-7B (config.json): L layers, model width D, vocabulary V, H query heads, K KV heads of
@@ -30,17 +30,18 @@ BIAS_KV = 2 * L * K * DH                       # bk, bv             ("layers", "
 NORMS = D + 2 * L * D                          # final, attn, mlp norms (never sharded)
 
 BF16, F32 = 2, 4
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 ADAM_COUNT = 4                                 # optax adam's int32 step counter (replicated)
 KV_INDEX = 4                                   # the cache's int32 write index (replicated)
 
 
-def _plan_7b(mesh, **kw):
+def _plan_7b(mesh, model=None, **kw):
     """bfloat16 weights and compute (no masters); the sampler reads the params themselves."""
     args = dict(param_dtype="bfloat16", optimizer="adamw", optimizer_dtype="float32",
                 with_reference=True, reference_dtype="bfloat16", kv_batch=64, kv_length=2048,
                 kv_dtype="bfloat16", gather_weights=False, device_memory_gib=80)
     args.update(kw)
-    return memory.plan_memory(preset("qwen2.5-7b", dtype="bfloat16"), mesh, **args)
+    return memory.plan_memory(model or preset("qwen2.5-7b", dtype="bfloat16"), mesh, **args)
 
 
 def test_parameter_groups_add_up_to_qwen_7b():
@@ -304,3 +305,195 @@ def test_engine_rollout_figure_agrees_with_its_compiled_decode_program():
     per_slot_inputs = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(a["inputs"])) + 4
     assert plan.category_bytes("kv_cache") > compiled / 3
     assert abs(compiled - planned) <= per_slot_inputs + 0.005 * compiled, (compiled, planned, per_slot_inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA: the frozen base in the compute dtype, adapters trained, no reference copy.
+# ---------------------------------------------------------------------------------------------
+# (in, out) of each target projection of Qwen2.5-7B, flattened: q is H * Dh = 3584 wide, k and
+# v K * Dh = 512.
+LORA_SIZES = {"wq": (D, H * DH), "wk": (D, K * DH), "wv": (D, K * DH), "wo": (H * DH, D),
+              "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
+
+
+def _adapter_params(rank, targets=tuple(LORA_SIZES)):
+    """A [L, in, r] and B [L, r, out] per target."""
+    return sum(L * rank * (LORA_SIZES[t][0] + LORA_SIZES[t][1]) for t in targets)
+
+
+def _plan_7b_lora(mesh, rank, **kw):
+    """param_dtype float32 (masters, were it not LoRA), beta > 0 (a reference, were it not LoRA)."""
+    kw = dict(param_dtype="float32", with_reference=True, kv_batch=64, kv_length=2048, **kw)
+    return memory.plan_memory(preset("qwen2.5-7b", dtype="bfloat16", lora_rank=rank), mesh, **kw)
+
+
+def test_lora_categories_by_hand_on_one_device():
+    """Rank 16 on every projection, one device: the base in bfloat16 even with param_dtype
+    float32 (no masters), float32 adapters; gradients and Adam's moments for the adapters only;
+    no reference copy although beta > 0; the sampler's merged copy is the base's size."""
+    adapters = _adapter_params(16)
+    assert adapters == 28 * 16 * 90_112 == 40_370_176
+    plan = _plan_7b_lora("fsdp=1", 16)
+    b = plan.per_device
+    assert b["params"] == QWEN_7B_PARAMS * BF16 + adapters * F32
+    assert plan.category_bytes("params", part="frozen base") == QWEN_7B_PARAMS * BF16
+    assert plan.category_bytes("params", part="adapters") == adapters * F32
+    assert plan.parts("params") == {"frozen base": "bfloat16", "adapters": "float32"}
+    assert b["gradients"] == adapters * F32 and b["optimizer"] == 2 * adapters * F32 + ADAM_COUNT
+    assert b["reference"] == 0 and b["sampling_weights"] == QWEN_7B_PARAMS * BF16
+    assert plan.num_params == QWEN_7B_PARAMS and plan.num_trainable == adapters and plan.lora_rank == 16
+    assert {x.name.split("/")[-1] for x in plan.leaves if x.part == "adapters"} == {
+        f"lora_{m}_{t}" for m in "ab" for t in LORA_SIZES}
+    for text in ("frozen base", "adapters", "LoRA rank 16", "adapters only", "adapters off", "merged copy"):
+        assert text in plan.table(), text
+    d = json.loads(json.dumps(plan.as_dict()))
+    assert d["parts_bytes"]["params"] == {"frozen base": QWEN_7B_PARAMS * BF16, "adapters": adapters * F32}
+    # Fewer targets, fewer adapters.
+    attn = memory.plan_memory(preset("qwen2.5-7b", dtype="bfloat16", lora_rank=64,
+                                     lora_targets=("wq", "wk", "wv", "wo")), "fsdp=1")
+    assert attn.per_device["gradients"] == _adapter_params(64, ("wq", "wk", "wv", "wo")) * F32
+
+
+def test_lora_adapters_shard_by_their_logical_axes():
+    """fsdp=8: A of wq/wk/wv/w_gate/w_up and B of wo/w_down have an `embed` axis (split 8 ways);
+    the other matrices' axes map to tp (size 1) or to nothing ("lora"): replicated."""
+    r = 64
+    plan = _plan_7b_lora("fsdp=8", r, gather_weights=False)
+    split = 7 * D // 8                                     # 5 A's and 2 B's of width D
+    whole = 2 * H * DH + 2 * K * DH + 3 * F                # B of wq/wk/wv/w_gate/w_up, A of wo/w_down
+    adapters_per_device = L * r * (split + whole)
+    assert plan.category_bytes("params", part="adapters") == adapters_per_device * F32
+    per_device_base = (EMBEDDINGS + ATTN_QO + ATTN_KV + MLP) // 8 + BIAS_Q + BIAS_KV + NORMS
+    assert plan.category_bytes("params", part="frozen base") == per_device_base * BF16
+    assert plan.per_device["gradients"] == adapters_per_device * F32
+    assert plan.per_device["optimizer"] == 2 * adapters_per_device * F32 + ADAM_COUNT
+    # The merged copy in the train layout (gather_weights=False) is as sharded as the base.
+    assert plan.per_device["sampling_weights"] == per_device_base * BF16
+    assert _plan_7b_lora("fsdp=8", r).per_device["sampling_weights"] == QWEN_7B_PARAMS * BF16
+
+
+def test_without_lora_nothing_changes():
+    """lora_rank 0: the targets are ignored and every figure is the full fine-tune's."""
+    base = _plan_7b("fsdp=8", train_batch=8, train_seq=1024)
+    off = _plan_7b("fsdp=8", preset("qwen2.5-7b", dtype="bfloat16", lora_targets=("wq",)), train_batch=8,
+                   train_seq=1024)
+    assert off.per_device == base.per_device and off.table() == base.table()
+    assert off.lora_rank == 0 and off.num_trainable == QWEN_7B_PARAMS
+    assert off.parts("params") == {"": "bfloat16"} and "frozen base" not in off.table()
+
+
+def test_lora_activation_term_by_hand():
+    """Each target adds its x A [B, T, r] (compute dtype) to a layer's activations."""
+    kw = dict(optimizer=None, train_batch=8, train_seq=16, chunk_size=32)
+    cfg = ModelConfig(dtype="float32", param_dtype="float32")  # L=2
+    rows, T, r, c = 8 // 8, 16, 4, 4
+    thin = 7 * rows * T * r * c
+    for mode, layers in (("none", 2 + 1), ("full", 2), ("dots", 2 + 2)):
+        full = memory.plan_memory(cfg, "fsdp=8", remat=mode, **kw).per_device["activations"]
+        lora = memory.plan_memory(cfg.replace(lora_rank=r), "fsdp=8", remat=mode, **kw)
+        assert lora.per_device["activations"] == full + layers * thin, mode
+
+
+def _config(name, arg="model_dir=/path/Qwen2.5-7B-Instruct"):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, module.get_config(arg)
+
+
+def _docstring_plan(doc):
+    """The `plan_memory.py` command and the table printed under it in a config's docstring."""
+    lines = doc.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.strip().startswith("python experiments/plan_memory.py"))
+    command, i = "", start
+    while True:
+        command += lines[i].strip().rstrip("\\") + " "
+        if not lines[i].rstrip().endswith("\\"):
+            break
+        i += 1
+    table_start = next(j for j in range(i + 1, len(lines)) if lines[j].strip())
+    table_end = next(j for j in range(table_start, len(lines)) if not lines[j].strip())
+    return command.split(), "\n".join(x[4:] for x in lines[table_start:table_end])
+
+
+@pytest.mark.parametrize("name,device_gib,devices", [("qwen2_5_7b_lora_h100", 80, 1),
+                                                     ("qwen2_5_7b_lora_v5e8", 16, 8)])
+def test_7b_lora_configs_fit_their_devices(name, device_gib, devices):
+    """The config's own sizes (mesh, LoRA, engine slots, micro-batch, sequence budget) give the
+    plan in its docstring, which fits the device; the same run without LoRA does not."""
+    module, c = _config(name)
+    assert c.lora.rank > 0 and c.lora.dropout == 0 and c.model.dtype == "bfloat16"
+    assert c.mesh.data * c.mesh.fsdp * c.mesh.tp == devices and c.platform in ("gpu", "tpu")
+    # The ModelConfig fields the run sets from config.lora and the platform (`components`).
+    cfg = preset("qwen2.5-7b", dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat,
+                 **config_utils.model_platform_fields(c))
+    assert cfg.lora_rank == c.lora.rank and len(cfg.lora_targets) == 7
+    # What `plan_for_run` passes: the engine's slots and positions, the packed micro-batch.
+    kw = dict(optimizer="adamw", with_reference=c.grpo.beta > 0,
+              kv_batch=c.engine.slots or c.train.prompts_per_step * c.rollout.group_size,
+              kv_length=c.rollout.max_seq_len + c.engine.prefill_chunk,
+              gather_weights=c.sampling.gather_weights, train_batch=c.grpo.micro_batch_size,
+              train_seq=c.rollout.max_seq_len, device_memory_gib=device_gib)
+    mesh = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tp": c.mesh.tp}
+    plan = memory.plan_memory(cfg, mesh, label="qwen2.5-7b", **kw)
+    assert plan.fits and plan.peak < device_gib * memory.GIB
+    assert plan.per_device["reference"] == 0 and plan.warnings == ()
+    command, table = _docstring_plan(module.__doc__)
+    assert table == plan.table()
+    # The command in the docstring prints that table.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable] + command[1:], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=120, check=True).stdout
+    assert out.rstrip("\n") == table
+    # Full GRPO of the same run (float32 masters, all gradients and moments, a reference copy)
+    # does not fit: ~119 GiB on one GPU, ~19 GiB a v5e chip with the gathered sampler copy.
+    full = memory.plan_memory(cfg.replace(lora_rank=0, param_dtype="float32"), mesh, **kw)
+    assert not full.fits and full.peak > 1.5 * plan.peak
+
+
+def test_plan_for_run_passes_the_lora_settings():
+    """`plan_for_run` plans the run's own model config: with adapters, the LoRA categories."""
+    from types import SimpleNamespace
+    from grpo_jax.optim import make_optimizer
+
+    cfg = ModelConfig(dtype="bfloat16", param_dtype="bfloat16", lora_rank=4, lora_targets=("wq", "w_down"))
+    ns = SimpleNamespace
+    config = ns(train=ns(prompts_per_step=2), rollout=ns(group_size=4, max_seq_len=64),
+                sampling=ns(gather_weights=True), model=ns(hf_path=None))
+    run = SimpleNamespace(config=config, engine=None, model=SimpleNamespace(config=cfg),
+                          mesh=sharding.make_mesh(data=1, fsdp=1, tp=1, devices=jax.devices()[:1]),
+                          optimizer=make_optimizer(1e-4),
+                          uses_reference=True, train=SimpleNamespace(micro_batch_size=4, chunk_size=32))
+    plan = memory.plan_for_run(run)
+    adapters = 2 * 4 * ((64 + 4 * 16) + (128 + 64))        # L * r * (in + out) of wq and w_down
+    assert plan.lora_rank == 4 and plan.num_trainable == adapters
+    assert plan.category_bytes("params", part="adapters") == adapters * F32
+    assert plan.per_device["gradients"] == adapters * F32 and plan.per_device["reference"] == 0
+    # make_optimizer: clipping + AdamW, float32 moments for the adapters only (+ counters).
+    assert 2 * adapters * F32 <= plan.per_device["optimizer"] < 2 * adapters * F32 + 64
+
+
+def test_lora_plan_matches_a_real_train_state_on_eight_devices():
+    """The plan's adapters / optimizer / frozen base against the bytes one device holds of a
+    real LoRA train state (`init_train_state` with `make_optimizer`) and of the model's base."""
+    from flax import nnx
+    from grpo_jax.models import create_model
+    from grpo_jax.optim import make_optimizer
+    from grpo_jax.train_state import init_train_state, split_params
+
+    cfg = ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
+                      d_ff=256, dtype="bfloat16", param_dtype="bfloat16", lora_rank=8)
+    mesh = sharding.make_mesh(data=1, fsdp=4, tp=2)
+    model = create_model(cfg, seed=0, mesh=mesh)
+    optimizer = make_optimizer(1e-4)
+    state = init_train_state(model, optimizer, jax.random.key(0), mesh=mesh)
+    _, _, rest = split_params(model)
+
+    def on_one_device(tree):
+        return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+    plan = memory.plan_memory(cfg, {"fsdp": 4, "tp": 2}, optimizer=optimizer)
+    assert plan.category_bytes("params", part="adapters") == on_one_device(state.params)
+    assert plan.per_device["optimizer"] == on_one_device(state.opt_state)
+    assert plan.category_bytes("params", part="frozen base") == on_one_device(nnx.state(rest, nnx.Param))

@@ -75,6 +75,10 @@ class ModelConfig:
     attention: str = "xla"              # training / scoring / first prefill: xla | cudnn | splash
     kv_layout: str = "head_major"       # head_major (k [B, Hkv, Dh, S]) | seq_major ([B, S, Hkv, Dh])
     decode_attention: str = "blocked"   # full | blocked (live blocks only) | pallas_gpu (per-row lengths)
+    # LoRA adapters (`models.lora`): rank 0 = none; scale alpha / rank; the projections adapted.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, Mapping):
@@ -100,6 +104,14 @@ class ModelConfig:
                               ("decode_attention", ("full", "blocked", "pallas_gpu"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: use one of {allowed}")
+        if isinstance(self.lora_targets, (list, str)):
+            targets = self.lora_targets.split(",") if isinstance(self.lora_targets, str) else self.lora_targets
+            object.__setattr__(self, "lora_targets", tuple(t.strip() for t in targets if t.strip()))
+        if self.lora_rank < 0 or (self.lora_rank and not self.lora_alpha > 0):
+            raise ConfigError(f"lora_rank must be >= 0 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
+        unknown = [t for t in self.lora_targets if t not in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+        if unknown or not self.lora_targets:
+            raise ConfigError(f"lora_targets {self.lora_targets}: choose from wq, wk, wv, wo, w_gate, w_up, w_down")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: use float32, bfloat16 or float16")

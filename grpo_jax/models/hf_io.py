@@ -37,7 +37,8 @@ from grpo_jax import sharding as sharding_lib
 from grpo_jax.models.config import ModelConfig, from_hf_config, to_hf_config
 from grpo_jax.models.safetensors_io import (SafetensorsError, open_checkpoint, plan_shards,
                                             write_safetensors)
-from grpo_jax.models.transformer import Transformer, abstract_model
+from grpo_jax.models import lora
+from grpo_jax.models.transformer import Transformer, _host_init, abstract_model
 from grpo_jax.utils import CheckpointError, is_var, path_name
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def _ours_to_hf(array: np.ndarray, kind: str, hf_shape) -> np.ndarray:
 def _param_entries(cfg: ModelConfig, abs_model: Transformer):
     """(our path, Variable, list of HF names (one per layer, or one), kind, hf per-item shape)."""
     entries = []
-    flat = jax.tree_util.tree_flatten_with_path(nnx.state(abs_model, nnx.Param), is_leaf=is_var)[0]
+    flat = jax.tree_util.tree_flatten_with_path(nnx.state(abs_model, lora.BASE), is_leaf=is_var)[0]
     for path, var in flat:
         keys = path_name(path).split("/")
         if keys[0] == "layers":
@@ -173,6 +174,11 @@ def load_hf(path: str, dtype: str | None = "float32", *, param_dtype: str | None
 
     def fill(path_keys, var):
         keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path_keys)
+        if keys not in arrays and isinstance(var, lora.LoRAParam):  # new adapters (B = 0)
+            host = _host_init(path_name(path_keys), var, 0)
+            sharding = (sharding_lib.named_sharding(mesh, sharding_lib.logical_axes_of(var), var.shape, rules)
+                        if mesh is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+            return var.replace(jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx]))
         return var.replace(arrays[keys])
 
     state = jax.tree_util.tree_map_with_path(fill, abs_state, is_leaf=is_var)
@@ -244,6 +250,9 @@ def save_hf(model: Transformer, path: str, *, dtype: str | None = None,
     `max_shard_bytes` are split with a `model.safetensors.index.json`. In a multi-process run every
     process must call this (the gathers are collective); only process 0 writes.
     """
+    if lora.has_adapters(model):
+        raise ValueError("save_hf: the model has LoRA adapters; export `models.peft_io.save_merged_hf` "
+                         "(the merged model) or `save_peft` (the adapters in PEFT's format)")
     cfg = model.config
     dtype = dtype or (cfg.dtype if cfg.compute_dtype.itemsize == 2 else cfg.param_dtype)
     np_dtype = np.dtype(jnp.dtype(dtype))

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from grpo_jax import sharding as sharding_lib
-from grpo_jax.models import kv_cache
+from grpo_jax.models import kv_cache, lora
 from grpo_jax.models.attention import segment_attention, takes_length
 from grpo_jax.models.config import ModelConfig, rope_inv_freq
 from grpo_jax.models.kv_cache import KVCache
@@ -70,15 +70,19 @@ _REMAT_POLICIES = {
 }
 
 
-def _param(rngs, shape, axes, dtype, init="normal"):
+def _param(rngs, shape, axes, dtype, init="normal", kind=nnx.Param):
     """A parameter with its logical axes and its initialiser's name as metadata."""
+    if init == "lora_a":  # PEFT's: uniform in +-1/sqrt(fan_in)
+        bound = shape[-2] ** -0.5
+        value = jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound).astype(dtype)
+        return kind(value, logical_axes=axes, init=init)
     if init == "ones":
         value = jnp.ones(shape, dtype)
     elif init == "zeros":
         value = jnp.zeros(shape, dtype)
     else:
         value = (INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(value, logical_axes=axes, init=init)
+    return kind(value, logical_axes=axes, init=init)
 
 
 class DecoderLayers(nnx.Module):
@@ -104,6 +108,12 @@ class DecoderLayers(nnx.Module):
         self.w_gate = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dt)
         self.w_up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dt)
         self.w_down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), dt)
+        for name in cfg.lora_targets if cfg.lora_rank else ():  # adapters in float32 (trained)
+            (n_in, n_out), (ax_in, ax_out) = lora.target_sizes(cfg, name), lora.target_axes(name)
+            setattr(self, f"lora_a_{name}", _param(rngs, (L, n_in, cfg.lora_rank), ("layers", ax_in, "lora"),
+                                                   jnp.float32, "lora_a", lora.LoRAParam))
+            setattr(self, f"lora_b_{name}", _param(rngs, (L, cfg.lora_rank, n_out), ("layers", "lora", ax_out),
+                                                   jnp.float32, "zeros", lora.LoRAParam))
 
     def stacked(self) -> dict[str, jax.Array]:
         """The raw stacked arrays, keyed by parameter name (the scan's `xs`)."""
@@ -117,20 +127,26 @@ def _dense(cfg: ModelConfig, x, w):
 def _project_qkv(cfg: ModelConfig, p, h, dt):
     """q [B, T, H, Dh], k and v [B, T, K, Dh]: three matmuls, or one on the fused `wqkv`."""
     if "wqkv" in p:
-        b, t, _ = h.shape
         qkv = _dense(cfg, h, p["wqkv"].astype(dt))
         if cfg.qkv_bias:
             qkv = qkv + p["bqkv"].astype(dt)
         sizes = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
         q, k, v = jnp.split(qkv, (sizes[0], sizes[0] + sizes[1]), axis=-1)
-        return (q.reshape(b, t, cfg.n_heads, cfg.head_dim), k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim),
-                v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim))
-    b, t, d = h.shape
-    q, k, v = (_dense(cfg, h, p[n].astype(dt).reshape(d, -1)).reshape(b, t, *p[n].shape[1:])
-               for n in ("wq", "wk", "wv"))
-    if cfg.qkv_bias:
-        q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
-    return q, k, v
+    else:
+        d = h.shape[-1]
+        q, k, v = (_dense(cfg, h, p[n].astype(dt).reshape(d, -1)) for n in ("wq", "wk", "wv"))
+        if cfg.qkv_bias:
+            q, k, v = q + p["bq"].astype(dt).reshape(-1), k + p["bk"].astype(dt).reshape(-1), v + p["bv"].astype(dt).reshape(-1)
+    q, k, v = (_adapted(cfg, p, n, h, y, dt) for n, y in (("wq", q), ("wk", k), ("wv", v)))
+    b, t, _ = h.shape
+    return (q.reshape(b, t, cfg.n_heads, cfg.head_dim), k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim),
+            v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim))
+
+
+def _adapted(cfg: ModelConfig, p, name: str, x, y, dt):
+    """y, plus target `name`'s LoRA term of input x when the layer has adapters."""
+    extra = lora.delta(cfg, p, name, x, dt)
+    return y if extra is None else y + extra
 
 
 def fuse_layer(cfg: ModelConfig, p: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -156,13 +172,16 @@ def _layer(cfg: ModelConfig, p, x_BTD, cos, sin, attend):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attn_out, extra = attend(q, k, v)
     b, t, d = x_BTD.shape
-    x_BTD = x_BTD + _dense(cfg, attn_out.reshape(b, t, -1), p["wo"].astype(dt).reshape(-1, d))
+    attn_flat = attn_out.reshape(b, t, -1)
+    x_BTD = x_BTD + _adapted(cfg, p, "wo", attn_flat, _dense(cfg, attn_flat, p["wo"].astype(dt).reshape(-1, d)), dt)
     h = rms_norm(x_BTD, p["mlp_norm"].astype(dt), cfg.rms_norm_eps)
     if "w_gate_up" in p:
         gate, up = jnp.split(_dense(cfg, h, p["w_gate_up"].astype(dt)), 2, axis=-1)
     else:
         gate, up = _dense(cfg, h, p["w_gate"].astype(dt)), _dense(cfg, h, p["w_up"].astype(dt))
-    x_BTD = x_BTD + _dense(cfg, jax.nn.silu(gate) * up, p["w_down"].astype(dt))
+    gate, up = _adapted(cfg, p, "w_gate", h, gate, dt), _adapted(cfg, p, "w_up", h, up, dt)
+    act = jax.nn.silu(gate) * up
+    x_BTD = x_BTD + _adapted(cfg, p, "w_down", act, _dense(cfg, act, p["w_down"].astype(dt)), dt)
     return x_BTD, extra
 
 
@@ -306,6 +325,9 @@ def _host_init(name: str, var: nnx.Variable, seed: int) -> np.ndarray:
     if kind == "zeros":
         return np.zeros(var.shape, dtype)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    if kind == "lora_a":
+        bound = var.shape[-2] ** -0.5
+        return rng.uniform(-bound, bound, var.shape).astype(dtype)
     return (INIT_STD * rng.standard_normal(var.shape, dtype=np.float32)).astype(dtype)
 
 
