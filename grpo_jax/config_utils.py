@@ -269,6 +269,11 @@ def _check_sizes(c) -> None:
     for name in ("dtype", "param_dtype"):
         if c.model[name] not in ("float32", "bfloat16"):
             _fail(f"model.{name}", f"{c.model[name]!r}: use float32 or bfloat16")
+    if model_platform_fields(c)["attention"] == "splash":  # its tiles: rows a multiple of 128 tokens
+        field, width = (("rollout.max_seq_len", c.rollout.max_seq_len) if c.grpo.pack
+                        else ("rollout.length_multiple", c.rollout.length_multiple))
+        if width % 128:
+            _fail(field, f"{width}: splash attention (TPU) takes train rows in multiples of 128 tokens")
 
 
 def _check_files(c) -> None:

@@ -221,3 +221,23 @@ def test_splash_sharded_lowers_for_tpu():
     mesh = sharding.make_mesh(data=2, fsdp=2, tp=2)
     text = _export_text(_grad_fn("splash", mesh=mesh), "tpu", *_specs(4, 128))
     assert "mhlo.num_partitions = 8" in text and text.count("tpu_custom_call") >= 2
+
+
+def test_a_tpu_config_with_rows_splash_cannot_take_is_refused():
+    """Splash's tiles need train rows in multiples of 128 tokens: the config check names the
+    field before anything is built (packed rows: rollout.max_seq_len)."""
+    import importlib.util
+    import os
+    from grpo_jax import config_utils
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(root, "configs", "calculator_tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("runlocal")
+    with config.unlocked():
+        config.platform, config.rollout.max_seq_len, config.model.max_position_embeddings = "tpu", 200, 256
+    with pytest.raises(config_utils.ConfigError, match="rollout.max_seq_len"):
+        config_utils._check_sizes(config)
+    with config.unlocked():
+        config.model.attention = "xla"  # the override: any length
+    config_utils._check_sizes(config)
