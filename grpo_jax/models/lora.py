@@ -95,7 +95,7 @@ def merged(model):
     merged model a sampler reads, or an HF export). The model itself is unchanged."""
     if not has_adapters(model):
         return model
-    graphdef, state = _plain_model(model.config.replace(lora_rank=0))
+    graphdef, state = _plain_model(type(model), model.config.replace(lora_rank=0))
     new = merged_layers(model.config, model.layers.stacked())
     flat = dict(nnx.to_flat_state(nnx.state(model)))
 
@@ -110,10 +110,9 @@ def merged(model):
 
 
 @functools.lru_cache(maxsize=8)
-def _plain_model(cfg):
+def _plain_model(model_class, cfg):
     """(graphdef, abstract state) of the model without adapters (made once per config)."""
-    from grpo_jax.models.transformer import Transformer  # the model module imports this one
-    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0))))
+    return nnx.split(nnx.eval_shape(lambda: model_class(cfg, rngs=nnx.Rngs(params=0))))
 
 
 def adapters_off(params):
