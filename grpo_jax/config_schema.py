@@ -130,6 +130,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.grpo.epsilon_high = placeholder(float)  # clip range above; None = epsilon (cispo needs it set)
     c.grpo.delta = placeholder(float)  # two-sided clip cap of the ratio (INTELLECT-2); None = off
     c.grpo.beta = 0.0                  # KL(pi || pi_ref) weight, k3 estimator; > 0 keeps a reference
+    c.grpo.kl_estimator = "k3"         # k1 | k2 | k3 (Schulman 2020) for the beta term and the kl metric
     c.grpo.importance_sampling_level = "token"  # token | sequence (GSPO)
     c.grpo.num_iterations = 1          # mu: updates per batch of rollouts
     c.grpo.pack = True                 # several episodes per train row of rollout.max_seq_len tokens
@@ -158,6 +159,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.prompts_per_step = 8       # prompts per step; the batch is prompts * group_size rows
     c.train.log_every = 1              # progress line every N steps (metrics.jsonl gets every step)
     c.train.eval_every = 25            # evaluate every N steps (and before the first, after the last)
+    c.train.store_rollouts = True      # each step's episodes, scores and advantages to workdir/rollouts/
+    #                                    (`grpo_jax.rollout_store`: re-score them with another rubric)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_examples = 100          # held-out problems

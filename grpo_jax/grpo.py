@@ -86,6 +86,27 @@ def k3_kl(logps, ref_logps):
     return jnp.exp(d) - d - 1.0
 
 
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logps, ref_logps, estimator: str = "k3"):
+    """Per-token estimator of KL(pi_theta || pi_ref) from tokens sampled from pi_theta
+    (Schulman 2020, "Approximating KL divergence"), with ``d = log pi_ref - log pi_theta``:
+
+        k1 = -d               unbiased, high variance, can be negative
+        k2 = d^2 / 2          biased, low variance, >= 0 (its gradient is the reverse-KL gradient)
+        k3 = exp(d) - d - 1   unbiased, low variance, >= 0 (`k3_kl`)
+
+    All are 0 exactly when ref == logps; the gradient flows through ``logps``.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    if estimator == "k3":
+        return k3_kl(logps, ref_logps)
+    d = ref_logps - logps
+    return -d if estimator == "k1" else 0.5 * d * d
+
+
 def loss_normalizer(mask, loss_type, max_completion_length=None, *, sequence_ids=None):
     """The denominator of the loss, computed from a ``[B, T]`` mask (and ``sequence_ids``) alone.
 
@@ -162,7 +183,8 @@ def finalize_loss(loss_sum, normalizer):
 def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type="grpo",
                 epsilon=0.2, epsilon_high=None, delta=None, beta=0.0,
                 max_completion_length=None, importance_sampling_level="token",
-                sampler_logps=None, tis_cap=None, cispo_clip_low=False, sequence_ids=None):
+                sampler_logps=None, tis_cap=None, cispo_clip_low=False, sequence_ids=None,
+                kl_estimator="k3"):
     """The GRPO-family policy loss of one batch, and its metrics.
 
     Args:
@@ -184,8 +206,8 @@ def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type
         negative advantage and a huge ratio cannot produce an unbounded update.
         Needs ``delta > 1 + epsilon_high``; not used by cispo (its weight is
         already capped).
-      beta: weight of the per-token k3 KL penalty (``k3_kl``); needs ``ref_logps``
-        when positive.
+      beta: weight of the per-token KL penalty (``kl_estimator``: k1, k2 or k3 of
+        ``kl_estimate``, k3 by default); needs ``ref_logps`` when positive.
       max_completion_length: the constant ``L`` of dr_grpo (required there).
       importance_sampling_level: "token" (PPO/GRPO ratio per token) or
         "sequence" (GSPO's length-normalised sequence ratio, for any loss type).
@@ -257,7 +279,7 @@ def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type
         max_completion_length=max_completion_length,
         importance_sampling_level=importance_sampling_level,
         sampler_logps=sampler_logps, tis_cap=tis_cap, cispo_clip_low=cispo_clip_low,
-        sequence_ids=sequence_ids)
+        sequence_ids=sequence_ids, kl_estimator=kl_estimator)
     normalizer = loss_normalizer(mask, loss_type, max_completion_length, sequence_ids=sequence_ids)
     return finalize_loss(loss_sum, normalizer), finalize_metrics(metric_sums)
 
@@ -265,7 +287,8 @@ def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type
 def policy_loss_sum(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type="grpo",
                     epsilon=0.2, epsilon_high=None, delta=None, beta=0.0,
                     max_completion_length=None, importance_sampling_level="token",
-                    sampler_logps=None, tis_cap=None, cispo_clip_low=False, sequence_ids=None):
+                    sampler_logps=None, tis_cap=None, cispo_clip_low=False, sequence_ids=None,
+                    kl_estimator="k3"):
     """The numerator of ``policy_loss`` and the metric sums, for accumulation.
 
     Same arguments and objective as ``policy_loss``. Returns
@@ -309,7 +332,7 @@ def policy_loss_sum(logps, old_logps, advantages, mask, *, ref_logps=None, loss_
     token_loss_BT, clip_low_BT, clip_high_BT = _token_loss(
         loss_type, ratio_BT, logps_BT, advantages_B1, tis_weight_BT, epsilon=epsilon,
         epsilon_high=settings["epsilon_high"], delta=delta, cispo_clip_low=cispo_clip_low)
-    kl_BT = None if ref_logps is None else k3_kl(logps_BT, masked(ref_logps))
+    kl_BT = None if ref_logps is None else kl_estimate(logps_BT, masked(ref_logps), kl_estimator)
     if settings["use_kl"]:
         token_loss_BT = token_loss_BT + beta * kl_BT
 

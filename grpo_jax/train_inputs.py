@@ -30,7 +30,8 @@ class TrainConfig:
     epsilon: float = 0.2                      # clip range low: ratio >= 1 - epsilon
     epsilon_high: float | None = None         # clip range high (None: epsilon); cispo needs it
     delta: float | None = None                # INTELLECT-2 two-sided clip of the ratio, > 1 + eps_high
-    beta: float = 0.0                         # k3 KL weight; > 0 needs reference params
+    beta: float = 0.0                         # KL weight; > 0 needs reference params
+    kl_estimator: str = "k3"                  # k1 | k2 | k3 (grpo.kl_estimate, Schulman 2020)
     max_completion_length: int | None = None  # dr_grpo's constant L
     # At most this many loss tokens (loss_mask != 0) per row, e.g. max_new_tokens x max_turns:
     # when fewer than the row's positions, the output head runs at each row's first
@@ -53,6 +54,8 @@ class TrainConfig:
         grpo.check_settings(loss_type=self.loss_type, epsilon=self.epsilon,
                             epsilon_high=self.epsilon_high, delta=self.delta,
                             importance_sampling_level=self.importance_sampling_level, beta=self.beta)
+        if self.kl_estimator not in grpo.KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {grpo.KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:

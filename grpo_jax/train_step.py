@@ -128,7 +128,7 @@ def loss_from_hidden(hidden_BTD, unembed_VD, micro: Mapping[str, jax.Array], cfg
     loss_sum, metric_sums = grpo.policy_loss_sum(
         logps_BT, old_BT, micro["advantages"], mask_BT, ref_logps=ref_logps_BT,
         loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-        delta=cfg.delta, beta=cfg.beta, max_completion_length=cfg.max_completion_length,
+        delta=cfg.delta, beta=cfg.beta, kl_estimator=cfg.kl_estimator, max_completion_length=cfg.max_completion_length,
         importance_sampling_level=cfg.importance_sampling_level,
         sampler_logps=micro["sampler_logps"] if tis else None, tis_cap=cfg.tis_cap,
         cispo_clip_low=cfg.cispo_clip_low, sequence_ids=micro.get("sequence_ids"))

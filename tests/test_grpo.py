@@ -466,3 +466,27 @@ def test_metric_reduction_names():
     assert grpo.metric_reduction("ratio/min") == "min"
     assert grpo.metric_reduction("ratio/max") == "max"
     assert grpo.metric_reduction("clip_ratio/low") == "sum"
+
+
+def test_kl_estimators_by_hand():
+    """k1 = -d, k2 = d^2 / 2, k3 = e^d - d - 1 with d = log pi_ref - log pi_theta (Schulman 2020);
+    the loss adds beta times the chosen one, and its gradient flows through log pi_theta."""
+    logps = jnp.asarray([[-1.0, -2.0]])
+    ref = jnp.asarray([[-1.5, -1.0]])
+    d = np.array([-0.5, 1.0])
+    want = {"k1": -d, "k2": 0.5 * d ** 2, "k3": np.exp(d) - d - 1}
+    for name, values in want.items():
+        np.testing.assert_allclose(grpo.kl_estimate(logps, ref, name)[0], values, rtol=1e-6)
+        mask = jnp.ones((1, 2))
+        base, _ = grpo.policy_loss(logps, logps, jnp.zeros(1), mask, ref_logps=ref, beta=0.0, kl_estimator=name)
+        loss, metrics = grpo.policy_loss(logps, logps, jnp.zeros(1), mask, ref_logps=ref, beta=0.1, kl_estimator=name)
+        # zero advantage: the loss is beta x the row's mean estimate (grpo: mean over its tokens)
+        np.testing.assert_allclose(loss - base, 0.1 * values.mean(), rtol=1e-5)
+        np.testing.assert_allclose(metrics["kl"], values.mean(), rtol=1e-5)
+    grad = jax.grad(lambda lp: grpo.kl_estimate(lp, ref, "k2").sum())(logps)
+    np.testing.assert_allclose(grad[0], -d, rtol=1e-6)  # d(d^2/2)/dlogp = -d
+    with pytest.raises(ValueError, match="kl_estimator"):
+        grpo.kl_estimate(logps, ref, "k4")
+    from grpo_jax.train_inputs import TrainConfig
+    with pytest.raises(ValueError, match="kl_estimator"):
+        TrainConfig(kl_estimator="k4")
