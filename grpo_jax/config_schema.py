@@ -129,7 +129,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.grpo.epsilon = 0.2               # clip range below: ratio >= 1 - epsilon
     c.grpo.epsilon_high = placeholder(float)  # clip range above; None = epsilon (cispo needs it set)
     c.grpo.delta = placeholder(float)  # two-sided clip cap of the ratio (INTELLECT-2); None = off
-    c.grpo.beta = 0.0                  # KL(pi || pi_ref) weight, k3 estimator; > 0 keeps a reference
+    c.grpo.beta = 0.0                  # KL(pi || pi_ref) weight (grpo.kl_estimator); > 0 keeps a reference
     c.grpo.kl_estimator = "k3"         # k1 | k2 | k3 (Schulman 2020) for the beta term and the kl metric
     c.grpo.importance_sampling_level = "token"  # token | sequence (GSPO)
     c.grpo.num_iterations = 1          # mu: updates per batch of rollouts

@@ -9,6 +9,7 @@
             rollout  = episodes of the current policy, group_size per prompt (grpo_jax.rollout)
             rewards  = rubric scores (NaN where a reward function failed), gathered over processes
             adv      = group_advantages(rewards)                             (grpo_jax.advantages)
+            stored   = the episodes, scores, advantages: workdir/rollouts/ (grpo_jax.rollout_store)
             batch    = the episodes packed into rows of rollout.max_seq_len   (grpo_jax.packing)
                        (grpo.pack = False: one episode per row)
         state    = run.train_step(state, batch)                             (grpo_jax.train_step)
@@ -57,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax import config_utils, distributed, guard, packing
+from grpo_jax import config_utils, distributed, guard, packing, rollout_store
 from grpo_jax import sharding as sharding_lib
 from grpo_jax import workdir as workdir_lib
 from grpo_jax.advantages import group_advantages
@@ -68,6 +69,7 @@ from grpo_jax.memory import plan_for_run
 from grpo_jax.metrics import MetricsWriter, read_metrics, to_host
 from grpo_jax.models import lora
 from grpo_jax.rollout import model_sampler, rollout
+from grpo_jax.rubrics.monitor import HackMonitor
 from grpo_jax.rubrics.rubric import check_rewards, score_metrics
 from grpo_jax.sft import warm_start
 from grpo_jax.trajectories import metrics_from_stats
@@ -208,11 +210,15 @@ class Collector:
         result = rollout(run.env, self.prompts(step), run.tokenizer, sampler, jax.random.fold_in(run.root_key, step),
                          run.rollout, episode_offset=self.episode_offset)
         rollout_s = time.perf_counter() - started
-        episodes = gather_episodes(result, result.score(run.env))
+        scores = result.score(run.env)
+        self.last = (result, scores)  # what the reward-hack monitor reads at an evaluation
+        episodes = gather_episodes(result, scores)
         check_rewards(episodes.rewards, episodes.score_metrics, step=step)
         rewards = jnp.asarray(np.asarray(episodes.rewards, np.float32))
         advantages, adv_info = _advantages(rewards, c.rollout.group_size, c.grpo.advantage_scale,
                                            return_info=True)
+        rollout_store.store_step(run, step, result, scores, advantages, process_index=jax.process_index(),
+                                 episode_offset=self.episode_offset)  # train.store_rollouts: workdir/rollouts/
         batch, stats = self.train_batch(result, advantages, episodes)
         return batch, {**_rollout_row(episodes, jax.device_get(adv_info), rollout_s), **stats}
 
@@ -344,9 +350,11 @@ def _print_memory_plan(run: Run):
         log.warning("no memory plan for this config: %s: %s", type(error).__name__, error)
 
 
-def _evaluate(run: Run, writer: MetricsWriter, params, step: int) -> dict[str, float]:
-    """Evaluates `params`, logs the row and the sample conversations; returns the row."""
+def _evaluate(run: Run, writer: MetricsWriter, params, step: int, watch=None) -> dict[str, float]:
+    """Evaluates `params`, logs the row and the sample conversations; returns the row. `watch`:
+    the reward-hack monitor's check of the step's rollouts (`rubrics.monitor`), its metrics logged too."""
     eval_row, text = evaluate_run(run, params, step)
+    eval_row.update(watch(step, eval_row.get("eval/accuracy")) if watch else {})
     writer.write(step, eval_row)
     writer.progress(step, eval_row, prefix="eval at step")
     writer.log_text("samples.txt", f"=== step {step}\n{text}")
@@ -418,7 +426,7 @@ def _run(config, workdir: str, stop_after: int | None) -> dict[str, Any]:
         # --- resume from the newest checkpoint, or begin: warm start, evaluate, checkpoint step 0
         writer, (start_step, state, ref_params, eval_before) = _resume_or_begin(run, checkpointer, workdir)
         summary: dict[str, Any] = {"workdir": workdir, "eval_before": eval_before}
-        collector, late = Collector(run), _LateMetrics(writer, checkpointer, c)
+        collector, late, monitor = Collector(run), _LateMetrics(writer, checkpointer, c), HackMonitor()
 
         last_step = start_step
         for step in range(start_step + 1, c.train.num_steps + 1):
@@ -441,7 +449,8 @@ def _run(config, workdir: str, stop_after: int | None) -> dict[str, Any]:
             last_step = step
             if step % c.train.eval_every == 0 or step == c.train.num_steps:
                 late.flush()
-                summary["eval_after"] = _evaluate(run, writer, state.params, step)
+                summary["eval_after"] = _evaluate(run, writer, state.params, step, lambda s, acc: monitor.check_rollout(
+                    s, *collector.last, acc))
             signalled = stop.signalled()
             stopping = signalled or step == stop_after
             if step % c.checkpoint.every == 0 or step == c.train.num_steps or stopping:
@@ -470,6 +479,7 @@ def _resume_or_begin(run: Run, checkpointer: Checkpointer, workdir: str):
     restored_step = None if resumed is None else resumed[0]
     if jax.process_index() == 0:
         workdir_lib.rewind(workdir, restored_step)
+    rollout_store.rewind(workdir, restored_step, process_index=jax.process_index())
     writer = MetricsWriter(workdir, total_steps=run.config.train.num_steps,
                            purge_step=0 if restored_step is None else restored_step + 1)
     try:

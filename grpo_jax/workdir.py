@@ -35,7 +35,7 @@ LOCK_FILE = ".lock"
 # workdir's checkpoints were made with (a prefix covers its whole group).
 SAFE_TO_CHANGE = (
     "allow_config_change", "platform", "mesh", "checkpoint", "eval",
-    "train.num_steps", "train.log_every", "train.eval_every", "sft.log_every",
+    "train.num_steps", "train.log_every", "train.eval_every", "train.store_rollouts", "sft.log_every",
     "model.remat", "model.attention", "model.kv_layout", "model.decode_attention", "grpo.chunk_size", "grpo.micro_batch_size", "grpo.micro_batch_tokens", "grpo.pack",
     "rollout.length_multiple",
     "sampling.prompt_bucket", "sampling.batch_bucket", "sampling.geometric_batch_buckets",

@@ -47,3 +47,34 @@ def test_the_trend_needs_reward_up_and_correctness_down():
     assert metrics["hack/reward_up_correctness_down"] == 1 and "reward_up_correctness_down" in alerts[0]
     metrics, _ = monitor.check(30, [HONEST], [math.nan], [1.0], eval_accuracy=0.4)  # no finite reward
     assert metrics["hack/reward_up_correctness_down"] == 0
+
+
+def says_something(text) -> float:
+    """A hackable reward: anything written pays (no correctness at all)."""
+    return float(bool(text.strip()))
+
+
+def test_a_hackable_rubric_is_flagged_during_a_short_run(tmp_path, caplog):
+    """The default task's smoke variant with a rubric that pays for any text (correctness
+    logged at weight 0): its barely trained policy writes wrong answers and is paid for them, and
+    the evaluation's monitor says so in metrics.jsonl and the log."""
+    import importlib.util
+    import logging
+    import os
+
+    from grpo_jax import trainer
+    from grpo_jax.metrics import read_metrics
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(root, "configs", "calculator_tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("runlocal")
+    with config.unlocked():
+        config.env.rubric.funcs = {"says_something": {"weight": 1.0, "fn": "test_monitor:says_something"},
+                                   "correct_answer": 0.0}
+    with caplog.at_level(logging.WARNING, logger="grpo_jax.rubrics.monitor"):
+        trainer.run(config, str(tmp_path))
+    rows = [r for r in read_metrics(str(tmp_path)) if "hack/alerts" in r]
+    assert rows and rows[-1]["step"] == config.train.num_steps
+    assert rows[-1]["hack/rewarded_but_wrong"] > 0.2 and rows[-1]["hack/alerts"] >= 1
+    assert "rewarded_but_wrong" in caplog.text

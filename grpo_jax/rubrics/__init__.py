@@ -5,6 +5,7 @@
 """
 
 from grpo_jax.rubrics.audit import DEFAULT_HACKS, AuditReport, Hack, audit_rubric
+from grpo_jax.rubrics.judge import engine_judge_client, judge_prompt, llm_judge, parse_verdict
 from grpo_jax.rubrics.numbers import extract_gsm8k_answer, math_equal, parse_number
 from grpo_jax.rubrics.parsers import (XMLParser, answer_parser, assistant_texts, last_assistant_text,
                                       think_answer_parser)
@@ -19,5 +20,6 @@ __all__ = [
     "parse_number", "math_equal", "extract_gsm8k_answer",
     "correct_answer", "format_reward", "tool_used", "tool_calls_metric", "tool_errors_metric",
     "overlong_penalty",
+    "llm_judge", "judge_prompt", "parse_verdict", "engine_judge_client",
     "Hack", "DEFAULT_HACKS", "AuditReport", "audit_rubric",
 ]

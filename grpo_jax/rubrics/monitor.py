@@ -75,6 +75,15 @@ class HackMonitor:
         return metrics, alerts
 
 
+    def check_rollout(self, step: int, rollout, scores, eval_accuracy: float | None,
+                      correct_fn: str = "correct_answer") -> dict[str, float]:
+        """`check` on a `Rollout` and its `RubricScores` (the last assistant text of each
+        episode; `scores.scores[correct_fn]` as correctness when the rubric has it); the metrics."""
+        texts = [next((m.get("content") or "" for m in reversed(c) if m.get("role") == "assistant"), "")
+                 for c in rollout.completions]
+        return self.check(step, texts, scores.rewards, scores.scores.get(correct_fn), eval_accuracy)[0]
+
+
 def _most_repeated_line(text: str) -> int:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return max(collections.Counter(lines).values(), default=0)
