@@ -166,6 +166,8 @@ def test_two_processes_write_the_metrics_of_one_and_a_checkpoint_that_restores(t
     final_eval = [r for r in b if "eval/accuracy" in r][-1]
     assert evaluated["step"] == final_eval["step"] == 3
     for k, v in final_eval.items():
+        if k.startswith("hack/"):  # the in-training reward-hack monitor's, on the step's rollouts
+            continue
         assert v == evaluated[k] or (math.isnan(v) and math.isnan(evaluated[k])), k
     # ... and restored here (1 process, 8 devices) it holds the weights of the 1-process run.
     step_one, params_one = _restored_params(one)
