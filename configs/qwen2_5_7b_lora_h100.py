@@ -46,51 +46,33 @@ activations are an estimate that assumes no flash attention; `trainer` prints th
 plan, `memory.plan_for_run`, at start.)
 """
 
-from grpo_jax.config_utils import default_config, parse_args
+import importlib.util
+import os
+
+
+def _gsm8k(arg: str):
+    """The GSM8K GRPO config (`gsm8k_qwen2_5_0_5b.py`: env, lengths, batch, schedule), unlocked."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gsm8k_qwen2_5_0_5b.py")
+    spec = importlib.util.spec_from_file_location("gsm8k_qwen2_5_0_5b", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def _lora_7b(c, platform: str, fsdp: int, slots: int, micro_batch_size: int):
+    """Qwen2.5-7B with rank-64 adapters on every projection, the base frozen in bfloat16."""
+    with c.unlocked():
+        c.platform = platform
+        c.mesh.data, c.mesh.fsdp, c.mesh.tp = 1, fsdp, 1
+        c.model.param_dtype = "bfloat16"  # the frozen base: no float32 masters (adapters are float32)
+        c.lora.rank, c.lora.alpha, c.lora.dropout = 64, 64.0, 0.0
+        c.lora.targets = "wq,wk,wv,wo,w_gate,w_up,w_down"
+        c.engine.slots = slots
+        c.grpo.micro_batch_size = micro_batch_size
+        c.optim.learning_rate = 1e-5  # 10x the full fine-tune's, the usual LoRA ratio
+    return c
 
 
 def get_config(arg: str = ""):
-    args = parse_args(arg, {"model_dir": None, "data_dir": "", "manual_dir": None})
-    c = default_config()
-    c.platform = "gpu"
-    c.mesh.data, c.mesh.fsdp, c.mesh.tp = 1, 1, 1
-
-    c.model.hf_path = args["model_dir"]  # /path/Qwen2.5-7B-Instruct (set it)
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "bfloat16"   # the frozen base: no float32 masters (adapters are float32;
-    #                                    under LoRA the run stores the base in model.dtype anyway)
-    c.model.remat = "full"
-
-    c.lora.rank = 64
-    c.lora.alpha = 64.0
-    c.lora.dropout = 0.0
-    c.lora.targets = "wq,wk,wv,wo,w_gate,w_up,w_down"
-
-    c.env.name = "gsm8k"
-    c.env.kwargs.data_dir = args["data_dir"]
-    c.env.kwargs.manual_dir = args["manual_dir"]
-    c.env.num_train = 7473
-
-    c.sampling.max_new_tokens = 512
-    c.sampling.prompt_bucket = 64
-    c.sampling.batch_bucket = 64
-
-    c.rollout.max_turns = 1
-    c.rollout.max_seq_len = 1024
-    c.rollout.length_multiple = 128
-    c.engine.slots = 256
-
-    c.grpo.beta = 0.001
-    c.grpo.micro_batch_size = 16
-
-    c.optim.learning_rate = 1e-5
-    c.optim.warmup_steps = 10
-
-    c.train.num_steps = 500
-    c.train.prompts_per_step = 64
-    c.train.eval_every = 50
-
-    c.eval.num_examples = 1319
-
-    c.checkpoint.every = 50
-    return c.lock()
+    """`arg`: model_dir=/path/Qwen2.5-7B-Instruct,data_dir=...,manual_dir=... (as the 0.5B config)."""
+    return _lora_7b(_gsm8k(arg), "gpu", fsdp=1, slots=256, micro_batch_size=16)

@@ -49,52 +49,23 @@ activations are an estimate that assumes no flash attention (splash attention on
 less); `trainer` prints the run's own plan, `memory.plan_for_run`, at start.)
 """
 
-from grpo_jax.config_utils import default_config, parse_args
+import importlib.util
+import os
+
+
+def _h100_config_module():
+    """`qwen2_5_7b_lora_h100.py`, whose helpers build both 7B LoRA configs."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen2_5_7b_lora_h100.py")
+    spec = importlib.util.spec_from_file_location("qwen2_5_7b_lora_h100", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def get_config(arg: str = ""):
-    args = parse_args(arg, {"model_dir": None, "data_dir": "", "manual_dir": None})
-    c = default_config()
-    c.platform = "tpu"
-    c.mesh.data, c.mesh.fsdp, c.mesh.tp = 1, 8, 1
-
-    c.model.hf_path = args["model_dir"]  # /path/Qwen2.5-7B-Instruct (set it)
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "bfloat16"   # the frozen base: no float32 masters (adapters are float32;
-    #                                    under LoRA the run stores the base in model.dtype anyway)
-    c.model.remat = "full"
-
-    c.lora.rank = 64
-    c.lora.alpha = 64.0
-    c.lora.dropout = 0.0
-    c.lora.targets = "wq,wk,wv,wo,w_gate,w_up,w_down"
-
-    c.env.name = "gsm8k"
-    c.env.kwargs.data_dir = args["data_dir"]
-    c.env.kwargs.manual_dir = args["manual_dir"]
-    c.env.num_train = 7473
-
-    c.sampling.max_new_tokens = 512
-    c.sampling.prompt_bucket = 64
-    c.sampling.batch_bucket = 64
-    c.sampling.gather_weights = False  # the merged copy stays sharded 8 ways (1.8 GiB a chip)
-
-    c.rollout.max_turns = 1
-    c.rollout.max_seq_len = 1024
-    c.rollout.length_multiple = 128
-    c.engine.slots = 512
-
-    c.grpo.beta = 0.001
-    c.grpo.micro_batch_size = 32
-
-    c.optim.learning_rate = 1e-5
-    c.optim.warmup_steps = 10
-
-    c.train.num_steps = 500
-    c.train.prompts_per_step = 64
-    c.train.eval_every = 50
-
-    c.eval.num_examples = 1319
-
-    c.checkpoint.every = 50
-    return c.lock()
+    """`arg`: model_dir=/path/Qwen2.5-7B-Instruct,data_dir=...,manual_dir=... (as the 0.5B config)."""
+    h100 = _h100_config_module()
+    c = h100._lora_7b(h100._gsm8k(arg), "tpu", fsdp=8, slots=512, micro_batch_size=32)
+    with c.unlocked():
+        c.sampling.gather_weights = False  # the merged copy stays sharded 8 ways (1.8 GiB a chip)
+    return c
