@@ -10,9 +10,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
+BASELINES = ("mean", "leave_one_out")
 
 
-def group_advantages(rewards, group_size, scale="group", eps=1e-4, *, ddof=0, return_info=False):
+def group_advantages(rewards, group_size, scale="group", eps=1e-4, *, ddof=0, return_info=False,
+                     baseline="mean"):
     """Group-relative advantages: each reward minus its group's mean, optionally scaled.
 
     For a reward ``r_gj`` (group ``g``, member ``j``) with ``mean_g`` and
@@ -21,6 +23,11 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4, *, ddof=0, re
         scale="group" (GRPO, Shao et al. 2024, DeepSeekMath):  A = (r - mean_g) / (std_g + eps)
         scale="batch" (std of all valid rewards in the batch): A = (r - mean_g) / (std_B + eps)
         scale="none"  (Dr. GRPO, Liu et al. 2025):             A = r - mean_g
+
+    ``baseline="leave_one_out"`` (RLOO: Kool et al. 2019; Ahmadian et al. 2024, "Back to
+    Basics") subtracts the mean of the *other* valid rewards of the group instead, which keeps
+    the estimator unbiased: ``r - mean_{-j} = n / (n - 1) (r - mean_g)`` with ``n`` the group's
+    valid rewards; the scale then applies as above.
 
     Standard deviations use ``ddof`` (0: population std; 1: the unbiased
     sample std some implementations use). Special cases, all giving exact zeros:
@@ -47,6 +54,8 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4, *, ddof=0, re
     """
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if jnp.ndim(rewards) != 1:
         raise ValueError(f"rewards must be [B] (groups contiguous), got shape {jnp.shape(rewards)}")
     if not isinstance(group_size, int) or group_size <= 0:
@@ -82,6 +91,8 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4, *, ddof=0, re
     else:
         denominator = 1.0
 
+    if baseline == "leave_one_out":  # the std above is of the rewards, as for the mean baseline
+        centered_GS = centered_GS * (num_valid_G1 / jnp.maximum(num_valid_G1 - 1, 1))
     advantages_GS = jnp.where(valid_GS & ~zero_std_G1, centered_GS / denominator, 0.0)
     advantages = advantages_GS.reshape(batch)
     if not return_info:

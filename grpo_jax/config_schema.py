@@ -126,6 +126,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.grpo = ml_collections.ConfigDict()
     c.grpo.loss_type = "grpo"          # grpo | bnpo | dr_grpo | dapo | gspo | cispo
     c.grpo.advantage_scale = "group"   # group | batch | none (Dr. GRPO)
+    c.grpo.advantage_baseline = "mean"  # mean | leave_one_out (RLOO: the other rewards' mean)
     c.grpo.epsilon = 0.2               # clip range below: ratio >= 1 - epsilon
     c.grpo.epsilon_high = placeholder(float)  # clip range above; None = epsilon (cispo needs it set)
     c.grpo.delta = placeholder(float)  # two-sided clip cap of the ratio (INTELLECT-2); None = off

@@ -28,7 +28,7 @@ from grpo_jax import sharding as sharding_lib
 from grpo_jax import utils
 from grpo_jax.envs import datasets, registry
 from grpo_jax import platform as platform_lib
-from grpo_jax.advantages import ADVANTAGE_SCALES
+from grpo_jax.advantages import ADVANTAGE_SCALES, BASELINES
 from grpo_jax.engine import EngineConfig
 from grpo_jax.evaluation import EvalConfig
 from grpo_jax.rollout import RolloutConfig
@@ -171,6 +171,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         make(c)
     if c.grpo.advantage_scale not in ADVANTAGE_SCALES:
         _fail("grpo.advantage_scale", f"{c.grpo.advantage_scale!r} is not one of {ADVANTAGE_SCALES}")
+    if c.grpo.advantage_baseline not in BASELINES:
+        _fail("grpo.advantage_baseline", f"{c.grpo.advantage_baseline!r} is not one of {BASELINES}")
     if c.rollout.group_size < 2:
         _fail("rollout.group_size", f"GRPO needs at least 2 completions per prompt, got {c.rollout.group_size}")
     if c.sampling.temperature <= 0:

@@ -76,7 +76,7 @@ from grpo_jax.trajectories import metrics_from_stats
 
 log = logging.getLogger(__name__)
 
-_advantages = jax.jit(group_advantages, static_argnums=(1, 2), static_argnames=("return_info",))
+_advantages = jax.jit(group_advantages, static_argnums=(1, 2), static_argnames=("return_info", "baseline"))
 
 # Metrics that measure wall time: the only ones allowed to differ between identical runs.
 TIMING_PREFIXES = ("step_time", "time/", "sft/elapsed_s", "eval/time")
@@ -216,7 +216,7 @@ class Collector:
         check_rewards(episodes.rewards, episodes.score_metrics, step=step)
         rewards = jnp.asarray(np.asarray(episodes.rewards, np.float32))
         advantages, adv_info = _advantages(rewards, c.rollout.group_size, c.grpo.advantage_scale,
-                                           return_info=True)
+                                           return_info=True, baseline=c.grpo.advantage_baseline)
         rollout_store.store_step(run, step, result, scores, advantages, process_index=jax.process_index(),
                                  episode_offset=self.episode_offset)  # train.store_rollouts: workdir/rollouts/
         batch, stats = self.train_batch(result, advantages, episodes)

@@ -77,3 +77,18 @@ def test_advantages_validation():
         grpo.group_advantages(rewards, 4, scale="std")
     with pytest.raises(ValueError, match=r"\[B\]"):
         grpo.group_advantages(rewards.reshape(3, 4), 4)
+
+
+def test_leave_one_out_baseline_by_hand():
+    """RLOO: each reward minus the mean of the others in its group (NaN left out), then scaled."""
+    import jax.numpy as jnp
+    group_advantages = grpo.group_advantages
+    rewards = jnp.asarray([1.0, 0.0, 0.0, 2.0, 1.0, jnp.nan, 3.0, 3.0])
+    got = group_advantages(rewards, 4, "none", baseline="leave_one_out")
+    # group 1: others' means 2/3, 1, 1, 1/3; group 2 (valid 1, 3, 3): 3, 2, -, 2
+    np.testing.assert_allclose(got, [1 / 3, -1.0, -1.0, 5 / 3, -2.0, 0.0, 1.0, 1.0], rtol=1e-6)
+    mean = group_advantages(rewards, 4, "group")
+    loo = group_advantages(rewards, 4, "group", baseline="leave_one_out")
+    np.testing.assert_allclose(loo, mean * np.array([4 / 3] * 4 + [3 / 2] * 4), rtol=1e-5)
+    with pytest.raises(ValueError, match="baseline"):
+        group_advantages(rewards, 4, baseline="median")

@@ -134,6 +134,8 @@ def test_mistyped_override_fails_before_compiling():
     ("grpo.pack", False, None),  # with micro_batch_tokens set below: packed rows only
     ("grpo.loss_type", "cispo", "grpo.epsilon_high"),
     ("env.name", "chess", "env.name"),
+    ("grpo.advantage_baseline", "median", "grpo.advantage_baseline"),
+    ("grpo.kl_estimator", "k4", "grpo.kl_estimator"),
 ])
 def test_inconsistent_config_fails_with_the_field_named(field, value, match, tmp_path):
     config = load_config("calculator_tiny")
