@@ -226,14 +226,10 @@ def test_splash_sharded_lowers_for_tpu():
 def test_a_tpu_config_with_rows_splash_cannot_take_is_refused():
     """Splash's tiles need train rows in multiples of 128 tokens: the config check names the
     field before anything is built (packed rows: rollout.max_seq_len)."""
-    import importlib.util
-    import os
+    from config_fixtures import load_config
+
     from grpo_jax import config_utils
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(root, "configs", "calculator_tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("runlocal")
+    config = load_config("calculator_tiny")
     with config.unlocked():
         config.platform, config.rollout.max_seq_len, config.model.max_position_embeddings = "tpu", 200, 256
     with pytest.raises(config_utils.ConfigError, match="rollout.max_seq_len"):

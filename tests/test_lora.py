@@ -2,7 +2,6 @@
 adapters only, adapters off is the base (the reference), the sampler's merged copy computes what
 the unmerged adapters do, a warm start trains the base only, and the trainer runs with them."""
 
-import importlib.util
 import os
 
 import jax
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from config_fixtures import load_config
 from flax import nnx
 
 from grpo_jax import config_utils, sampling, trainer
@@ -103,10 +103,7 @@ def test_a_warm_start_trains_the_base_only():
 
 
 def _config(name="calculator_tiny"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("runlocal")
+    return load_config(name)
 
 
 def test_the_trainer_checkpoints_adapters_and_resumes_exactly(tmp_path):

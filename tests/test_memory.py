@@ -395,10 +395,8 @@ def test_lora_activation_term_by_hand():
 
 
 def _config(name, arg="model_dir=/path/Qwen2.5-7B-Instruct"):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from config_fixtures import config_module
+    module = config_module(name)
     return module, module.get_config(arg)
 
 

@@ -58,17 +58,13 @@ def test_a_hackable_rubric_is_flagged_during_a_short_run(tmp_path, caplog):
     """The default task's smoke variant with a rubric that pays for any text (correctness
     logged at weight 0): its barely trained policy writes wrong answers and is paid for them, and
     the evaluation's monitor says so in metrics.jsonl and the log."""
-    import importlib.util
     import logging
-    import os
+
+    from config_fixtures import load_config
 
     from grpo_jax import trainer
     from grpo_jax.metrics import read_metrics
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(root, "configs", "calculator_tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("runlocal")
+    config = load_config("calculator_tiny")
     with config.unlocked():
         config.env.rubric.funcs = {"says_something": {"weight": 1.0, "fn": "test_monitor:says_something"},
                                    "correct_answer": 0.0}

@@ -13,7 +13,7 @@ from grpo_jax.advantages import group_advantages
 from grpo_jax.metrics import read_metrics
 from grpo_jax.rubrics.rubric import Rubric
 from grpo_jax.trajectories import pack_episodes
-from test_trainer import load_config
+from config_fixtures import load_config
 
 
 # ---------------------------------------------------------------------------------------------

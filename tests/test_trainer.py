@@ -1,6 +1,5 @@
 """End-to-end: the trainer on the small variants of the configs, resume, signals, bad configs."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from config_fixtures import load_config
 
 from grpo_jax import components, config_utils, trainer
 from grpo_jax.metrics import read_metrics
@@ -20,11 +20,6 @@ from grpo_jax.metrics import read_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config(name: str, arg: str = "runlocal"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def _training_rows(workdir):

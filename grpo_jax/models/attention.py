@@ -28,12 +28,14 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from grpo_jax import sharding as sharding_lib
+from grpo_jax.models.config import ATTENTION_IMPLS
 
-IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+IMPLEMENTATIONS = ATTENTION_IMPLS
 
 # Fills masked attention scores; finite so that a fully masked row gives a uniform average
-# instead of NaN. Equal to splash attention's DEFAULT_MASK_VALUE.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# instead of NaN (and a running maximum never meets -inf - -inf: `kv_cache.blocked_attention`).
+# Equal to splash attention's DEFAULTMASK_VALUE.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 # cuDNN's packed layout takes a static bound M on the sequences (runs of equal segment id,
 # padding runs included) per row; rows with more get NaN outputs (see `cudnn_attention`).
@@ -63,7 +65,7 @@ def attention(q_BTHD, k, v, mask_BTS, *, cache_layout: bool = False):
     q_BKQD = q_BTHD.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
     scores = jnp.einsum(f"bkqd,{k_spec}->bkqs", q_BKQD, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     scores = scores.reshape(b, kv_heads, g, t, -1)
-    scores = jnp.where(mask_BTS[:, None, None], scores, _MASK_VALUE)
+    scores = jnp.where(mask_BTS[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, -1)
     out_BKQD = jnp.einsum("bkqs,bksd->bkqd", probs, v)
     return out_BKQD.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from grpo_jax.models.lora import LORA_TARGETS
 from grpo_jax.utils import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -31,7 +32,9 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 #   projection, gate/up, down) and the layer input, recomputing attention scores/probabilities and
 #   the elementwise ops; "full": the layer input only (the whole layer recomputed).
 REMAT_MODES = ("none", "dots", "full")
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")   # `models.attention`
+KV_LAYOUTS = ("head_major", "seq_major")        # `models.kv_cache`
+DECODE_ATTENTIONS = ("full", "blocked", "pallas_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +81,7 @@ class ModelConfig:
     # LoRA adapters (`models.lora`): rank 0 = none; scale alpha / rank; the projections adapted.
     lora_rank: int = 0
     lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, Mapping):
@@ -100,8 +103,8 @@ class ModelConfig:
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(f"rope_scaling.rope_type={rope_type!r} is not supported; "
                               f"expected one of {SUPPORTED_ROPE_TYPES}")
-        for name, allowed in (("attention", ATTENTION_IMPLS), ("kv_layout", ("head_major", "seq_major")),
-                              ("decode_attention", ("full", "blocked", "pallas_gpu"))):
+        for name, allowed in (("attention", ATTENTION_IMPLS), ("kv_layout", KV_LAYOUTS),
+                              ("decode_attention", DECODE_ATTENTIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: use one of {allowed}")
         if isinstance(self.lora_targets, (list, str)):
@@ -109,9 +112,9 @@ class ModelConfig:
             object.__setattr__(self, "lora_targets", tuple(t.strip() for t in targets if t.strip()))
         if self.lora_rank < 0 or (self.lora_rank and not self.lora_alpha > 0):
             raise ConfigError(f"lora_rank must be >= 0 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
-        unknown = [t for t in self.lora_targets if t not in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if unknown or not self.lora_targets:
-            raise ConfigError(f"lora_targets {self.lora_targets}: choose from wq, wk, wv, wo, w_gate, w_up, w_down")
+            raise ConfigError(f"lora_targets {self.lora_targets}: choose from {LORA_TARGETS}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: use float32, bfloat16 or float16")

@@ -31,19 +31,17 @@ import jax
 import jax.numpy as jnp
 
 from grpo_jax import sharding
-from grpo_jax.models.attention import attention, gpu_decode_attention
+from grpo_jax.models import config
+from grpo_jax.models.attention import MASK_VALUE, attention, gpu_decode_attention
 from grpo_jax.utils import round_up
 
-KV_LAYOUTS = ("head_major", "seq_major")
-DECODE_ATTENTION = ("full", "blocked", "pallas_gpu")
+KV_LAYOUTS, DECODE_ATTENTION = config.KV_LAYOUTS, config.DECODE_ATTENTIONS
 
 # Logical axes (`grpo_jax.sharding`) of each layout's k and v: rows over the batch axes, KV heads
 # over tp, so a device holds and reads the cache of its own rows and heads only.
 _AXES = {"head_major": (sharding.KV_K_AXES, sharding.KV_V_AXES),
          "seq_major": (sharding.KV_SEQ_MAJOR_AXES, sharding.KV_SEQ_MAJOR_AXES)}
 _BLOCK = 512
-# Fills masked scores; finite, so the running maximum never meets -inf - -inf.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 @jax.tree_util.register_dataclass
@@ -153,7 +151,7 @@ def blocked_attention(q_BTHD, k_cache, v_cache, mask_BTS, end_B, *, layout: str)
         fresh_S = start + jnp.arange(block) >= j * block
         mask_BTs = jax.lax.dynamic_slice_in_dim(mask_BTS, start, block, 2) & fresh_S
         scores = jnp.einsum(f"bkqd,{k_spec}->bkqs", q_BKQD, k_blk, preferred_element_type=jnp.float32) * d ** -0.5
-        scores = jnp.where(mask_BTs[:, None, None], scores.reshape(b, kv_heads, g, t, block), _MASK_VALUE)
+        scores = jnp.where(mask_BTs[:, None, None], scores.reshape(b, kv_heads, g, t, block), MASK_VALUE)
         scores = scores.reshape(b, kv_heads, g * t, block)
         m_new = jnp.maximum(m_BKQ, scores.max(-1))
         p = jnp.exp(scores - m_new[..., None])
@@ -162,7 +160,7 @@ def blocked_attention(q_BTHD, k_cache, v_cache, mask_BTS, end_B, *, layout: str)
         return m_new, l_BKQ * scale + p.sum(-1), acc_BKQD * scale[..., None] + pv
 
     n_blocks = (jnp.max(end_B) + block - 1) // block
-    init = (jnp.full((b, kv_heads, g * t), _MASK_VALUE, jnp.float32), jnp.zeros((b, kv_heads, g * t), jnp.float32),
+    init = (jnp.full((b, kv_heads, g * t), MASK_VALUE, jnp.float32), jnp.zeros((b, kv_heads, g * t), jnp.float32),
             jnp.zeros((b, kv_heads, g * t, d), jnp.float32))
     _, l_BKQ, acc_BKQD = jax.lax.fori_loop(0, jnp.clip(n_blocks, 1, -(-s // block)), fold, init)
     out_BKQD = (acc_BKQD / jnp.maximum(l_BKQ, 1e-30)[..., None]).astype(q_BTHD.dtype)

@@ -49,14 +49,6 @@ def target_sizes(cfg, name: str) -> tuple[int, int]:
             "w_down": (f, d)}[name]
 
 
-def check_targets(targets) -> tuple[str, ...]:
-    targets = tuple(targets)
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown or not targets:
-        raise ValueError(f"lora_targets {targets}: choose from {LORA_TARGETS}")
-    return targets
-
-
 def has_adapters(model) -> bool:
     return getattr(model.config, "lora_rank", 0) > 0
 
