@@ -3,6 +3,9 @@
 A batch holds ``G`` groups of ``S = group_size`` completions of the same prompt,
 the rows of a group contiguous: ``rewards`` is ``[B]`` with ``B = G * S`` and
 row ``b`` belongs to group ``b // S``.
+
+``multi_reward_advantages`` is GDPO's (Liu et al. 2026): each reward function's group
+advantages, weighted and summed, then normalised over the batch.
 """
 
 from __future__ import annotations
@@ -102,6 +105,63 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4, *, ddof=0, re
         "frac_reward_zero_std": jnp.mean(zero_std_G1.astype(jnp.float32)),
     }
     return advantages, info
+
+
+def multi_reward_advantages(scores, weights, group_size, *, scale="group", baseline="mean", eps=1e-4):
+    """GDPO: group reward-decoupled normalisation of several rewards (Liu et al. 2026, "GDPO: Group
+    reward-Decoupled Normalization Policy Optimization for Multi-reward RL Optimization",
+    arXiv:2601.05242; NVlabs/GDPO's TRL and verl code).
+
+    Summing the rewards first and normalising the sum per group (GRPO) maps different
+    combinations of the rewards to the same advantage (e.g. two binary rewards: (1, 0) and
+    (0, 1) tie), and a reward with a large spread swamps the others. GDPO normalises each
+    function ``f``'s scores within the group first, then sums with the weights ``w_f``, then
+    normalises the sum over the batch so its range does not grow with the number of rewards:
+
+        A_f   = group_advantages(s_f, S, scale, eps, baseline=baseline)    ((s_f - mean_g) / (std_g + eps))
+        A_sum = sum_f w_f A_f
+        A     = (A_sum - mean_B(A_sum)) / (std_B(A_sum) + eps)
+
+    with the batch mean and (population) std over the valid episodes. NVlabs' code uses torch's
+    sample std (ddof = 1) in both places; this uses the population std of ``group_advantages``.
+
+    NaN scores (a function that failed on an episode): that function's contribution to the
+    episode is 0 and the episode is left out of that function's group mean and std
+    (``group_advantages``). NVlabs' code instead replaces NaN with 0 before normalising. An episode
+    with no valid score from any weighted function gets 0 and is left out of the batch mean and
+    std. A group where no function's scores vary gets exact zeros (its summed advantages are 0,
+    and so is the batch mean in exact arithmetic: every group's advantages sum to 0).
+
+    Args:
+      scores: {function name: ``[B]`` scores} (``RubricScores.scores``); functions not in
+        ``weights`` (logged metrics) are ignored.
+      weights: {function name: weight}; every name must be in ``scores``; weight 0 = ignored.
+      group_size: ``S`` (groups contiguous, as ``group_advantages``).
+      scale, baseline, eps: of each function's ``group_advantages``; ``eps`` also of the batch std.
+
+    Returns:
+      ``[B]`` advantages (float32 or wider).
+    """
+    missing = sorted(set(weights) - set(scores))
+    if missing:
+        raise ValueError(f"weights name functions with no scores: {missing}; scored: {sorted(scores)}")
+    names = [name for name, w in weights.items() if w != 0]
+    if not names:
+        raise ValueError(f"multi_reward_advantages needs a function with a non-zero weight, got {dict(weights)}")
+    total, valid = None, None
+    for name in names:
+        scores_B = jnp.asarray(scores[name])
+        term = float(weights[name]) * group_advantages(scores_B, group_size, scale, eps, baseline=baseline)
+        ok = ~jnp.isnan(scores_B)
+        total = term if total is None else total + term
+        valid = ok if valid is None else valid | ok
+    batch = total.shape[0]
+    signal_G1 = jnp.any(total.reshape(-1, group_size) != 0, axis=-1, keepdims=True)
+    keep = valid & jnp.broadcast_to(signal_G1, (batch // group_size, group_size)).reshape(batch)
+    count = jnp.maximum(valid.sum(), 1)
+    mean = jnp.where(valid, total, 0.0).sum() / count
+    std = jnp.sqrt(jnp.where(valid, (total - mean) ** 2, 0.0).sum() / count)
+    return jnp.where(keep, (total - mean) / (std + eps), 0.0)
 
 
 def _std(centered, num_valid, ddof, axis):

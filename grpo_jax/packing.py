@@ -22,7 +22,9 @@ The packed batch is the train step's (`grpo_jax.train_step`), width W:
                                    (an agent episode's sub-sequences stay separate segments)
     sequence_ids                   k on the row's k-th episode, 0 on padding (the loss's
                                    per-sequence quantities: `grpo_jax.grpo`)
-    advantages                     [B, W]: each episode's advantage on its positions
+    advantages                     [B, W]: each episode's advantage on its positions (one
+                                   per episode, or its per-token advantages: turn-level
+                                   credit, `grpo_jax.credit.token_advantages`)
 
 The loss, its gradient and its metrics are those of the same episodes one per row
 (tests/test_packing.py): packing changes the cost of a step, not its update.
@@ -104,7 +106,8 @@ def pack_rollout(rollout, advantages, *, width: int | None = None, row_multiple:
 
     Args:
       rollout: a `Rollout` (its tokens, positions, segment_ids, loss_mask, logprobs, lengths).
-      advantages: [N] one per episode, in the rollout's order.
+      advantages: [N] one per episode, in the rollout's order, or [N, T] per token, aligned with
+        `rollout.tokens` (`grpo_jax.credit.token_advantages`): each episode's first `length` copied.
       width: W, the row width; None: the rollout's padded width.
       row_multiple: the row count is a multiple of it (then bucketed, `bucket_rows`).
       rows: the row count instead of the bucketed one (>= the rows the episodes need): every
@@ -116,8 +119,9 @@ def pack_rollout(rollout, advantages, *, width: int | None = None, row_multiple:
     lengths = np.asarray(rollout.lengths, np.int64)
     advantages = np.asarray(advantages, np.float32)
     n = len(lengths)
-    if advantages.shape != (n,):
-        raise ValueError(f"advantages must be [N] = ({n},), one per episode, got {advantages.shape}")
+    if advantages.shape not in ((n,), (n, rollout.tokens.shape[1])):
+        raise ValueError(f"advantages must be [N] = ({n},), one per episode, or [N, T] = "
+                         f"{rollout.tokens.shape} per token, got {advantages.shape}")
     short = np.flatnonzero(lengths < 2)
     if short.size:
         raise ValueError(f"episode {int(short[0])} has {lengths[short[0]]} tokens: a packed episode "
@@ -142,7 +146,7 @@ def pack_rollout(rollout, advantages, *, width: int | None = None, row_multiple:
             batch["loss_mask"][r, span] = rollout.loss_mask[i, :length]
             batch["loss_mask"][r, offset] = 0.0  # as position 0 of its own row: never scored
             batch["old_logps"][r, span] = rollout.logprobs[i, :length]
-            batch["advantages"][r, span] = advantages[i]
+            batch["advantages"][r, span] = advantages[i, :length] if advantages.ndim == 2 else advantages[i]
             offset += length
     stats = padding_stats(int(lengths.sum()), count, width, n, int(rollout.tokens.shape[1]))
     return batch, stats

@@ -92,3 +92,34 @@ def test_leave_one_out_baseline_by_hand():
     np.testing.assert_allclose(loo, mean * np.array([4 / 3] * 4 + [3 / 2] * 4), rtol=1e-5)
     with pytest.raises(ValueError, match="baseline"):
         group_advantages(rewards, 4, baseline="median")
+
+
+def test_multi_reward_advantages_gdpo_by_hand():
+    """GDPO: each function's group advantages, weighted, summed, then normalised over the batch."""
+    from grpo_jax.advantages import multi_reward_advantages as gdpo
+
+    def multi_reward_advantages(scores, weights, group_size, **kwargs):  # one compile, not op by op
+        return jax.jit(lambda s: gdpo(s, weights, group_size, **kwargs))(scores)
+    scores = {"correct": np.array([1.0, 0.0, 0.0, 1.0]), "length": np.array([0.0, 10.0, 5.0, 5.0]),
+              "metric": np.array([np.nan, 3.0, 1.0, 2.0])}  # not weighted: ignored
+    weights = {"correct": 2.0, "length": 0.5, "metric": 0.0}
+    got = np.asarray(multi_reward_advantages(scores, weights, 2, eps=0.0))
+    # correct: +-1 per group, x2; length: (-1, 1) in group 0, ties in group 1, x0.5.
+    pre = np.array([2 - 0.5, -2 + 0.5, -2.0, 2.0])
+    np.testing.assert_allclose(got, pre / np.sqrt(np.mean(pre ** 2)), rtol=1e-6)
+    assert got[0] > 0  # the correct, short episode 0 is favoured ...
+    summed = 2.0 * scores["correct"] + 0.5 * scores["length"]
+    grpo_adv = np.asarray(group_advantages(summed, 2, eps=0.0))
+    np.testing.assert_allclose(grpo_adv, [-1.0, 1.0, -1.0, 1.0], rtol=1e-6)  # ... not when length dominates
+
+    # NaN: a function's NaN score contributes 0 (and leaves its group's statistics); an episode
+    # with no valid score gets 0 and leaves the batch's; a group without signal stays exactly 0.
+    scores = {"correct": np.array([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, np.nan, np.nan]),
+              "length": np.array([0.0, 10.0, 5.0, 5.0, np.nan, 4.0, np.nan, 3.0])}
+    got = np.asarray(multi_reward_advantages(scores, {"correct": 2.0, "length": 0.5}, 2, eps=0.0))
+    pre = np.array([1.5, -1.5, -2.0, 2.0, 2.0, -2.0, 0.0, 0.0])
+    std = np.sqrt(np.sum(pre ** 2) / 7)  # episode 6 has no valid score: 7 valid episodes, mean 0
+    np.testing.assert_allclose(got, pre / std, rtol=1e-6)
+    assert got[6] == 0.0 and got[7] == 0.0
+    with pytest.raises(ValueError, match="no scores"):
+        multi_reward_advantages(scores, {"format": 1.0}, 2)

@@ -188,6 +188,25 @@ def test_segments_are_renumbered_per_row_and_positions_kept():
         packing.pack_rollout(rollout, np.zeros(len(rollout)), width=8)
 
 
+def test_per_token_advantages_are_copied_into_each_span():
+    rollout = _rollout()
+    n, t = rollout.tokens.shape
+    advantages = np.arange(n * t, dtype=np.float32).reshape(n, t) / 7  # a distinct value per token
+    packed, _ = packing.pack_rollout(rollout, advantages, width=WIDTH)
+    for r, members in enumerate(packing.first_fit(rollout.lengths, WIDTH)):
+        offset = 0
+        for i in members:
+            length = int(rollout.lengths[i])
+            np.testing.assert_array_equal(packed["advantages"][r, offset:offset + length], advantages[i, :length])
+            offset += length
+        assert (packed["advantages"][r, offset:] == 0).all()
+    per_episode, _ = packing.pack_rollout(rollout, advantages[:, 0], width=WIDTH)  # [N] as before
+    broadcast, _ = packing.pack_rollout(rollout, np.repeat(advantages[:, :1], t, axis=1), width=WIDTH)
+    np.testing.assert_array_equal(per_episode["advantages"], broadcast["advantages"])
+    with pytest.raises(ValueError, match=r"or \[N, T\]"):
+        packing.pack_rollout(rollout, advantages[:, :-1], width=WIDTH)
+
+
 def test_row_counts_are_bucketed_and_padded_with_empty_rows():
     assert [packing.bucket_rows(r) for r in (1, 2, 3, 4, 5, 8, 9, 17, 33, 100)] == [1, 2, 3, 4, 5, 8, 9, 18, 36, 104]
     assert packing.bucket_rows(3, 4) == 4 and packing.bucket_rows(13, 4) == 16 and packing.bucket_rows(9, 2) == 10 and packing.bucket_rows(9, 1, limit=9) == 9

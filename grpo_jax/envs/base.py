@@ -29,6 +29,16 @@ Driving an episode (what the rollout loop does, batched over many episodes)
   update `state` in place and returns it.  `is_completed` is true once the episode was
   truncated, has `max_turns` assistant turns, or the env says it is done (`is_done`).
 
+Per-turn rewards (for turn-level credit, `c.grpo.credit = "turn"`, `grpo_jax.credit`)
+  An env rewards an assistant turn with `record_turn_reward(state, reward, messages=messages)`
+  from `env_response` (the turn it answers: the latest assistant turn of `messages`), or with
+  `turn=k` for turn k (0-based).  It lands in `state["turn_rewards"]`, a list indexed by assistant
+  turn (turns without one hold 0.0; rewards of the same turn add up; they must be finite).
+  `env_response` runs after every assistant turn but the last, so the last turn's reward is the
+  rubric's episode (terminal) reward, which credit adds at the episode's last turn: an env
+  should not count a turn's reward both there and in the rubric.  `turn_rewards_from_states`
+  gathers them into an [N, K] array (0 where missing).
+
 Scoring
   `env.score(prompts, completions, states)` -> `RubricScores` (rewards [N], NaN on failure,
   per-function scores and metrics), reading answer / info / task from the states.
@@ -46,7 +56,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import math
 from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+import numpy as np
 
 from grpo_jax.rubrics.audit import DEFAULT_HACKS, AuditReport, Hack, audit_rubric
 from grpo_jax.rubrics.rubric import Rubric, RubricScores
@@ -283,3 +296,45 @@ async def respond_all(env: Environment, batch_messages: Sequence[Sequence[Messag
     exception in its place and the others carry on (the rollout's way)."""
     return list(await asyncio.gather(*(env.env_response(m, s) for m, s in zip(batch_messages, states)),
                                      return_exceptions=return_exceptions))
+
+
+# -- per-turn rewards (module docstring) ------------------------------------------------------
+TURN_REWARDS_KEY = "turn_rewards"
+
+
+def record_turn_reward(state: State, reward: float, turn: int | None = None, *,
+                       messages: Sequence[Message] | None = None) -> State:
+    """Adds `reward` to assistant turn `turn`'s entry of `state["turn_rewards"]` (0-based; the
+    list grows with 0.0 up to it); `turn=None` takes the latest assistant turn of `messages` (what
+    `env_response` was given).  Returns `state`."""
+    if turn is None:
+        if messages is None:
+            raise ValueError("record_turn_reward needs the turn: pass turn=k or messages=<the messages "
+                             "env_response got> (their latest assistant turn)")
+        turn = sum(m["role"] == "assistant" for m in messages[state["prompt_length"]:]) - 1
+    turn, reward = int(turn), float(reward)
+    if turn < 0:
+        raise ValueError(f"record_turn_reward: turn must be >= 0, got {turn} (no assistant turn yet?)")
+    if not math.isfinite(reward):
+        raise ValueError(f"record_turn_reward: the reward of turn {turn} is {reward}, not finite")
+    rewards = state.setdefault(TURN_REWARDS_KEY, [])
+    rewards.extend([0.0] * (turn + 1 - len(rewards)))
+    rewards[turn] += reward
+    return state
+
+
+def turn_rewards_from_states(states: Sequence[State], num_turns, max_turns: int) -> np.ndarray:
+    """`[N, K]` float64 (K = `max_turns`): episode i's `state["turn_rewards"][k]`, 0 where missing.
+    Raises when an env rewarded a turn its episode does not have (k >= num_turns[i])."""
+    num_turns = np.asarray(num_turns, np.int64)
+    if num_turns.shape != (len(states),):
+        raise ValueError(f"num_turns must be [N] = ({len(states)},), got {num_turns.shape}")
+    out = np.zeros((len(states), max_turns), np.float64)
+    for i, state in enumerate(states):
+        rewards = [float(r) for r in state.get(TURN_REWARDS_KEY) or ()]
+        extra = [k for k, r in enumerate(rewards) if k >= num_turns[i] and r != 0.0]
+        if extra:
+            raise ValueError(f"episode {i} has {num_turns[i]} turns but a reward for turn {extra[0]}")
+        kept = rewards[:min(len(rewards), max_turns)]
+        out[i, :len(kept)] = kept
+    return out

@@ -36,6 +36,7 @@ _FACTORIES: dict[str, Callable[..., Any]] = {
     "arithmetic": _lazy("grpo_jax.envs.arithmetic", "ArithmeticEnv"),
     "countdown": _lazy("grpo_jax.envs.countdown", "CountdownEnv"),
     "gsm8k": _lazy("grpo_jax.envs.gsm8k", "GSM8KEnv"),
+    "turn_bandit": _lazy("grpo_jax.envs.turn_bandit", "TurnBanditEnv"),
     "single_turn": lambda **kwargs: single_turn_env(**kwargs),
     "group": lambda **kwargs: group_env(**kwargs),
 }
