@@ -92,6 +92,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.sft.direct_answer_fraction = 0.0  # tool envs: share of mixed demos that skip the tool (env.no_tool_completion)
     c.sft.mixed_trained_tokens = placeholder(int)  # N: mixed demos train only their first N completion
     #                                    tokens (the choice); None = all
+    c.sft.cache_dir = placeholder(str)  # warm-started weights kept here per (seed, model, env,
+    #                                    sft) and reused: ablation variants share one warm start
     c.sft.log_every = 50               # progress line every N steps
 
     c.sampling = ml_collections.ConfigDict()
@@ -143,8 +145,26 @@ def default_config() -> ml_collections.ConfigDict:
     #                                    positions per micro-batch (rows = this // rollout.max_seq_len)
     c.grpo.chunk_size = placeholder(int)  # vocabulary chunk of the log-prob computation; None = by
     #                                    platform (`grpo_jax.platform`: 1024 on CPU, 8192 elsewhere)
-    c.grpo.tis_cap = placeholder(float)  # truncated importance sampling cap; None = off (the
-    #                                    sampler's log-probs are then the old policy's)
+    c.grpo.tis_cap = placeholder(float)  # cap C of the sampler -> trainer importance weight
+    #                                    (staleness, kernel mismatch); None = off (the sampler's
+    #                                    log-probs are then the old policy's)
+    c.grpo.tis_mode = "truncate"       # truncate (TIS: w = min(w, C)) | mask (MIS: no loss where w > C)
+    c.grpo.tis_level = "token"         # token | sequence (w of a sequence: exp of its summed log-ratio)
+    c.grpo.entropy_coef = 0.0          # entropy bonus: loss - coef x entropy (same normalisation)
+    c.grpo.high_entropy_fraction = placeholder(float)  # rho: train only the top rho of tokens by
+    #                                    entropy (Wang et al. 2025 use 0.2); None = every token
+    c.grpo.num_mini_batches = 1        # optimizer updates per pass over the batch (PPO mini-batches)
+    c.grpo.ref_sync_every = 0          # beta > 0: the reference becomes the current policy every N
+    #                                    steps; 0 = frozen at the start
+    c.grpo.multi_reward = "sum"        # sum (weighted sum, then group advantages) | normalize_then_sum
+    #                                    (GDPO: each function's group advantages, weighted and summed)
+    c.grpo.credit = "episode"          # episode (one advantage per episode) | turn (per-turn returns
+    #                                    of the env's turn rewards, `grpo_jax.credit`)
+    c.grpo.turn_discount = 1.0         # gamma of the per-turn returns (credit = "turn")
+    c.grpo.dynamic_sampling = False    # DAPO: drop groups whose rewards do not vary, roll out more
+    #                                    prompts until the batch holds prompts_per_step groups
+    c.grpo.max_sampling_rounds = 4     # rollouts per step at most under dynamic_sampling (then the
+    #                                    batch is filled up with dropped groups, logged)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-4       # peak learning rate
@@ -160,6 +180,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.prompts_per_step = 8       # prompts per step; the batch is prompts * group_size rows
     c.train.log_every = 1              # progress line every N steps (metrics.jsonl gets every step)
     c.train.eval_every = 25            # evaluate every N steps (and before the first, after the last)
+    c.train.staleness = 0              # k: rollouts sample from weights up to k updates old, while
+    #                                    the update runs (one-step off-policy overlap); 0 = synchronous
     c.train.store_rollouts = True      # each step's episodes, scores and advantages to workdir/rollouts/
     #                                    (`grpo_jax.rollout_store`: re-score them with another rubric)
 

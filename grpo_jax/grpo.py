@@ -11,11 +11,12 @@ sequence ``i``. Advantages are ``[B]`` (one per row) or ``[B, T]`` (per token: a
 row's sequences each carry their own, constant over the sequence's tokens).
 
 Static vs traced arguments: ``loss_type``, ``importance_sampling_level``,
-``max_completion_length``, ``cispo_clip_low`` and whether ``ref_logps``,
-``delta``, ``tis_cap`` are given choose the computation and must be Python
-values under ``jax.jit``. ``epsilon``, ``epsilon_high``, ``delta``, ``beta`` and
-``tis_cap`` may be traced arrays (e.g. vmapped over in a hyper-parameter sweep);
-their range checks then cannot run, and a traced ``beta`` always adds the KL term.
+``max_completion_length``, ``cispo_clip_low``, ``tis_mode``, ``tis_level``,
+``high_entropy_fraction`` and whether ``ref_logps``, ``delta``, ``tis_cap``, ``entropy``
+are given choose the computation and must be Python values under ``jax.jit``.
+``epsilon``, ``epsilon_high``, ``delta``, ``beta``, ``tis_cap`` and ``entropy_coef`` may
+be traced arrays (e.g. vmapped over in a hyper-parameter sweep); their range checks then
+cannot run, and a traced ``beta`` (``entropy_coef``) always adds the KL (entropy) term.
 
 Normalisation as (sum, count)
 -----------------------------
@@ -40,7 +41,9 @@ full-batch "mean over each completion's tokens, then mean over completions",
 with completions that have no tokens left out of the count. Metrics follow the
 same pattern: ``policy_loss_sum`` returns sums (and a min and a max), combined
 with ``combine_metric_sums`` (or ``psum``/``pmin``/``pmax`` per
-``metric_reduction``) and turned into averages by ``finalize_metrics``.
+``metric_reduction``) and turned into averages by ``finalize_metrics`` (all three in
+``grpo_jax.loss_metrics``, re-exported here). Two options are *not* additive over
+micro-batches: ``high_entropy_fraction``'s quantile is that of the batch passed in.
 
 Group-relative advantages live in ``grpo_jax.advantages`` and are re-exported
 here: ``group_advantages``, ``ADVANTAGE_SCALES``; the argument checks in
@@ -53,22 +56,22 @@ import jax
 import jax.numpy as jnp
 
 from grpo_jax.advantages import ADVANTAGE_SCALES, group_advantages  # noqa: F401 (re-export)
-from grpo_jax import loss_checks
+from grpo_jax import loss_checks, loss_metrics
 from grpo_jax.loss_checks import (_check_choice, _check_max_completion_length, _check_shapes,
                                   _resolve_settings)
 
 LOSS_TYPES = loss_checks.LOSS_TYPES
 IMPORTANCE_SAMPLING_LEVELS = loss_checks.IMPORTANCE_SAMPLING_LEVELS
+TIS_MODES, TIS_LEVELS = loss_checks.TIS_MODES, loss_checks.TIS_LEVELS
 check_settings = loss_checks.check_settings  # the checks `TrainConfig` runs when it is made
+metric_reduction = loss_metrics.metric_reduction  # re-exports: the metric sums' algebra
+combine_metric_sums = loss_metrics.combine_metric_sums
+finalize_metrics = loss_metrics.finalize_metrics
 
 # Loss types whose sequences are averaged over their own tokens first (weight 1/n_i).
 _PER_SEQUENCE_MEAN = ("grpo", "gspo")
 # Loss types normalised by the number of tokens in the batch.
 _TOKEN_MEAN = ("bnpo", "dapo", "cispo")
-
-# How each metric sum combines across micro-batches and devices; unlisted keys add.
-_MIN_MAX_METRICS = {"ratio/min": "min", "ratio/max": "max"}
-_COUNT_METRICS = ("num_tokens", "num_sequences")
 
 
 def k3_kl(logps, ref_logps):
@@ -184,7 +187,8 @@ def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type
                 epsilon=0.2, epsilon_high=None, delta=None, beta=0.0,
                 max_completion_length=None, importance_sampling_level="token",
                 sampler_logps=None, tis_cap=None, cispo_clip_low=False, sequence_ids=None,
-                kl_estimator="k3"):
+                kl_estimator="k3", tis_mode="truncate", tis_level="token", entropy=None,
+                entropy_coef=0.0, high_entropy_fraction=None):
     """The GRPO-family policy loss of one batch, and its metrics.
 
     Args:
@@ -214,12 +218,28 @@ def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type
         loss_type="gspo" always uses "sequence".
       sampler_logps: ``[B, T]`` log-probs reported by the sampler (inference
         engine) for the same tokens.
-      tis_cap: with ``sampler_logps``, apply truncated importance sampling
-        (Yao et al. 2025, "Your efficient RL framework secretly brings you
-        off-policy RL training"): the policy-gradient term of each token is
-        multiplied by ``w_t = sg(min(exp(old_logps - sampler_logps), tis_cap))``,
-        correcting for the sampler/trainer mismatch. ``sampler_logps`` without
-        ``tis_cap`` changes nothing (TIS off); ``tis_cap`` without it is an error.
+      tis_cap: the cap ``C`` of the importance weight that corrects the sampler/trainer
+        mismatch: with it, the policy-gradient term of each token is multiplied by ``w_it``
+        (``importance_weights``; ``tis_mode``, ``tis_level``). ``sampler_logps`` without
+        ``tis_cap`` changes nothing (correction off); ``tis_cap`` without it is an error.
+      tis_mode: "truncate": truncated importance sampling (TIS; Yao et al. 2025, "Your
+        efficient RL framework secretly brings you off-policy RL training"),
+        ``w = sg(min(rho, C))``; "mask": masked importance sampling (MIS; Liu et al. 2025,
+        "When speed kills stability"), ``w = sg(rho 1[rho <= C])``: no policy-gradient term
+        where the weight exceeds the cap.
+      tis_level: "token": ``rho_it = exp(old_it - sampler_it)``; "sequence":
+        ``rho_i = exp(sum_t m_it (old_it - sampler_it))``, on every token of sequence ``i``.
+      entropy: ``[B, T]`` the policy's entropy ``H_it`` at each scored position (at the
+        temperature; differentiable), needed by the two options below; gives the
+        ``entropy`` metric.
+      entropy_coef: entropy bonus: each token's loss gets ``- entropy_coef H_it`` (gradient
+        through ``entropy``), aggregated with the loss type's normalisation.
+      high_entropy_fraction: ``rho`` in (0, 1] (Wang et al. 2025, "Beyond the 80/20 rule:
+        high-entropy minority tokens drive effective RL for LLM reasoning"): only tokens
+        whose ``sg(H_it)`` is at or above the ``1 - rho`` quantile of the trained tokens'
+        entropies *in this batch* (in the train step: the micro-batch's; the batch's with one
+        micro-batch) carry the policy-gradient term (``high_entropy_mask``); the others
+        contribute 0 and the normaliser is unchanged. The KL and entropy terms stay on.
       cispo_clip_low: cispo only; also clip its weight below at ``1 - epsilon``
         (MiniMax-M1 allows this but trained without a lower bound).
       sequence_ids: ``[B, T]`` int, the sequence of each token within its row (k > 0:
@@ -227,14 +247,17 @@ def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type
         hold several episodes; None: each row is one sequence. Every ``i`` below is then
         a (row, sequence) pair.
 
-    Objective. With ``r_it`` the ratio, ``A_i`` the advantage, ``m_it`` the mask
-    and ``w_it`` the TIS weight (1 without TIS), each token's loss is
+    Objective. With ``r_it`` the ratio, ``A_i`` the advantage, ``m_it`` the mask,
+    ``w_it`` the importance weight (1 without ``tis_cap``), ``k_it`` the high-entropy mask
+    (1 without ``high_entropy_fraction``) and ``H_it`` the entropy, each token's loss is
+
+        l_it = k_it pg_it + beta kl_it - entropy_coef H_it     (kl: ``kl_estimator``)
 
         clipped surrogates (grpo, bnpo, dr_grpo, dapo, gspo; PPO, Schulman 2017):
-          l_it = -w_it min(min(r_it, delta) A_i, clip(r_it, 1-eps, 1+eps_high) A_i)
-                 + beta k3_it            (min(r, delta) is just r without delta)
+          pg_it = -w_it min(min(r_it, delta) A_i, clip(r_it, 1-eps, 1+eps_high) A_i)
+                  (min(r, delta) is just r without delta)
         cispo (MiniMax-M1, 2025):
-          l_it = -w_it sg(min(r_it, 1+eps_high)) A_i log pi_theta(y_it) + beta k3_it
+          pg_it = -w_it sg(min(r_it, 1+eps_high)) A_i log pi_theta(y_it)
           (the weight also clipped below at 1-eps with cispo_clip_low); its
           gradient is the REINFORCE gradient with a truncated, stop-gradient IS
           weight, so clipped tokens still contribute gradient.
@@ -249,8 +272,8 @@ def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type
     with ``S`` the number of sequences (``B`` rows; packed, every (row, id > 0) pair).
 
     bnpo and dapo are the same objective: "dapo" names the token-level sum
-    meant to be used with clip-higher (``epsilon_high > epsilon``). The KL term
-    is aggregated with the same normalisation as the loss it is added to.
+    meant to be used with clip-higher (``epsilon_high > epsilon``). The KL and
+    entropy terms are aggregated with the same normalisation as the loss they are added to.
 
     Ratios. "token": ``r_it = exp(logp_it - old_logp_it)``. "sequence" (GSPO):
     ``s_i = exp((1/n_i) sum_t m_it (logp_it - old_logp_it))`` and the GSPO-token
@@ -269,9 +292,12 @@ def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type
       (either), ``ratio/mean``, ``ratio/min``, ``ratio/max`` (min and max over
       tokens), ``num_tokens`` and ``num_sequences`` (non-empty sequences; counts);
       with ``ref_logps``: ``kl`` (mean k3, reported even when beta is 0); with
-      ``delta``: ``clip_ratio/delta`` (r > delta with A < 0); with TIS:
-      ``tis/weight_mean`` and ``tis/frac_capped``. With no tokens every
-      average, min and max is 0.
+      ``delta``: ``clip_ratio/delta`` (r > delta with A < 0); with ``tis_cap``:
+      ``tis/weight_mean`` (of ``w``), ``tis/frac_capped`` (tokens with ``rho > C``; at
+      sequence level, the tokens of such sequences) and, mode "mask", ``tis/frac_masked``
+      (the same tokens, whose weight is 0); with ``entropy``: ``entropy`` (mean ``H``); with
+      ``high_entropy_fraction``: ``entropy/kept_frac`` (tokens with ``k = 1``). With no
+      tokens every average, min and max is 0.
     """
     loss_sum, metric_sums = policy_loss_sum(
         logps, old_logps, advantages, mask, ref_logps=ref_logps, loss_type=loss_type,
@@ -279,7 +305,9 @@ def policy_loss(logps, old_logps, advantages, mask, *, ref_logps=None, loss_type
         max_completion_length=max_completion_length,
         importance_sampling_level=importance_sampling_level,
         sampler_logps=sampler_logps, tis_cap=tis_cap, cispo_clip_low=cispo_clip_low,
-        sequence_ids=sequence_ids, kl_estimator=kl_estimator)
+        sequence_ids=sequence_ids, kl_estimator=kl_estimator, tis_mode=tis_mode,
+        tis_level=tis_level, entropy=entropy, entropy_coef=entropy_coef,
+        high_entropy_fraction=high_entropy_fraction)
     normalizer = loss_normalizer(mask, loss_type, max_completion_length, sequence_ids=sequence_ids)
     return finalize_loss(loss_sum, normalizer), finalize_metrics(metric_sums)
 
@@ -288,7 +316,8 @@ def policy_loss_sum(logps, old_logps, advantages, mask, *, ref_logps=None, loss_
                     epsilon=0.2, epsilon_high=None, delta=None, beta=0.0,
                     max_completion_length=None, importance_sampling_level="token",
                     sampler_logps=None, tis_cap=None, cispo_clip_low=False, sequence_ids=None,
-                    kl_estimator="k3"):
+                    kl_estimator="k3", tis_mode="truncate", tis_level="token", entropy=None,
+                    entropy_coef=0.0, high_entropy_fraction=None):
     """The numerator of ``policy_loss`` and the metric sums, for accumulation.
 
     Same arguments and objective as ``policy_loss``. Returns
@@ -301,14 +330,17 @@ def policy_loss_sum(logps, old_logps, advantages, mask, *, ref_logps=None, loss_
 
         sum_k loss_sum_k / loss_normalizer(full_mask) == policy_loss(full)[0]
 
-    and the same holds for gradients; ``finalize_metrics`` of the
-    ``combine_metric_sums`` of the parts equals ``policy_loss(full)[1]``.
+    and the same holds for gradients; ``finalize_metrics`` of the ``combine_metric_sums``
+    of the parts equals ``policy_loss(full)[1]`` (not with ``high_entropy_fraction``: its
+    quantile is each part's own).
     """
-    _check_shapes(logps, old_logps, advantages, mask, ref_logps, sampler_logps, sequence_ids)
+    _check_shapes(logps, old_logps, advantages, mask, ref_logps, sampler_logps, sequence_ids, entropy)
     settings = _resolve_settings(
         loss_type, importance_sampling_level, epsilon, epsilon_high, delta, beta,
-        max_completion_length, ref_logps is not None, sampler_logps is not None, tis_cap)
-    inputs = [logps, old_logps] + [x for x in (ref_logps, sampler_logps) if x is not None]
+        max_completion_length, ref_logps is not None, sampler_logps is not None, tis_cap,
+        tis_mode=tis_mode, tis_level=tis_level, has_entropy=entropy is not None,
+        entropy_coef=entropy_coef, high_entropy_fraction=high_entropy_fraction)
+    inputs = [logps, old_logps] + [x for x in (ref_logps, sampler_logps, entropy) if x is not None]
     dtype = jnp.result_type(*[jnp.asarray(x).dtype for x in inputs], jnp.float32)
     present_BT = _present(mask, sequence_ids)
     segments = _segments(sequence_ids, jnp.shape(logps))
@@ -327,23 +359,32 @@ def policy_loss_sum(logps, old_logps, advantages, mask, *, ref_logps=None, loss_
     ratio_BT = _ratio(logps_BT, old_logps_BT, num_tokens_B1, segments, settings["sequence_level"])
     tis_weight_BT, raw_tis_BT = 1.0, None
     if settings["use_tis"]:
-        raw_tis_BT = jnp.exp(old_logps_BT - masked(sampler_logps))
-        tis_weight_BT = jax.lax.stop_gradient(jnp.minimum(raw_tis_BT, tis_cap))
+        tis_weight_BT, raw_tis_BT = importance_weights(
+            old_logps_BT, masked(sampler_logps), present_BT, segments, cap=tis_cap, mode=tis_mode,
+            level=tis_level)
     token_loss_BT, clip_low_BT, clip_high_BT = _token_loss(
         loss_type, ratio_BT, logps_BT, advantages_B1, tis_weight_BT, epsilon=epsilon,
         epsilon_high=settings["epsilon_high"], delta=delta, cispo_clip_low=cispo_clip_low)
+    entropy_BT = None if entropy is None else masked(entropy)
+    keep_BT = None
+    if high_entropy_fraction is not None:
+        keep_BT = high_entropy_mask(entropy_BT, present_BT, high_entropy_fraction)
+        token_loss_BT = jnp.where(keep_BT, token_loss_BT, 0.0)  # where: no gradient either
     kl_BT = None if ref_logps is None else kl_estimate(logps_BT, masked(ref_logps), kl_estimator)
     if settings["use_kl"]:
         token_loss_BT = token_loss_BT + beta * kl_BT
+    if settings["use_entropy_bonus"]:
+        token_loss_BT = token_loss_BT - entropy_coef * entropy_BT
 
     if loss_type in _PER_SEQUENCE_MEAN:
         row_weight_B1 = 1.0 / jnp.maximum(num_tokens_B1, 1.0)
     else:
         row_weight_B1 = 1.0
     loss_sum = jnp.sum(jnp.where(present_BT, row_weight_B1 * token_loss_BT, 0.0))
-    metric_sums = _metric_sums(
+    metric_sums = loss_metrics.metric_sums(
         present_BT, num_tokens_S, dtype, ratio_BT, advantages_B1, clip_low_BT, clip_high_BT, kl_BT=kl_BT,
-        delta=delta, tis_weight_BT=tis_weight_BT, raw_tis_BT=raw_tis_BT, tis_cap=tis_cap)
+        delta=delta, tis_weight_BT=tis_weight_BT, raw_tis_BT=raw_tis_BT, tis_cap=tis_cap,
+        tis_mode=tis_mode, entropy_BT=entropy_BT, keep_BT=keep_BT)
     return loss_sum, metric_sums
 
 
@@ -392,64 +433,64 @@ def _token_loss(loss_type, ratio_BT, logps_BT, advantages_B1, tis_weight_BT, *, 
     return -tis_weight_BT * surrogate_BT, clip_low_BT, clip_high_BT
 
 
-def _metric_sums(present_BT, num_tokens_S, dtype, ratio_BT, advantages_B1, clip_low_BT, clip_high_BT, *,
-                 kl_BT, delta, tis_weight_BT, raw_tis_BT, tis_cap):
-    """The un-normalised metrics of ``policy_loss_sum`` (token sums, min/max ratio, counts)."""
-    def token_sum(x_BT):
-        return jnp.sum(jnp.where(present_BT, x_BT, 0.0).astype(dtype))
+def importance_weights(old_logps_BT, sampler_logps_BT, present_BT, segments, *, cap, mode="truncate",
+                       level="token"):
+    """The stop-gradient importance weight of each token, correcting for sampling from the
+    sampler (inference engine) instead of pi_old, and the raw ratio ``rho`` it comes from:
 
-    ratio_value_BT = jax.lax.stop_gradient(ratio_BT)
-    metric_sums = {
-        "clip_ratio/low": token_sum(clip_low_BT),
-        "clip_ratio/high": token_sum(clip_high_BT),
-        "clip_ratio/region": token_sum(clip_low_BT | clip_high_BT),
-        "ratio/mean": token_sum(ratio_value_BT),
-        "ratio/min": jnp.min(jnp.where(present_BT, ratio_value_BT, jnp.inf)),
-        "ratio/max": jnp.max(jnp.where(present_BT, ratio_value_BT, -jnp.inf)),
-        "num_tokens": jnp.sum(present_BT, dtype=jnp.int32),
-        "num_sequences": jnp.sum(num_tokens_S > 0, dtype=jnp.int32),
-    }
-    if kl_BT is not None:
-        metric_sums["kl"] = token_sum(jax.lax.stop_gradient(kl_BT))
-    if delta is not None:
-        metric_sums["clip_ratio/delta"] = token_sum((ratio_value_BT > delta) & (advantages_B1 < 0))
-    if raw_tis_BT is not None:
-        metric_sums["tis/weight_mean"] = token_sum(tis_weight_BT)
-        metric_sums["tis/frac_capped"] = token_sum(raw_tis_BT > tis_cap)
-    return metric_sums
+        token:     rho_it = exp(old_it - sampler_it)
+        sequence:  rho_i  = exp(sum_t m_it (old_it - sampler_it)), on each token of sequence i
+        truncate (TIS, Yao et al. 2025):  w = min(rho, C)
+        mask (MIS, Liu et al. 2025):      w = rho 1[rho <= C]    (0 where rho exceeds the cap)
 
-
-def metric_reduction(name):
-    """How metric sum ``name`` combines across parts: "sum", "min" or "max".
-
-    Use it to reduce ``policy_loss_sum``'s metrics across devices (``psum``,
-    ``pmin``, ``pmax``) inside ``shard_map``.
+    Inputs hold 0 off ``present_BT`` (a sequence's sum is then over its tokens); ``segments``:
+    `_segments`. Returns ``(w, rho)``, ``[B, T]`` (or ``[B, 1]``: sequence level, unpacked).
     """
-    return _MIN_MAX_METRICS.get(name, "sum")
+    log_rho_BT = jnp.where(present_BT, old_logps_BT - sampler_logps_BT, 0.0)
+    if level == "sequence":
+        log_rho_BT = _per_token(_sequence_totals(log_rho_BT, segments), segments)
+    rho_BT = jax.lax.stop_gradient(jnp.exp(log_rho_BT))
+    if mode == "mask":
+        return jnp.where(rho_BT > cap, 0.0, rho_BT), rho_BT
+    return jnp.minimum(rho_BT, cap), rho_BT
 
 
-def combine_metric_sums(a, b):
-    """Combine two ``policy_loss_sum`` metric dicts (of disjoint row sets)."""
-    if set(a) != set(b):
-        raise ValueError(f"metric sums have different keys: {sorted(a)} vs {sorted(b)}")
-    combine = {"sum": jnp.add, "min": jnp.minimum, "max": jnp.maximum}
-    return {k: combine[metric_reduction(k)](a[k], b[k]) for k in a}
+def high_entropy_mask(entropy_BT, present_BT, fraction):
+    """[B, T] bool: the present tokens whose stop-gradient entropy is at or above the
+    ``1 - fraction`` quantile of the present tokens' entropies (linear interpolation between
+    order statistics, numpy's default), as in Wang et al. 2025 ("Beyond the 80/20 rule"): the
+    top ``fraction`` of the tokens by entropy (ties at the threshold kept)."""
+    h_BT = jax.lax.stop_gradient(jnp.asarray(entropy_BT)).astype(jnp.float32)
+    sorted_N = jnp.sort(jnp.where(present_BT, h_BT, jnp.inf).reshape(-1))  # present ones first
+    last = jnp.maximum(jnp.sum(present_BT, dtype=jnp.int32) - 1, 0)
+    position = (1.0 - fraction) * last.astype(jnp.float32)
+    # float32 rounding of (1 - rho) (n - 1) must not lift an exact order statistic above itself
+    snap = jnp.abs(position - jnp.round(position)) < 1e-6 * jnp.maximum(position, 1.0)
+    position = jnp.where(snap, jnp.round(position), position)
+    lo = jnp.floor(position).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, last)
+    frac = position - lo.astype(jnp.float32)
+    threshold = jnp.where(frac > 0, sorted_N[lo] + frac * (sorted_N[hi] - sorted_N[lo]), sorted_N[lo])
+    return present_BT & (h_BT >= threshold)
 
 
-def finalize_metrics(metric_sums):
-    """Turn accumulated metric sums into the metrics of ``policy_loss``.
+def mismatch_sums(trainer_logps, sampler_logps, mask, sequence_ids=None):
+    """The sampler/trainer gap on the trained tokens as token sums (arrays of any one shape,
+    e.g. ``[B, T]``; additive over micro-batches, ``finalize_metrics`` makes them means):
 
-    Token sums are divided by ``num_tokens``; min/max pass through; counts stay
-    counts. With no tokens, every average, min and max is 0.
+        mismatch/logp_abs_diff = sum_t |d_t|,    d_t = log pi_trainer(y_t) - log pi_sampler(y_t)
+        mismatch/kl            = sum_t exp(d_t) - d_t - 1
+
+    the second's mean the k3 estimate (Schulman 2020) of KL(pi_sampler || pi_trainer) from the
+    sampled tokens (drawn from the sampler). Both 0 exactly when the two agree; no gradient.
     """
-    num_tokens = metric_sums["num_tokens"]
-    has_tokens = num_tokens > 0
-    metrics = {}
-    for name, value in metric_sums.items():
-        if name in _COUNT_METRICS:
-            metrics[name] = value
-        elif metric_reduction(name) == "sum":
-            metrics[name] = value / jnp.maximum(num_tokens, 1).astype(value.dtype)
-        else:
-            metrics[name] = jnp.where(has_tokens, value, jnp.zeros_like(value))
-    return metrics
+    present = _present(mask, sequence_ids)
+    d = jax.lax.stop_gradient(jnp.where(present, jnp.asarray(trainer_logps, jnp.float32)
+                                        - jnp.asarray(sampler_logps, jnp.float32), 0.0))
+    return {"mismatch/logp_abs_diff": jnp.sum(jnp.abs(d)), "mismatch/kl": jnp.sum(jnp.exp(d) - d - 1.0)}
+
+
+def mismatch_metrics(trainer_logps, sampler_logps, mask, sequence_ids=None):
+    """``mismatch_sums`` as means over the trained tokens (0 without any)."""
+    count = jnp.maximum(jnp.sum(_present(mask, sequence_ids)), 1).astype(jnp.float32)
+    return {k: v / count for k, v in mismatch_sums(trainer_logps, sampler_logps, mask, sequence_ids).items()}

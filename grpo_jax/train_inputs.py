@@ -46,18 +46,30 @@ class TrainConfig:
     #                                           `models.logprobs.DEFAULT_CHUNK_SIZE` (runs choose
     #                                           theirs by platform: `grpo_jax.platform`)
     use_sampler_logps_as_old: bool = True     # False: old log-probs from the policy in-step
-    tis_cap: float | None = None              # truncated importance sampling cap (needs False above)
+    tis_cap: float | None = None              # importance-weight cap C of the sampler/trainer gap
+    #                                           (needs False above; grpo.importance_weights)
+    tis_mode: str = "truncate"                # truncate (TIS: min(w, C)) | mask (MIS: 0 where w > C)
+    tis_level: str = "token"                  # token | sequence (w of a sequence on its tokens)
+    entropy_coef: float = 0.0                 # entropy bonus: loss - coef x H (same normalisation)
+    high_entropy_fraction: float | None = None  # rho: only the top rho of each micro-batch's tokens
+    #                                           by entropy carry the policy gradient; None: all
+    num_mini_batches: int = 1                 # M: optimizer updates per pass over the batch
     cispo_clip_low: bool = False              # cispo: also clip its weight below at 1 - epsilon
     fuse_projections: bool = True             # q/k/v, gate/up as one matmul each where unsharded
 
     def __post_init__(self):
         grpo.check_settings(loss_type=self.loss_type, epsilon=self.epsilon,
                             epsilon_high=self.epsilon_high, delta=self.delta,
-                            importance_sampling_level=self.importance_sampling_level, beta=self.beta)
+                            importance_sampling_level=self.importance_sampling_level, beta=self.beta,
+                            tis_cap=self.tis_cap, tis_mode=self.tis_mode, tis_level=self.tis_level,
+                            entropy_coef=self.entropy_coef,
+                            high_entropy_fraction=self.high_entropy_fraction)
         if self.kl_estimator not in grpo.KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {grpo.KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.num_mini_batches < 1:
+            raise ValueError(f"num_mini_batches must be >= 1, got {self.num_mini_batches}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
         if self.max_loss_tokens is not None and self.max_loss_tokens < 1:
@@ -77,7 +89,8 @@ class TrainConfig:
 
 
 def prepare_batch(batch: Mapping[str, jax.Array], cfg: TrainConfig) -> dict[str, jax.Array]:
-    """The model inputs [B, T] plus the shifted targets, mask and sampler log-probs [B, T - 1]."""
+    """The model inputs [B, T] plus the shifted targets, mask and sampler log-probs [B, T - 1]
+    (`sampler_logps`: whenever the batch has `old_logps`)."""
     missing = [k for k in _REQUIRED_KEYS if k not in batch]
     needs_sampler = cfg.use_sampler_logps_as_old or cfg.tis_cap is not None
     if needs_sampler and batch.get("old_logps") is None:
@@ -113,6 +126,6 @@ def prepare_batch(batch: Mapping[str, jax.Array], cfg: TrainConfig) -> dict[str,
         prepared["sequence_ids"] = ids[:, 1:]  # the sequence of the scored token
         # A sequence's first token is scored from the previous sequence's context: no loss.
         prepared["mask"] = jnp.where(ids[:, 1:] == ids[:, :-1], prepared["mask"], 0.0)
-    if needs_sampler:
+    if batch.get("old_logps") is not None:  # also for the sampler/trainer gap metrics
         prepared["sampler_logps"] = jnp.asarray(batch["old_logps"], jnp.float32)[:, 1:]
     return prepared

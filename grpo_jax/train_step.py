@@ -27,32 +27,41 @@ are `log softmax(z / temperature)` over the full vocabulary, computed in vocabul
 (`grpo_jax.models.logprobs.token_logprobs`) so the [B, T, V] float32 logits never exist; with the
 sampler's temperature they are exactly the sampler's log-probs, and the ratio is 1 on-policy.
 
-One step, for `mu = num_iterations` (DeepSeekMath's GRPO iteration, Shao et al. 2024):
+One step, for `mu = num_iterations` (DeepSeekMath's GRPO iteration, Shao et al. 2024) and
+`M = num_mini_batches` (PPO's mini-batches: rows m, m + M, ... form mini-batch m):
 
     ref   = log pi_ref(batch)                       once, forward only, only when beta > 0
     old   = batch.old_logps                         use_sampler_logps_as_old=True, or
             sg(log pi_theta_0(batch))               the policy at the start of the step
     repeat mu times:                                (lax.scan)
-        g = sum_k grad_theta policy_loss_sum(micro_k) / loss_normalizer(full mask)   (lax.scan)
-        theta, opt_state = optimizer(g, theta, opt_state)
+        for each mini-batch b (M updates):          (lax.scan)
+            g = sum_{k in b} grad_theta policy_loss_sum(micro_k) / loss_normalizer(b's mask)
+            theta, opt_state = optimizer(g, theta, opt_state)
 
 The micro-batch sum reproduces the full-batch loss and gradient exactly (`grpo_jax.grpo`'s
 (sum, count) normalisation, per (row, sequence id) in packed rows), so accumulation changes
 memory, not the update, and a packed batch gives the update of its episodes unpacked. When old log-probs
-are recomputed, the first iteration uses `sg(logps)` of its own forward pass (so the ratio is
-exactly 1 and no extra forward is spent) and keeps those log-probs as `old` for the others.
+are recomputed with M = 1, the first iteration uses `sg(logps)` of its own forward pass (so the
+ratio is exactly 1 and no extra forward is spent) and keeps those log-probs as `old` for the
+others; with M > 1 every mini-batch needs pi_theta_0, but the first update moves theta, so one
+forward pass over the batch computes them before it (it also gives the gap metrics below).
 With `tis_cap` the batch's `old_logps` are the sampler's and the policy term is reweighted by
-truncated importance sampling (see `grpo_jax.grpo.policy_loss`).
+importance sampling (`tis_mode`, `tis_level`: see `grpo_jax.grpo.policy_loss`).
 
-Micro-batch k holds rows k, k + n, k + 2n, ... (n micro-batches): a strided split keeps every
-micro-batch spread evenly over the devices that hold the batch rows.
+Micro-batch k holds every n-th row of its mini-batch (`grpo_jax.minibatch`): a strided split
+keeps every part spread evenly over the devices that hold the batch rows.
 
 Metrics (device scalars; fetch them one step late): `loss`, `grad_norm` (global norm before
 clipping), `lr` (of the latest update, when the optimizer injects it), `entropy` (masked-token
 mean of the policy's entropy at the temperature), `kl` (beta > 0), the policy metrics of
-`grpo_jax.grpo.policy_loss` (`clip_ratio/...`, `ratio/...`), `num_tokens`, `num_sequences`.
-Every metric is the mean over the mu inner iterations (`ratio/min`, `ratio/max`: the extreme
-over them); with mu = 1 they are those of the one update.
+`grpo_jax.grpo.policy_loss` (`clip_ratio/...`, `ratio/...`, `tis/...`, `entropy/kept_frac`),
+`num_tokens`, `num_sequences`; whenever the batch has `old_logps` (the sampler's),
+`mismatch/logp_abs_diff` and `mismatch/kl` (`grpo.mismatch_sums`: the gap between the sampler
+and the policy before any update of the step, from the first forward pass: no extra one with
+M = 1). Every metric is the mean over the mu x M updates (`ratio/min`, `ratio/max`: the extreme
+over them; the counts: the batch's; `mismatch/*`: theta_0's); with one update, that update's.
+The entropy options (`entropy_coef`, `high_entropy_fraction`) act per micro-batch: the top-entropy
+quantile is over each micro-batch's trained tokens.
 """
 
 from __future__ import annotations
@@ -69,13 +78,15 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from grpo_jax import grpo
+from grpo_jax import grpo, minibatch
 from grpo_jax import sharding as sharding_lib
 from grpo_jax.models.logprobs import loss_columns, token_logprobs_at
 from grpo_jax.optim import current_learning_rate, keep_state_dtypes
 from grpo_jax.train_inputs import TrainConfig, prepare_batch  # noqa: F401 (re-export)
 from grpo_jax.train_state import (TrainState, _replicated, _tree_shardings,  # noqa: F401 (re-export)
                                   init_train_state, split_params, train_state_shardings)
+
+_to_micro = minibatch.to_micro  # re-export (benchmarks/grpo_step.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,11 +120,12 @@ def loss_from_hidden(hidden_BTD, unembed_VD, micro: Mapping[str, jax.Array], cfg
       hidden_BTD: final-normed hidden states of the micro-batch [B, T, D].
       unembed_VD: the output projection [V, D] (`Transformer.unembedding()`).
       micro: a `prepare_batch`ed micro-batch (`mask`, `sampler_logps` already shifted to [B, T - 1]).
-      normalizer: `grpo.loss_normalizer` of the *full* batch's mask.
+      normalizer: `grpo.loss_normalizer` of the mini-batch's mask (the full batch's when M = 1).
       old_logps_BT: [B, T - 1] old log-probs; None means `sg(logps)` (the current policy).
       use_current_as_old: traced bool; where true, `sg(logps)` replaces `old_logps_BT`.
 
-    Returns `(loss, (metric_sums, logps_BT))`; the metric sums include `entropy`.
+    Returns `(loss, (metric_sums, logps_BT))`; the metric sums include `entropy` and, when
+    `micro` has `sampler_logps` and M = 1, `grpo.mismatch_sums` of these log-probs.
     """
     logps_BT, entropy_BT = token_logprobs_at(
         hidden_BTD[:, :-1], unembed_VD, micro["tokens"][:, 1:], scored_columns(micro, cfg),
@@ -125,55 +137,27 @@ def loss_from_hidden(hidden_BTD, unembed_VD, micro: Mapping[str, jax.Array], cfg
         old_BT = jnp.where(use_current_as_old, current, old_logps_BT)
     mask_BT = micro["mask"]
     tis = cfg.tis_cap is not None
+    # The entropy enters the loss (bonus, top-entropy mask) only when asked: else a metric only.
+    uses_entropy = cfg.entropy_coef != 0 or cfg.high_entropy_fraction is not None
     loss_sum, metric_sums = grpo.policy_loss_sum(
         logps_BT, old_BT, micro["advantages"], mask_BT, ref_logps=ref_logps_BT,
         loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
         delta=cfg.delta, beta=cfg.beta, kl_estimator=cfg.kl_estimator, max_completion_length=cfg.max_completion_length,
         importance_sampling_level=cfg.importance_sampling_level,
         sampler_logps=micro["sampler_logps"] if tis else None, tis_cap=cfg.tis_cap,
-        cispo_clip_low=cfg.cispo_clip_low, sequence_ids=micro.get("sequence_ids"))
-    metric_sums["entropy"] = jnp.sum(jnp.where(mask_BT != 0, jax.lax.stop_gradient(entropy_BT), 0.0))
+        cispo_clip_low=cfg.cispo_clip_low, sequence_ids=micro.get("sequence_ids"),
+        tis_mode=cfg.tis_mode, tis_level=cfg.tis_level, entropy=entropy_BT if uses_entropy else None,
+        entropy_coef=cfg.entropy_coef, high_entropy_fraction=cfg.high_entropy_fraction)
+    if not uses_entropy:
+        metric_sums["entropy"] = jnp.sum(jnp.where(mask_BT != 0, jax.lax.stop_gradient(entropy_BT), 0.0))
+    if "sampler_logps" in micro and cfg.num_mini_batches == 1:  # M > 1: from the step's first forward
+        metric_sums.update(grpo.mismatch_sums(current, micro["sampler_logps"], mask_BT, micro.get("sequence_ids")))
     return loss_sum / normalizer, (metric_sums, current)
 
 
 # ---------------------------------------------------------------------------------------------
 # The step.
 # ---------------------------------------------------------------------------------------------
-def _to_micro(tree, n_micro: int, constrain):
-    """[B, ...] -> [n_micro, B / n_micro, ...] with micro-batch k = rows k, k + n, k + 2n, ..."""
-    def split(x):
-        b = x.shape[0]
-        x = x.reshape((b // n_micro, n_micro) + x.shape[1:])
-        return constrain(jnp.swapaxes(x, 0, 1))
-    return jax.tree.map(split, tree)
-
-
-def _scan(body, init, xs, length: int):
-    """`lax.scan(body, init, xs)`, or one direct call when length is 1 (no loop for XLA to keep:
-    the common mu = 1, one-micro-batch step then compiles like a plain forward + backward)."""
-    if length > 1:
-        return jax.lax.scan(body, init, xs)
-    carry, ys = body(init, jax.tree.map(lambda x: x[0], xs))
-    return carry, jax.tree.map(lambda y: y[None], ys)
-
-
-def _reduce_metric_sums(sums_KM: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Per-micro-batch sums [mu, n_micro] -> finalised metrics [mu] -> means over iterations."""
-    reducers = {"sum": jnp.sum, "min": jnp.min, "max": jnp.max}
-    per_iteration = {k: reducers[grpo.metric_reduction(k)](v, axis=1) for k, v in sums_KM.items()}
-    finals = grpo.finalize_metrics(per_iteration)
-    out = {}
-    for name, value in finals.items():
-        reduction = grpo.metric_reduction(name)
-        if name in ("num_tokens", "num_sequences"):
-            out[name] = value[0]
-        elif reduction == "sum":
-            out[name] = jnp.mean(value)
-        else:
-            out[name] = reducers[reduction](value)
-    return out
-
-
 def _check_loss_tokens(loss_mask, max_loss_tokens):
     """A host (numpy) mask with a row of more than `max_loss_tokens` loss tokens would lose some
     of them silently: raise. Device arrays are not read back (no sync in the step's path)."""
@@ -258,28 +242,11 @@ def _identity(x):
     return x
 
 
-def _num_micro_batches(rows: int, cfg: TrainConfig) -> int:
-    mb = cfg.micro_batch_size or rows
-    if rows % mb:
-        raise ValueError(f"micro_batch_size={mb} must divide the batch size {rows}")
-    return rows // mb
-
-
-def _step_metrics(stats_I: dict[str, jax.Array], sums_IK: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The step's metrics from the [mu] update stats and the [mu, n_micro] metric sums: means
-    over the iterations; `lr` of the last update."""
-    metrics = _reduce_metric_sums(sums_IK)
-    metrics.update({k: jnp.mean(v) for k, v in stats_I.items() if k != "lr"})
-    if "lr" in stats_I:
-        metrics["lr"] = stats_I["lr"][-1]
-    return metrics
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class _StepBody:
     """The traced step, outermost first: `train_step` -> `iteration` (mu times) ->
     `accumulate_grads` (over the micro-batches) -> `micro_loss`. Micro-batched arrays are
-    [n_micro, mb, ...] (`_to_micro`); log-probs are [n_micro, mb, T - 1]."""
+    [M, n_micro, mb, ...] (`grpo_jax.minibatch`), one mini-batch's [n_micro, mb, ...]."""
 
     cfg: TrainConfig
     optimizer: optax.GradientTransformation
@@ -301,24 +268,50 @@ class _StepBody:
         return dataclasses.replace(self, rest=frozen).step(state, batch, ref_params)
 
     def step(self, state: TrainState, batch, ref_params):
-        """The reference and old log-probs, then mu `iteration`s (the module docstring's step)."""
+        """The reference and old log-probs, then mu `iteration`s (the module docstring's step).
+        Arrays are laid out [M, n_micro, mb, ...] (`grpo_jax.minibatch`)."""
         cfg = self.cfg
         data = prepare_batch(batch, cfg)
-        n_micro = _num_micro_batches(data["tokens"].shape[0], cfg)
-        normalizer = grpo.loss_normalizer(data["mask"], cfg.loss_type, cfg.max_completion_length,
-                                          sequence_ids=data.get("sequence_ids"))
-        micro = _to_micro(data, n_micro, self.constrain_micro)
-        ref_logps = self.ref_logps(micro, ref_params)
+        n_mini, n_micro = minibatch.batch_split(data["tokens"].shape[0], cfg)
+        flat = minibatch.to_micro(data, n_mini * n_micro, self.constrain_micro)   # [M * n_micro, mb, ...]
+        micro = minibatch.to_mini(flat, n_mini)
+        ref_logps = minibatch.to_mini(self.ref_logps(flat, ref_params), n_mini)
+        sampler = micro.get("sampler_logps")
+        before = None   # log pi_theta_0 (no update yet) where the step computes it up front
+        if n_mini == 1:   # today's step: the first iteration's forward gives pi_theta_0
+            normalizers = grpo.loss_normalizer(data["mask"], cfg.loss_type, cfg.max_completion_length,
+                                               sequence_ids=data.get("sequence_ids"))[None]
+        else:   # each mini-batch normalised alone; pi_theta_0 before the first update moves theta
+            normalizers = jnp.stack([self.normalizer(jax.tree.map(lambda x: x[m], micro))
+                                     for m in range(n_mini)])
+            before = minibatch.to_mini(self.policy_logps(flat, state.params), n_mini)
         if cfg.use_sampler_logps_as_old:
-            old_logps = micro["sampler_logps"]
+            old_logps = sampler
+        elif before is not None:
+            old_logps = before
         else:  # placeholder, filled by the first iteration's own log-probs
             old_logps = jnp.zeros(micro["mask"].shape, jnp.float32)
-        iteration = functools.partial(self.iteration, micro, ref_logps, normalizer)
-        (params, opt_state, _), (stats_I, sums_IK) = _scan(
+        iteration = functools.partial(self.iteration, micro, ref_logps, normalizers)
+        (params, opt_state, _), (stats_IM, sums_IMK) = minibatch.scan(
             iteration, (state.params, state.opt_state, old_logps), jnp.arange(cfg.num_iterations),
             cfg.num_iterations)
         new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1, key=state.key)
-        return new_state, _step_metrics(stats_I, sums_IK)
+        metrics = minibatch.step_metrics(stats_IM, sums_IMK)
+        if before is not None and sampler is not None:   # M = 1: in the sums (`loss_from_hidden`)
+            metrics.update(grpo.mismatch_metrics(before, sampler, micro["mask"], micro.get("sequence_ids")))
+        return new_state, metrics
+
+    def normalizer(self, micro):
+        """`grpo.loss_normalizer` of the rows of `micro` ([n_micro, mb, ...])."""
+        rows = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
+        ids = micro.get("sequence_ids")
+        return grpo.loss_normalizer(rows(micro["mask"]), self.cfg.loss_type, self.cfg.max_completion_length,
+                                    sequence_ids=None if ids is None else rows(ids))
+
+    def policy_logps(self, micro, params):
+        """log pi_theta(micro) with `params`, forward only: [n, mb, T - 1]."""
+        policy = self.forward(params)
+        return jax.lax.map(lambda m: score_tokens(policy, m, self.cfg, fuse=self.fuse, mesh=self.mesh), micro)
 
     def ref_logps(self, micro, ref_params):
         """log pi_ref(micro) (forward only, outside the gradient), or None when beta is 0."""
@@ -327,32 +320,48 @@ class _StepBody:
         ref_model = self.forward(ref_params)
         return jax.lax.map(lambda m: score_tokens(ref_model, m, self.cfg, fuse=self.fuse, mesh=self.mesh), micro)
 
-    def iteration(self, micro, ref_logps, normalizer, carry, index):
-        """One of the mu updates, `carry = (theta, opt_state, old_logps)`:
+    def iteration(self, micro, ref_logps, normalizers, carry, index):
+        """One of the mu passes over the batch, `carry = (theta, opt_state, old_logps)`: one
+        `update` per mini-batch (lax.scan over M), then, with one mini-batch,
 
-            g = accumulate_grads(theta)
-            theta, opt_state = optimizer(g, theta, opt_state)
-            old = sg(log pi_theta)     after the first iteration, when old log-probs are recomputed
+            old = sg(log pi_theta_0)    after the first iteration, when old log-probs are recomputed
 
-        Returns the new carry and `(stats, metric_sums)` (stats: loss, grad_norm, lr).
+        Returns the new carry and `(stats_M, metric_sums_MK)`, the updates' stats and metric sums.
         """
         params, opt_state, old_logps = carry
         first = index == 0
         keeps_sampler_old = self.cfg.use_sampler_logps_as_old
-        recompute_old = jnp.logical_and(first, not keeps_sampler_old)
+        one_mini = micro["tokens"].shape[0] == 1
+        # M > 1 recomputes old log-probs up front (`step`); M = 1 takes them from this forward.
+        recompute_old = jnp.logical_and(first, not keeps_sampler_old and one_mini)
+        update = functools.partial(self.update, recompute_old)
+        (params, opt_state), (stats_M, sums_MK, logps) = minibatch.scan(
+            update, (params, opt_state), (micro, old_logps, ref_logps, normalizers), micro["tokens"].shape[0])
+        if not keeps_sampler_old and one_mini:
+            old_logps = jnp.where(first, logps, old_logps)
+        return (params, opt_state, old_logps), (stats_M, sums_MK)
+
+    def update(self, recompute_old, carry, xs):
+        """One optimizer update on one mini-batch, `carry = (theta, opt_state)`:
+
+            g = accumulate_grads(theta)     its loss normalised by its own `loss_normalizer`
+            theta, opt_state = optimizer(g, theta, opt_state)
+
+        Returns the new carry and `(stats, metric_sums_K, logps)` (stats: loss, grad_norm, lr).
+        """
+        params, opt_state = carry
+        micro, old_logps, ref_logps, normalizer = xs
         grads, (losses_K, sums_K, logps) = self.accumulate_grads(
             params, micro, old_logps, ref_logps, normalizer, recompute_old)
         grad_norm = optax.tree_utils.tree_norm(grads)
         updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
         opt_state = keep_state_dtypes(new_opt_state, opt_state)
         params = optax.apply_updates(params, updates)
-        if not keeps_sampler_old:
-            old_logps = jnp.where(first, logps, old_logps)
         stats = {"loss": jnp.sum(losses_K), "grad_norm": grad_norm}
         lr = current_learning_rate(opt_state)
         if lr is not None:
             stats["lr"] = jnp.asarray(lr, jnp.float32)
-        return (params, opt_state, old_logps), (stats, sums_K)
+        return (params, opt_state), (stats, sums_K, logps)
 
     def accumulate_grads(self, params, micro, old_logps, ref_logps, normalizer, recompute_old):
         """The gradient of the full batch's loss, summed micro-batch by micro-batch in float32:
@@ -371,7 +380,7 @@ class _StepBody:
 
         zeros = self.constrain_grads(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
         n_micro = micro["tokens"].shape[0]
-        return _scan(accumulate, zeros, (micro, old_logps, ref_logps), n_micro)
+        return minibatch.scan(accumulate, zeros, (micro, old_logps, ref_logps), n_micro)
 
     def micro_loss(self, params, micro, old_BT, ref_BT, normalizer, use_current_as_old):
         """`policy_loss_sum(micro) / normalizer` of the policy with `params` (`loss_from_hidden`)."""

@@ -417,3 +417,66 @@ def test_low_precision_weights_keep_the_state_dtypes_and_compile_once(optimizer)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.params))
     assert step.jitted._cache_size() == 1
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Mini-batches, the sampler/trainer gap, entropy options.
+# ---------------------------------------------------------------------------------------------
+def _with_policy_old_logps(batch, offset=0.0):
+    """The batch with old_logps = log pi_theta_0 (+ offset) on its trained tokens."""
+    lp = np.asarray(_sequence_logprobs(create_model(MODEL, 0), batch["tokens"], batch["positions"],
+                                       batch["segment_ids"]))
+    out = {k: v.copy() for k, v in batch.items()}
+    out["old_logps"][:, 1:] = np.where(batch["loss_mask"][:, 1:] > 0, lp + offset, 0.0)
+    return out
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_mini_batches_are_sequential_updates(recompute):
+    """M = 2: two SGD updates, on rows 0, 2, 4, 6 then 1, 3, 5, 7, each normalised alone; the
+    recomputed old log-probs are pi_theta_0's for both (here given as the batch's old_logps)."""
+    batch = _synthetic_batch(seed=5)
+    cfg = ts.TrainConfig(num_mini_batches=2, use_sampler_logps_as_old=not recompute,
+                         micro_batch_size=2 if recompute else None)
+    got, metrics = _one_step(cfg, batch, SGD)
+    by_hand = _with_policy_old_logps(batch) if recompute else batch
+    state = ts.init_train_state(create_model(MODEL, 0), SGD, jax.random.key(0))
+    steps = []
+    for m in range(2):
+        state, step_metrics = _compiled_step(ts.TrainConfig(), SGD)(state, {k: v[m::2] for k, v in by_hand.items()})
+        steps.append(step_metrics)
+    assert _max_diff(got.params, state.params) < 1e-6
+    for name in ("loss", "grad_norm", "ratio/mean"):
+        np.testing.assert_allclose(metrics[name], np.mean([s[name] for s in steps]), rtol=1e-5, err_msg=name)
+    assert int(metrics["num_tokens"]) == int(batch["loss_mask"][:, 1:].sum())
+    if recompute:   # the second update's policy has moved away from theta_0
+        assert float(metrics["ratio/min"]) < 1.0 < float(metrics["ratio/max"])
+    with pytest.raises(ValueError, match="num_mini_batches x micro_batch_size"):
+        _one_step(ts.TrainConfig(num_mini_batches=2, micro_batch_size=3), batch, SGD)
+
+
+def test_sampler_trainer_gap_metrics():
+    """mismatch/*: log pi_trainer (theta_0) vs the batch's sampler log-probs, from the first
+    forward (M = 1, either old) or the step's up-front one (M = 2)."""
+    batch = _synthetic_batch(seed=6)
+    _, metrics = _one_step(ts.TrainConfig(), _with_policy_old_logps(batch), SGD)
+    assert float(metrics["mismatch/logp_abs_diff"]) < 1e-6 and float(metrics["mismatch/kl"]) < 1e-9
+    offset = 0.1 * (np.arange(13) % 3 - 1.0)   # sampler = trainer + offset
+    d = -np.broadcast_to(offset, (8, 13))[batch["loss_mask"][:, 1:] > 0]
+    gapped = _with_policy_old_logps(batch, offset)
+    for cfg in (ts.TrainConfig(), ts.TrainConfig(num_mini_batches=2),
+                ts.TrainConfig(use_sampler_logps_as_old=False, tis_cap=2.0, tis_mode="mask",
+                               tis_level="sequence", num_iterations=2)):
+        _, metrics = _one_step(cfg, gapped, SGD)
+        assert ("tis/frac_masked" in metrics) == (cfg.tis_mode == "mask" and cfg.tis_cap is not None)
+        np.testing.assert_allclose(metrics["mismatch/logp_abs_diff"], np.abs(d).mean(), rtol=1e-4)
+        np.testing.assert_allclose(metrics["mismatch/kl"], np.mean(np.exp(d) - d - 1), rtol=1e-3)
+
+
+def test_entropy_bonus_and_top_entropy_tokens_in_the_step():
+    batch = _synthetic_batch(seed=7)
+    base, _ = _one_step(ts.TrainConfig(micro_batch_size=4), batch, SGD)
+    cfg = ts.TrainConfig(micro_batch_size=4, entropy_coef=0.05, high_entropy_fraction=0.5)
+    moved, metrics = _one_step(cfg, batch, SGD)
+    assert 0.45 < float(metrics["entropy/kept_frac"]) < 0.6   # the top half of each micro-batch
+    assert _max_diff(base.params, moved.params) > 1e-5 and np.isfinite(float(metrics["loss"]))
