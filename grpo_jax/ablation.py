@@ -158,14 +158,7 @@ def plot_curves(results: Mapping[str, Rows], keys: Sequence[str] = ("reward", "e
     metrics (`eval/...`, a few points each) are drawn unsmoothed, with markers. Built without
     pyplot (no global figure state, any backend); `path` also writes it as an image.
     """
-    from matplotlib.figure import Figure
-
-    ncols = 2 if len(keys) == 4 else min(len(keys), 3)
-    nrows = -(-len(keys) // ncols)
-    fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows + 0.6), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes[len(keys):]:
-        fig.delaxes(ax)
+    fig, axes = _figure(len(keys))
     for ax, key in zip(axes, keys):
         is_eval = key.startswith("eval/")
         for name, rows in results.items():
@@ -178,6 +171,24 @@ def plot_curves(results: Mapping[str, Rows], keys: Sequence[str] = ("reward", "e
         ax.set_title(key + suffix, fontsize=10)
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
+    return _finish_figure(fig, axes, title, path)
+
+
+def _figure(panels: int):
+    """A figure of `panels` panels in rows of up to three (two rows of two for four); its axes."""
+    from matplotlib.figure import Figure
+
+    ncols = 2 if panels == 4 else min(panels, 3)
+    nrows = -(-panels // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[panels:]:
+        fig.delaxes(ax)
+    return fig, axes
+
+
+def _finish_figure(fig, axes, title, path):
+    """One legend below the panels, the title; written to `path` when given."""
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=9)
     if title:
@@ -210,6 +221,118 @@ def results_table(results: Mapping[str, Rows], train_keys: Sequence[str] = ("rew
             cells.append(_format(float(values[-last:].mean())) if values.size else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds: every variant trained under several seeds ("<variant>@<seed>"), tables of mean and spread.
+
+SEED_MARK = "@"
+
+
+def seeded(variants: Mapping[str, Mapping[str, Any]], seeds: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """Each variant once per seed: {"<name>@<seed>": {**overrides, "seed": seed}} (for `sweep`)."""
+    out = {}
+    for name, overrides in variants.items():
+        if SEED_MARK in name:
+            raise ValueError(f"variant name {name!r} may not contain {SEED_MARK!r}")
+        for seed in seeds:
+            out[f"{name}{SEED_MARK}{seed}"] = {**overrides, "seed": int(seed)}
+    return out
+
+
+def by_seed(results: Mapping[str, Rows]) -> dict[str, dict[int, Rows]]:
+    """{variant: {seed: rows}} of a `sweep` over `seeded` variants (a name without a seed: seed 0)."""
+    out: dict[str, dict[int, Rows]] = {}
+    for name, rows in results.items():
+        variant, _, seed = name.rpartition(SEED_MARK) if SEED_MARK in name else (name, "", "0")
+        out.setdefault(variant, {})[int(seed)] = rows
+    return out
+
+
+def final_value(rows: Rows, key: str, *, step: int | None = None, last: int = 1) -> float:
+    """`key` at `step` (its last row there), or the mean of its `last` values; NaN when absent."""
+    steps, values = curve(rows, key)
+    if step is not None:
+        values = values[steps == step]
+        return float(values[-1]) if values.size else float("nan")
+    return float(values[-last:].mean()) if values.size else float("nan")
+
+
+def seed_values(results: Mapping[str, Rows], key: str, **where) -> dict[str, np.ndarray]:
+    """{variant: [value per seed]} of `final_value(rows, key, **where)`, seeds in order."""
+    return {variant: np.asarray([final_value(runs[s], key, **where) for s in sorted(runs)])
+            for variant, runs in by_seed(results).items()}
+
+
+def separated(values: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
+    """Pairs (a, b) of variants whose seeds' ranges do not overlap, a's above b's: the
+    comparisons that differ beyond the seeds' spread."""
+    pairs = []
+    for a, va in values.items():
+        for b, vb in values.items():
+            if a != b and va.size and vb.size and np.nanmin(va) > np.nanmax(vb):
+                pairs.append((a, b))
+    return pairs
+
+
+def separation_report(results: Mapping[str, Rows], columns: Mapping[str, tuple[str, Mapping[str, Any]]]) -> str:
+    """Markdown: per `seed_table` column, the variant pairs whose seeds' ranges do not overlap
+    (`separated`), or that none do."""
+    lines = []
+    for title, (key, where) in columns.items():
+        pairs = separated(seed_values(results, key, **where))
+        lines.append(f"- {title}: " + (", ".join(f"{a} > {b}" for a, b in pairs) if pairs else
+                                       "no pair of variants differs beyond the seeds' spread"))
+    return "\n".join(lines)
+
+
+def seed_table(results: Mapping[str, Rows], columns: Mapping[str, tuple[str, Mapping[str, Any]]]) -> str:
+    """A markdown table, one row per variant: each column's mean +- std over the seeds, then the
+    per-seed values. `columns`: {title: (metric, where)}, `where` the arguments of `final_value`
+    ({"step": 10}: the value at step 10; {"last": 5}: the mean of the last 5 steps; {}: the last)."""
+    header = ["variant", "seeds"] + [f"{title} (mean +- std)" for title in columns] + \
+        [f"{title} per seed" for title in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    per_column = {title: seed_values(results, key, **where) for title, (key, where) in columns.items()}
+    for variant, runs in by_seed(results).items():
+        cells = [variant, ",".join(str(s) for s in sorted(runs))]
+        for values in per_column.values():
+            v = values[variant]
+            cells.append(f"{np.nanmean(v):.3f} +- {np.nanstd(v):.3f}" if np.isfinite(v).any() else "-")
+        for values in per_column.values():
+            cells.append(" / ".join(_format(x) for x in values[variant]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def mean_curves(results: Mapping[str, Rows], key: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{variant: (steps, mean over seeds, std over seeds)} of `key` at the steps every seed logged."""
+    out = {}
+    for variant, runs in by_seed(results).items():
+        curves = [curve(rows, key) for rows in runs.values()]
+        common = sorted(set.intersection(*(set(s.tolist()) for s, _ in curves))) if curves else []
+        stacked = np.asarray([[v[s.tolist().index(x)] for x in common] for s, v in curves], float)
+        out[variant] = (np.asarray(common, float), stacked.mean(axis=0) if common else stacked,
+                        stacked.std(axis=0) if common else stacked)
+    return out
+
+
+def plot_seed_curves(results: Mapping[str, Rows], keys: Sequence[str] = ("reward", "eval/accuracy"), *,
+                     smooth: int = 1, title: str | None = None, path: str | None = None):
+    """`plot_curves` for seeded sweeps: per variant the mean over seeds, a band of +- one std."""
+    fig, axes = _figure(len(keys))
+    for ax, key in zip(axes, keys):
+        is_eval = key.startswith("eval/")
+        for variant, (steps, mean, std) in mean_curves(results, key).items():
+            if not is_eval:
+                mean, std = moving_average(mean, smooth), moving_average(std, smooth)
+            line, = ax.plot(steps, mean, marker="o" if is_eval else None, label=variant)
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        suffix = f" (mean of {smooth} steps)" if smooth > 1 and not is_eval else ""
+        ax.set_title(f"{key}{suffix}, mean +- std over seeds", fontsize=9)
+        ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+    return _finish_figure(fig, axes, title, path)
 
 
 def strip_outputs(path: str) -> bool:

@@ -181,6 +181,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_sizes(c)
     _check_files(c)
     _check_devices(c)
+    _check_variants(c.grpo, c.train)
+
+
+CREDITS = ("episode", "turn")
+MULTI_REWARDS = ("sum", "normalize_then_sum")
+
+
+def _check_variants(g, train) -> None:
+    """The GRPO variants the loop (not the train step) carries out (`grpo_jax.collector`)."""
+    if g.credit not in CREDITS:
+        _fail("grpo.credit", f"{g.credit!r} is not one of {CREDITS}")
+    if g.multi_reward not in MULTI_REWARDS:
+        _fail("grpo.multi_reward", f"{g.multi_reward!r} is not one of {MULTI_REWARDS}")
+    if g.credit == "turn" and g.multi_reward != "sum":
+        _fail("grpo.multi_reward", "per-turn credit (grpo.credit = 'turn') takes the summed reward: use 'sum'")
+    if not 0.0 < g.turn_discount <= 1.0:
+        _fail("grpo.turn_discount", f"a discount in (0, 1], got {g.turn_discount}")
+    if g.max_sampling_rounds < 1:
+        _fail("grpo.max_sampling_rounds", f"at least one rollout per step, got {g.max_sampling_rounds}")
+    if g.dynamic_sampling and not g.pack and jax.process_count() > 1:
+        _fail("grpo.dynamic_sampling", "on several processes it needs grpo.pack = True (processes keep "
+              "unequal numbers of episodes)")
+    if g.ref_sync_every < 0:
+        _fail("grpo.ref_sync_every", f"a step count >= 0 (0 = never), got {g.ref_sync_every}")
+    if train.staleness < 0:
+        _fail("train.staleness", f"a number of updates >= 0, got {train.staleness}")
 
 
 def dataset_spec(env_config) -> dict[str, Any] | None:

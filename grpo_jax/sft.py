@@ -16,7 +16,10 @@ vocabulary chunks, `grpo_jax.models.logprobs.token_logprobs`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -226,3 +229,55 @@ def warm_start(run, writer) -> None:
             warmup_steps=min(c.warmup_steps, steps // 2), chunk_size=run.train.chunk_size,
             log_every=c.log_every), seed=stage_seed, log_fn=log_fn)
         done += steps
+
+
+# What a warm start is a function of (with `seed` and `platform`): the cache key's config groups.
+WARM_START_GROUPS = ("model", "lora", "tokenizer", "env", "sft", "mesh")
+_NOT_IN_KEY = {"sft": ("cache_dir", "log_every")}
+
+
+def warm_start_key(config) -> str:
+    """A digest of everything the warm-started weights depend on (`WARM_START_GROUPS`, the seed
+    and the platform): runs whose keys match start GRPO from the same weights."""
+    groups = {name: {k: v for k, v in config[name].to_dict().items() if k not in _NOT_IN_KEY.get(name, ())}
+              for name in WARM_START_GROUPS}
+    groups.update(seed=config.seed, platform=config.platform)
+    text = json.dumps(groups, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_warm_start(run, writer) -> None:
+    """`warm_start`, or its weights read back from `config.sft.cache_dir` when a run with the same
+    `warm_start_key` left them there (ablation variants and seeds' re-runs share one warm start;
+    the weights are those the warm start would make, bitwise on the same machine). A cache
+    entry that does not restore is warned about and the warm start runs (and rewrites it)."""
+    import orbax.checkpoint as ocp
+
+    cache = run.config.sft.cache_dir
+    if not cache:
+        return warm_start(run, writer)
+    path = os.path.abspath(os.path.join(cache, f"warm_start_{warm_start_key(run.config)}"))
+    state = nnx.state(run.model, nnx.Param)
+    if os.path.isdir(path):
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:
+                restored = checkpointer.restore(path, jax.tree.map(_abstract, nnx.to_pure_dict(state)))
+            nnx.replace_by_pure_dict(state, restored)
+            nnx.update(run.model, state)
+            if writer.is_writer:
+                print(f"warm start read from {path}", flush=True)
+            return None
+        except Exception as error:  # noqa: BLE001  (a bad entry costs a warm start, not the run)
+            log.warning("warm-start cache %s does not restore (%s: %s): warm-starting again",
+                        path, type(error).__name__, error)
+    warm_start(run, writer)
+    state = nnx.state(run.model, nnx.Param)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, nnx.to_pure_dict(state), force=True)
+    if writer.is_writer:
+        print(f"warm start kept in {path}", flush=True)
+    return None
+
+
+def _abstract(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))

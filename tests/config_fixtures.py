@@ -17,3 +17,13 @@ def config_module(name: str):
 def load_config(name: str, arg: str = "runlocal"):
     """`configs/<name>.py`'s `get_config(arg)` (default: its small `runlocal` variant)."""
     return config_module(name).get_config(arg)
+
+
+def completion_parity(completion) -> float:
+    """A reward that varies on an untrained model's text (the parity of its length): a rubric
+    plug-in ("config_fixtures:completion_parity") that gives the runlocal runs a gradient."""
+    return float(sum(len(m["content"]) for m in completion if m["role"] == "assistant") % 2)
+
+
+VARYING_RUBRIC = {"correct_answer": {"weight": 1.0, "fn": "correct_answer"},
+                  "parity": {"weight": 1.0, "fn": "config_fixtures:completion_parity"}}

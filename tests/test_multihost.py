@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from tokenizer_fixtures import sp_tokenizer, sp_tokenizer_dir  # noqa: F401  (fixtures used by name)
 
-from grpo_jax import components, distributed, trainer
+from grpo_jax import collector, components, distributed, trainer
 from grpo_jax import rollout as rl
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.envs import EnvGroup
@@ -278,8 +278,8 @@ def test_a_block_of_rows_rolls_out_as_in_the_whole_batch_and_merges_to_its_metri
         blocks.append((part, part.score(env)))
 
     scores = whole.score(env)
-    expected = trainer.Episodes(scores.rewards, whole.metrics, scores.metrics, whole.tokens.shape[1])
-    merged = trainer.merge_episodes([trainer.episode_summary(p, s) for p, s in blocks])
+    expected = collector.gather_episodes(whole, scores, 3)
+    merged = collector.merge_episodes([collector.episode_summary(p, s, 3) for p, s in blocks])
     assert "reward/arithmetic" in merged.score_metrics and "failures/calculator/correct_answer" in merged.score_metrics
     np.testing.assert_array_equal(merged.rewards, expected.rewards)
     assert np.isfinite(expected.rewards).all() and np.std(expected.rewards) > 0
@@ -287,3 +287,8 @@ def test_a_block_of_rows_rolls_out_as_in_the_whole_batch_and_merges_to_its_metri
     timeless = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
     assert timeless(merged.rollout_metrics) == timeless(expected.rollout_metrics)
     assert merged.width == expected.width
+    np.testing.assert_array_equal(merged.turn_rewards, expected.turn_rewards)
+    np.testing.assert_array_equal(merged.num_turns, expected.num_turns)
+    assert merged.scores.keys() == expected.scores.keys()
+    for name in expected.scores:
+        np.testing.assert_array_equal(merged.scores[name], expected.scores[name])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from config_fixtures import load_config
 
-from grpo_jax import components, config_utils, trainer
+from grpo_jax import collector, components, config_utils, trainer
 from grpo_jax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,9 +161,9 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):
 
 
 def test_step_rows_are_a_permutation_per_epoch():
-    rows = np.concatenate([trainer.step_rows(10, s, 5, seed=0) for s in range(1, 5)])
+    rows = np.concatenate([collector.step_rows(10, s, 5, seed=0) for s in range(1, 5)])
     assert sorted(rows[:10]) == list(range(10)) and sorted(rows[10:]) == list(range(10))
-    np.testing.assert_array_equal(trainer.step_rows(10, 3, 5, 0), rows[10:15])
+    np.testing.assert_array_equal(collector.step_rows(10, 3, 5, 0), rows[10:15])
 
 
 def test_gsm8k_qwen_config_small_variant(tmp_path):
