@@ -230,14 +230,14 @@ SEED_MARK = "@"
 
 
 def seeded(variants: Mapping[str, Mapping[str, Any]], seeds: Sequence[int]) -> dict[str, dict[str, Any]]:
-    """Each variant once per seed: {"<name>@<seed>": {**overrides, "seed": seed}} (for `sweep`)."""
-    out = {}
-    for name, overrides in variants.items():
-        if SEED_MARK in name:
-            raise ValueError(f"variant name {name!r} may not contain {SEED_MARK!r}")
-        for seed in seeds:
-            out[f"{name}{SEED_MARK}{seed}"] = {**overrides, "seed": int(seed)}
-    return out
+    """Each variant once per seed: {"<name>@<seed>": {**overrides, "seed": seed}} (for `sweep`),
+    seed by seed, so the variants of a seed run back to back (timings compare under a load that
+    drifts; the seed's warm start is trained once, `sft.cache_dir`)."""
+    bad = [name for name in variants if SEED_MARK in name]
+    if bad:
+        raise ValueError(f"variant names {bad} may not contain {SEED_MARK!r}")
+    return {f"{name}{SEED_MARK}{seed}": {**overrides, "seed": int(seed)}
+            for seed in seeds for name, overrides in variants.items()}
 
 
 def by_seed(results: Mapping[str, Rows]) -> dict[str, dict[int, Rows]]:
@@ -306,14 +306,16 @@ def seed_table(results: Mapping[str, Rows], columns: Mapping[str, tuple[str, Map
 
 
 def mean_curves(results: Mapping[str, Rows], key: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """{variant: (steps, mean over seeds, std over seeds)} of `key` at the steps every seed logged."""
+    """{variant: (steps, mean over seeds, std over seeds)} of `key` at the steps every seed logged
+    (variants that never log it are left out)."""
     out = {}
     for variant, runs in by_seed(results).items():
         curves = [curve(rows, key) for rows in runs.values()]
         common = sorted(set.intersection(*(set(s.tolist()) for s, _ in curves))) if curves else []
+        if not common:  # the variant does not log `key`
+            continue
         stacked = np.asarray([[v[s.tolist().index(x)] for x in common] for s, v in curves], float)
-        out[variant] = (np.asarray(common, float), stacked.mean(axis=0) if common else stacked,
-                        stacked.std(axis=0) if common else stacked)
+        out[variant] = (np.asarray(common, float), stacked.mean(axis=0), stacked.std(axis=0))
     return out
 
 

@@ -334,6 +334,11 @@ def _check_devices(c) -> None:
         micro = micro or rows
     else:
         micro = c.grpo.micro_batch_size or rows
+    mini = c.grpo.get("num_mini_batches", 1)
+    if not c.grpo.pack and rows % (mini * (c.grpo.micro_batch_size or 1)):
+        micro_rows = f" of whole micro-batches of {c.grpo.micro_batch_size} rows" if c.grpo.micro_batch_size else ""
+        _fail("grpo.num_mini_batches", f"{mini} mini-batches{micro_rows} do not split the batch of {rows} "
+              "rows evenly")
     if rows % shards or micro % shards:
         _fail("train.prompts_per_step", f"the batch of {rows} rows (micro-batches of {micro}) must split "
               f"evenly over the {shards} data-parallel devices (mesh data x fsdp)")

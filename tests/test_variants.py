@@ -211,3 +211,9 @@ def test_warm_start_cache_gives_the_same_run(tmp_path, capsys):
         config.seed = 1
     trainer.run(config, str(tmp_path / "c"))
     assert len(os.listdir(tmp_path / "cache")) == 2 and json.dumps(entry)
+
+
+def test_mini_batches_that_do_not_split_an_unpacked_batch_are_refused():
+    config = _config(**{"grpo.pack": False, "grpo.num_mini_batches": 3})  # 4 prompts x 2 = 8 rows
+    with pytest.raises(config_utils.ConfigError, match=r"grpo\.num_mini_batches"):
+        config_utils.validate(config)
