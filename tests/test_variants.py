@@ -9,13 +9,13 @@ import sys
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from config_fixtures import VARYING_RUBRIC, load_config
 from grpo_jax import collector, config_utils, trainer
-from grpo_jax.collector import Collector, Episodes, _Round, select_groups, varying_groups
+from grpo_jax.collector import (Collector, Episodes, _Round, _subset_rollout, _subset_scores, select_groups,
+                                varying_groups)
 from grpo_jax.components import build
 from grpo_jax.metrics import read_metrics
 from grpo_jax.rubrics.rubric import RubricScores, score_metrics
@@ -77,6 +77,38 @@ def test_dynamic_batch_holds_the_chosen_groups_in_order():
     assert offset == 0 and len(local) == 6
     assert extra["dynamic/rounds"] == 3 and extra["dynamic/groups_varying"] == 3
     assert extra["dynamic/groups_filled"] == 0 and extra["dynamic/batch_reward"] == pytest.approx(0.5)
+
+
+def test_processes_select_their_own_episodes_of_the_same_batch():
+    """Several processes: each holds its block of every round's groups; the selection is made on
+    the gathered rewards, and the processes' selected episodes, in process order, are the
+    one-process batch's (what each process packs)."""
+    config = load_config("calculator_tiny")
+    with config.unlocked():
+        config.train.prompts_per_step = 4
+        config.grpo.dynamic_sampling = True
+
+    def collector_of(block):
+        run = types.SimpleNamespace(config=config, rollout=types.SimpleNamespace(pad_id=0), env=None,
+                                    mesh=None, train=types.SimpleNamespace(micro_batch_size=None))
+        c = Collector(run)
+        c.block = block
+        return c
+
+    rewards = [[1, 1, 0, 1, 0, 0, 1, 1], [0, 0, 1, 0, 0.5, 0.5, 0, 1]]  # 4 groups of 2 per round
+    whole = [_round(r, 2, tag) for tag, r in enumerate(rewards, start=1)]
+    one = collector_of((0, 4))._select(whole, step=1)
+    parts = []
+    for block in ((0, 2), (2, 4)):
+        rows = np.arange(2 * block[0], 2 * block[1])
+        local = [_Round(_subset_rollout([(w.result, rows)], pad_id=0), _subset_scores([(w.scores, rows)]),
+                        w.episodes, 0.1) for w in whole]
+        parts.append(collector_of(block)._select(local, step=1))
+    np.testing.assert_array_equal(parts[0][0].rewards, one[0].rewards)  # every process: the whole batch
+    tokens = np.concatenate([p[1].tokens for p in parts])
+    np.testing.assert_array_equal(tokens, one[1].tokens)
+    np.testing.assert_array_equal(np.concatenate([p[2].rewards for p in parts]), one[2].rewards)
+    assert [p[3] for p in parts] == [0, len(parts[0][1])]  # each process's first selected episode, globally
 
 
 # ---------------------------------------------------------------------------------------------
