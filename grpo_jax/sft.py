@@ -233,7 +233,7 @@ def warm_start(run, writer) -> None:
 
 # What a warm start is a function of (with `seed` and `platform`): the cache key's config groups.
 WARM_START_GROUPS = ("model", "lora", "tokenizer", "env", "sft", "mesh")
-_NOT_IN_KEY = {"sft": ("cache_dir", "log_every")}
+_NOT_IN_KEY = {"sft": ("cache_dir", "log_every"), "env": ("rubric_weights", "rubric")}  # demonstrations are not scored
 
 
 def warm_start_key(config) -> str:

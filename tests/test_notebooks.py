@@ -7,6 +7,7 @@ variants (warm start, sampler, evaluation) compile once. The kernel sees one CPU
 """
 
 import glob
+import json
 import os
 
 import nbformat
@@ -163,3 +164,51 @@ def test_curve_table_and_plot_from_metric_rows(tmp_path):
     assert [line.get_label() for line in reward_lines] == ["a", "b"]
     np.testing.assert_allclose(reward_lines[0].get_ydata(), [0.1, 0.15, 0.4])  # smoothed
     np.testing.assert_allclose(fig.axes[1].get_lines()[0].get_ydata(), [0.25, 0.5])  # eval: as is
+
+
+def test_seeded_sweeps_tables_and_separation():
+    variants = ablation.seeded({"a": {"grpo.beta": 0.1}, "b": {}}, (0, 1, 2))
+    assert list(variants) == ["a@0", "b@0", "a@1", "b@1", "a@2", "b@2"]  # seed by seed
+    assert variants["b@1"] == {"seed": 1}
+    with pytest.raises(ValueError, match="@"):
+        ablation.seeded({"a@b": {}}, (0,))
+    accuracy = {"a": (0.9, 0.8, 0.95), "b": (0.5, 0.7, 0.6), "c": (0.85, 0.75, 0.5)}
+    results = {f"{v}@{s}": [{"step": 10, "eval/accuracy": accuracy[v][s]}]
+               + [{"step": k, "reward": accuracy[v][s] + k} for k in (1, 2, 3)]
+               for v in accuracy for s in (0, 1, 2)}
+    assert set(ablation.by_seed(results)) == {"a", "b", "c"}
+    values = ablation.seed_values(results, "eval/accuracy")
+    np.testing.assert_allclose(values["c"], [0.85, 0.75, 0.5])
+    assert ablation.separated(values) == [("a", "b")]  # a's worst (0.8) above b's best (0.7)
+    assert set(ablation.above_in_every_seed(values)) == {("a", "b"), ("a", "c")}
+    assert ablation.final_value(results["a@0"], "reward", steps_between=(2, 3)) == pytest.approx(0.9 + 2.5)
+    assert ablation.final_value(results["a@0"], "reward", last=2) == pytest.approx(0.9 + 2.5)
+    assert np.isnan(ablation.final_value(results["a@0"], "eval/accuracy", step=20))
+    columns = {"accuracy": ("eval/accuracy", {})}
+    table = ablation.seed_table(results, columns)
+    assert "| a | 0,1,2 | 0.883 +- 0.062 |" in table and "0.850 / 0.750 / 0.500" in table
+    report = ablation.separation_report(results, columns)
+    assert "a > b beyond the seeds' spread" in report and "in every seed: a > c" in report
+
+
+def test_sweep_reads_finished_variants_back_and_stops_on_a_stopped_one(tmp_path, monkeypatch, capsys):
+    from grpo_jax import trainer
+
+    base = ablation.load_config("arithmetic_tiny", "runlocal")
+    calls = []
+
+    def fake_run(config, workdir, stopped=False):
+        calls.append(workdir)
+        last = 1 if stopped else config.train.num_steps
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            for row in ({"step": 0, "eval/accuracy": 0.0}, {"step": last, "eval/accuracy": 0.5}):
+                f.write(json.dumps(row) + "\n")
+        return {"stopped_early": stopped, "last_step": last}
+
+    monkeypatch.setattr(trainer, "run", fake_run)
+    first = ablation.sweep(base, {"a": {}}, str(tmp_path))
+    again = ablation.sweep(base, {"a": {}}, str(tmp_path))
+    assert len(calls) == 1 and first == again and "read back" in capsys.readouterr().out
+    monkeypatch.setattr(trainer, "run", lambda config, workdir: fake_run(config, workdir, stopped=True))
+    with pytest.raises(RuntimeError, match="stopped after step 1"):
+        ablation.sweep(base, {"b": {}}, str(tmp_path))
