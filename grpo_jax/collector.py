@@ -40,7 +40,7 @@ from grpo_jax import sharding as sharding_lib
 from grpo_jax.advantages import group_advantages, multi_reward_advantages
 from grpo_jax.envs.base import turn_rewards_from_states
 from grpo_jax.rollout import model_sampler, rollout
-from grpo_jax.rubrics.rubric import RubricScores, check_rewards, score_metrics
+from grpo_jax.rubrics.rubric import RubricScores, check_rewards, rubric_weights, score_metrics
 from grpo_jax.trajectories import Rollout, metrics_from_stats
 
 log = logging.getLogger(__name__)
@@ -237,14 +237,6 @@ def step_advantages(episodes: Episodes, grpo_config, group_size: int, weights: d
         turn = credit.turn_advantages(episodes.turn_rewards, episodes.num_turns, episodes.rewards, group_size,
                                       discount=g.turn_discount, scale=g.advantage_scale)
     return advantages, turn, jax.device_get(info)
-
-
-def rubric_weights(env) -> dict[str, float]:
-    """{reward function: weight} of the env's rubric (GDPO weighs each function's advantages)."""
-    rubric = getattr(env, "rubric", None)
-    if rubric is None:
-        return {}
-    return {f.name: float(f.weight) for f in list(rubric.funcs) + list(rubric.token_funcs)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -377,3 +377,13 @@ class Rubric:
         token_scores = self._token_scores(tokens_BT, mask_BT) if (
             self.token_funcs and tokens_BT is not None) else None
         return self._assemble(contexts, outcomes, token_scores)
+
+
+def rubric_weights(env) -> dict[str, float]:
+    """{reward function: weight} of an env's rubric, text and token functions ({} for an env
+    without one): the weights GDPO gives each function's advantages (`collector`), and the
+    rubric the tuner starts from (`rubrics.tuning`)."""
+    rubric = getattr(env, "rubric", None)
+    if rubric is None:
+        return {}
+    return {f.name: float(f.weight) for f in list(rubric.funcs) + list(rubric.token_funcs)}
