@@ -119,7 +119,7 @@ def build_model(config, tokenizer, mesh=None):
                         mesh=mesh, remat=config.model.remat,
                         **config_utils.model_platform_fields(config))
     else:
-        model = create_model(model_config(config, tokenizer), seed=config.seed, mesh=mesh)
+        model = create_model(model_config(config, tokenizer), seed=sft.warm_start_seed(config), mesh=mesh)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                          f"{model.config.vocab_size} embeddings")

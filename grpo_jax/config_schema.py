@@ -92,6 +92,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.sft.direct_answer_fraction = 0.0  # tool envs: share of mixed demos that skip the tool (env.no_tool_completion)
     c.sft.mixed_trained_tokens = placeholder(int)  # N: mixed demos train only their first N completion
     #                                    tokens (the choice); None = all
+    c.sft.seed = placeholder(int)      # seed of the initial weights and the warm start; None =
+    #                                    seed (set: GRPO under several seeds from one warm start)
     c.sft.cache_dir = placeholder(str)  # warm-started weights kept here per (seed, model, env,
     #                                    sft) and reused: ablation variants share one warm start
     c.sft.log_every = 50               # progress line every N steps

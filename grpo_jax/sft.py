@@ -199,7 +199,7 @@ def warm_start(run, writer) -> None:
     `steps` on the env's gold demonstrations, then `mixed_steps` on demonstrations of which
     `direct_answer_fraction` skip the tool (with `mixed_trained_tokens`, only their first
     completion tokens carry loss). Progress goes to `writer` (a `metrics.MetricsWriter`)."""
-    c, seed = run.config.sft, run.config.seed
+    c, seed = run.config.sft, warm_start_seed(run.config)
     rows = run.env.dataset("train", n=c.num_demos, seed=run.config.env.data_seed)
     stages = [("gold", 0.0, c.steps, c.learning_rate, seed, None)]
     if c.mixed_steps:
@@ -236,12 +236,18 @@ WARM_START_GROUPS = ("model", "lora", "tokenizer", "env", "sft", "mesh")
 _NOT_IN_KEY = {"sft": ("cache_dir", "log_every"), "env": ("rubric_weights", "rubric")}  # demonstrations are not scored
 
 
+def warm_start_seed(config) -> int:
+    """The seed of the initial weights and the warm start: `sft.seed`, or the run's `seed`."""
+    seed = config.sft.get("seed")
+    return config.seed if seed is None else seed
+
+
 def warm_start_key(config) -> str:
-    """A digest of everything the warm-started weights depend on (`WARM_START_GROUPS`, the seed
-    and the platform): runs whose keys match start GRPO from the same weights."""
+    """A digest of everything the warm-started weights depend on (`WARM_START_GROUPS`, the
+    warm-start seed and the platform): runs whose keys match start GRPO from the same weights."""
     groups = {name: {k: v for k, v in config[name].to_dict().items() if k not in _NOT_IN_KEY.get(name, ())}
               for name in WARM_START_GROUPS}
-    groups.update(seed=config.seed, platform=config.platform)
+    groups.update(seed=warm_start_seed(config), platform=config.platform)
     text = json.dumps(groups, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -249,3 +249,20 @@ def test_mini_batches_that_do_not_split_an_unpacked_batch_are_refused():
     config = _config(**{"grpo.pack": False, "grpo.num_mini_batches": 3})  # 4 prompts x 2 = 8 rows
     with pytest.raises(config_utils.ConfigError, match=r"grpo\.num_mini_batches"):
         config_utils.validate(config)
+
+
+def test_one_warm_start_for_several_grpo_seeds(tmp_path):
+    """`sft.seed` fixes the initial weights and the warm start: runs of other `seed`s start GRPO
+    from the same weights (one cache entry, the same evaluation before GRPO), and differ after."""
+    rows = {}
+    for seed in (0, 1):
+        config = _config(**{"sft.seed": 0, "sft.cache_dir": str(tmp_path / "cache"), "train.num_steps": 2})
+        with config.unlocked():
+            config.seed = seed
+        trainer.run(config, str(tmp_path / str(seed)))
+        rows[seed] = read_metrics(str(tmp_path / str(seed)))
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    before = [[r for r in rows[s] if r["step"] == 0 and "eval/accuracy" in r][0] for s in (0, 1)]
+    assert {k: v for k, v in before[0].items() if not k.startswith("eval/time")} == \
+        {k: v for k, v in before[1].items() if not k.startswith("eval/time")}
+    assert _trained(rows[0])[0]["loss"] != _trained(rows[1])[0]["loss"]  # other sampling keys
