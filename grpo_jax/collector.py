@@ -305,14 +305,13 @@ class Collector:
                 rounds.append(self._round(sampler, step, len(rounds)))
         first = rounds[0]
         if len(rounds) == 1 and not c.grpo.dynamic_sampling:
-            selected, local, offset, extra = first.episodes, first.result, self.block[0] * self.group_size, {}
-            scores = first.scores
+            selected, local, scores, extra = first.episodes, first.result, first.scores, {}
+            own = np.arange(len(local)) + self.block[0] * self.group_size
         else:
-            selected, local, scores, offset, extra = self._select(rounds, step)
+            selected, local, scores, own, extra = self._select(rounds, step)
         episode_adv, turn_adv, adv_info = step_advantages(selected, c.grpo, self.group_size, self.weights)
-        own = slice(offset, offset + len(local))
         rollout_store.store_step(run, step, local, scores, episode_adv[own], process_index=jax.process_index(),
-                                 episode_offset=offset)  # train.store_rollouts: workdir/rollouts/
+                                 episode_ids=own)  # train.store_rollouts: workdir/rollouts/
         advantages = episode_adv[own] if turn_adv is None else credit.token_advantages(
             turn_adv[own], local.completion_mask)
         batch, stats = self.train_batch(local, advantages, selected)
@@ -325,7 +324,7 @@ class Collector:
 
     def _select(self, rounds: list[_Round], step: int):
         """The dynamic-sampling batch: (Episodes of the selected groups, this process's selected
-        rollout and scores, the global index of its first selected episode, dynamic/* metrics)."""
+        rollout and scores, their positions in the batch, dynamic/* metrics)."""
         g, target = self.group_size, self.run.config.train.prompts_per_step
         varying = [varying_groups(r.episodes.rewards, g) for r in rounds]
         chosen, filled = select_groups(varying, target)
@@ -339,7 +338,8 @@ class Collector:
         selected = _concat_episodes([rounds[r].episodes.take(np.asarray(index[r], int)) for r in index])
         lo, hi = self.block[0] * g, self.block[1] * g  # this process's episodes in each round
         local_index = {r: np.asarray([i - lo for i in index[r] if lo <= i < hi], int) for r in index}
-        offset = next((k for k, (r, group) in enumerate(chosen) if lo <= group * g < hi), 0) * g
+        own = np.asarray([k * g + j for k, (r, group) in enumerate(chosen) if lo <= group * g < hi for j in range(g)],
+                         int)  # in the order of `local`: chosen is in (round, group) order
         local = _subset_rollout([(rounds[r].result, local_index[r]) for r in index], self.run.rollout.pad_id)
         scores = _subset_scores([(rounds[r].scores, local_index[r]) for r in index])
         extra = {"dynamic/rounds": float(len(rounds)), "dynamic/groups_sampled": float(sum(len(v) for v in varying)),
@@ -347,7 +347,7 @@ class Collector:
                  "dynamic/groups_filled": float(filled),
                  "dynamic/batch_reward": float(np.nanmean(selected.rewards)) if np.isfinite(selected.rewards).any()
                  else float("nan")}
-        return selected, local, scores, offset, extra
+        return selected, local, scores, own, extra
 
     def train_batch(self, result: Rollout, advantages, episodes: Episodes) -> tuple[dict[str, Any], dict[str, float]]:
         """The train step's batch and its padding stats (`packing.padding_stats`, of the whole

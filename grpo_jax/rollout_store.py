@@ -106,9 +106,14 @@ def _spans(mask: np.ndarray) -> list[list[int]]:
 
 
 def episode_records(step: int, rollout, scores, advantages, *, process_index: int = 0,
-                    episode_offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """The JSON records of `rollout`'s episodes and the number of state keys dropped."""
+                    episode_offset: int = 0, episode_ids=None) -> tuple[list[dict[str, Any]], int]:
+    """The JSON records of `rollout`'s episodes and the number of state keys dropped. Episode i's
+    global id is `episode_ids[i]` when given (then `advantages` are these episodes'), else
+    `episode_offset + i`."""
     n = len(rollout)
+    ids = list(range(episode_offset, episode_offset + n)) if episode_ids is None else [int(i) for i in episode_ids]
+    if len(ids) != n:
+        raise ValueError(f"{n} episodes but {len(ids)} episode ids")
     advantages = np.asarray(advantages, np.float64).reshape(-1)
     if len(advantages) != n:  # the whole batch's: this process's slice
         advantages = advantages[episode_offset:episode_offset + n]
@@ -119,7 +124,7 @@ def episode_records(step: int, rollout, scores, advantages, *, process_index: in
         state, dropped = _safe_state(rollout.states[i])
         dropped_count += len(dropped)
         length = int(rollout.lengths[i])
-        episode = episode_offset + i
+        episode = ids[i]
         records.append({
             "format": FORMAT, "step": int(step), "process": int(process_index), "episode": episode,
             "group": episode // rollout.group_size, "group_size": int(rollout.group_size),
@@ -152,15 +157,16 @@ def atomic_write_gz(path: str, lines: Iterable[str]):
 
 
 def write_step(workdir: str, step: int, rollout, scores, advantages, *, process_index: int = 0,
-               episode_offset: int = 0) -> str:
+               episode_offset: int = 0, episode_ids=None) -> str:
     """Writes `rollout`'s episodes of `step` to `workdir/rollouts/step_{step:06d}.p{process}.jsonl.gz`.
 
     `scores`: the `RubricScores` of these episodes (this process's); `advantages`: theirs, or the
     whole batch's ([B], global order: this process's are sliced from `episode_offset`, the
-    global id of its first episode). Returns the path.
+    global id of its first episode). `episode_ids`: the episodes' ids in the batch instead, when
+    they are not contiguous (dynamic sampling on several processes). Returns the path.
     """
     records, dropped = episode_records(step, rollout, scores, advantages, process_index=process_index,
-                                       episode_offset=episode_offset)
+                                       episode_offset=episode_offset, episode_ids=episode_ids)
     if dropped:
         log.warning("rollout store, step %d: %d state values were not JSON-serialisable and were dropped "
                     "(named per episode in `dropped`)", step, dropped)
@@ -169,12 +175,12 @@ def write_step(workdir: str, step: int, rollout, scores, advantages, *, process_
     return path
 
 
-def store_step(run, step: int, rollout, scores, advantages, *, process_index: int, episode_offset: int):
-    """The trainer's call: `write_step` when `train.store_rollouts` (a config without the field
-    stores too)."""
+def store_step(run, step: int, rollout, scores, advantages, *, process_index: int, episode_ids):
+    """The trainer's call: `write_step` of this process's episodes (their `advantages` and ids in
+    the batch) when `train.store_rollouts` (a config without the field stores too)."""
     if run.config.train.get("store_rollouts", True):
         write_step(run.workdir, step, rollout, scores, advantages, process_index=process_index,
-                   episode_offset=episode_offset)
+                   episode_ids=episode_ids)
 
 
 def stored_files(workdir: str) -> list[tuple[int, int, str]]:

@@ -74,7 +74,7 @@ def test_dynamic_batch_holds_the_chosen_groups_in_order():
     np.testing.assert_array_equal(selected.rewards, [0, 1, 1, 0, 1, 0])
     assert local.tokens[:, :2].tolist() == [[1, 102], [1, 103], [2, 102], [2, 103], [3, 100], [3, 101]]
     np.testing.assert_array_equal(scores.rewards, selected.rewards)
-    assert offset == 0 and len(local) == 6
+    assert offset.tolist() == list(range(6)) and len(local) == 6
     assert extra["dynamic/rounds"] == 3 and extra["dynamic/groups_varying"] == 3
     assert extra["dynamic/groups_filled"] == 0 and extra["dynamic/batch_reward"] == pytest.approx(0.5)
 
@@ -95,7 +95,9 @@ def test_processes_select_their_own_episodes_of_the_same_batch():
         c.block = block
         return c
 
-    rewards = [[1, 1, 0, 1, 0, 0, 1, 1], [0, 0, 1, 0, 0.5, 0.5, 0, 1]]  # 4 groups of 2 per round
+    # 4 groups of 2 per round; varying: round 0 groups 1 and 2, round 1 groups 1 and 3. Process 0
+    # holds groups 0-1 of each round, process 1 groups 2-3: their episodes interleave in the batch.
+    rewards = [[1, 1, 0, 1, 1, 0, 1, 1], [0, 0, 1, 0, 0.5, 0.5, 0, 1]]
     whole = [_round(r, 2, tag) for tag, r in enumerate(rewards, start=1)]
     one = collector_of((0, 4))._select(whole, step=1)
     parts = []
@@ -105,10 +107,14 @@ def test_processes_select_their_own_episodes_of_the_same_batch():
                         w.episodes, 0.1) for w in whole]
         parts.append(collector_of(block)._select(local, step=1))
     np.testing.assert_array_equal(parts[0][0].rewards, one[0].rewards)  # every process: the whole batch
-    tokens = np.concatenate([p[1].tokens for p in parts])
-    np.testing.assert_array_equal(tokens, one[1].tokens)
-    np.testing.assert_array_equal(np.concatenate([p[2].rewards for p in parts]), one[2].rewards)
-    assert [p[3] for p in parts] == [0, len(parts[0][1])]  # each process's first selected episode, globally
+    order = np.argsort(np.concatenate([p[3] for p in parts]))  # the processes' episodes in batch order
+    np.testing.assert_array_equal(np.concatenate([p[1].tokens for p in parts])[order], one[1].tokens)
+    np.testing.assert_array_equal(np.concatenate([p[2].rewards for p in parts])[order], one[2].rewards)
+    # Each process's episodes' positions in the batch: round 0 group 1 (0, 1), round 0 group 2 (2, 3),
+    # round 1 group 1 (4, 5), round 1 group 3 (6, 7).
+    assert [p[3].tolist() for p in parts] == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    np.testing.assert_array_equal(np.concatenate([p[3] for p in parts]), [0, 1, 4, 5, 2, 3, 6, 7])
+    assert one[3].tolist() == list(range(8))
 
 
 # ---------------------------------------------------------------------------------------------
