@@ -216,7 +216,8 @@ def _figure(panels: int):
 
 def _finish_figure(fig, axes, title, path):
     """One legend below the panels, the title; written to `path` when given."""
-    handles, labels = axes[0].get_legend_handles_labels()
+    # The legend of the panel with the most variants (a variant may not log every metric).
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes[:len(fig.axes)]), key=lambda hl: len(hl[1]))
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=9)
     if title:
         fig.suptitle(title)
@@ -367,13 +368,14 @@ def plot_seed_curves(results: Mapping[str, Rows], keys: Sequence[str] = ("reward
                      smooth: int = 1, title: str | None = None, path: str | None = None):
     """`plot_curves` for seeded sweeps: per variant the mean over seeds, a band of +- one std."""
     fig, axes = _figure(len(keys))
+    colors = {variant: f"C{i}" for i, variant in enumerate(by_seed(results))}  # one per variant, every panel
     for ax, key in zip(axes, keys):
         is_eval = key.startswith("eval/")
         for variant, (steps, mean, std) in mean_curves(results, key).items():
             if not is_eval:
                 mean, std = moving_average(mean, smooth), moving_average(std, smooth)
-            line, = ax.plot(steps, mean, marker="o" if is_eval else None, label=variant)
-            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            ax.plot(steps, mean, marker="o" if is_eval else None, label=variant, color=colors[variant])
+            ax.fill_between(steps, mean - std, mean + std, color=colors[variant], alpha=0.2)
         suffix = f" (mean of {smooth} steps)" if smooth > 1 and not is_eval else ""
         ax.set_title(f"{key}{suffix}, mean +- std over seeds", fontsize=9)
         ax.set_xlabel("GRPO step")
