@@ -75,7 +75,8 @@ def _check_workdir(workdir: str, config) -> None:
     if os.path.exists(path):
         with open(path) as f:
             recorded = json.load(f)
-        if recorded != current:
+        if _set_fields(recorded) != _set_fields(current):
+            recorded, current = _set_fields(recorded), _set_fields(current)
             changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
             raise ValueError(f"{workdir} holds a run of a different config (groups {changed} differ): "
                              "delete it or choose another workdir_root")
@@ -83,6 +84,14 @@ def _check_workdir(workdir: str, config) -> None:
     os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
         json.dump(current, f, indent=1, sort_keys=True)
+
+
+def _set_fields(tree):
+    """The config without its unset (None) fields: a field added to the schema since a run was
+    recorded, off by default, does not make the run another config's."""
+    if isinstance(tree, dict):
+        return {k: _set_fields(v) for k, v in tree.items() if v is not None}
+    return tree
 
 
 def sweep(base_config, variants: Mapping[str, Mapping[str, Any]], workdir_root: str, *,
