@@ -224,10 +224,7 @@ def step_advantages(episodes: Episodes, grpo_config, group_size: int, weights: d
     [B], turn_advantages [B, K] or None, info)`: with credit "turn" the update uses the second
     (each turn's advantage on its tokens), the first is stored with the episodes."""
     g = grpo_config
-    rewards = jnp.asarray(np.asarray(episodes.rewards, np.float32))
-    advantages, info = _advantages(rewards, group_size, g.advantage_scale, return_info=True,
-                                   baseline=g.advantage_baseline)
-    advantages = np.asarray(advantages)
+    advantages, info = _group_advantages(episodes.rewards, group_size, g)
     if g.multi_reward == "normalize_then_sum":
         advantages = np.asarray(multi_reward_advantages(
             episodes.scores, weights, group_size, scale=g.advantage_scale, baseline=g.advantage_baseline),
@@ -236,7 +233,15 @@ def step_advantages(episodes: Episodes, grpo_config, group_size: int, weights: d
     if g.credit == "turn":
         turn = credit.turn_advantages(episodes.turn_rewards, episodes.num_turns, episodes.rewards, group_size,
                                       discount=g.turn_discount, scale=g.advantage_scale)
-    return advantages, turn, jax.device_get(info)
+    return advantages, turn, info
+
+
+def _group_advantages(rewards, group_size: int, grpo_config) -> tuple[np.ndarray, dict]:
+    """`group_advantages` of `rewards` as `grpo_config` scales them, and its info, on the host."""
+    rewards = jnp.asarray(np.asarray(rewards, np.float32))
+    advantages, info = _advantages(rewards, group_size, grpo_config.advantage_scale, return_info=True,
+                                   baseline=grpo_config.advantage_baseline)
+    return np.asarray(advantages), jax.device_get(info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +309,7 @@ class Collector:
                    and len(rounds) < c.grpo.max_sampling_rounds):
                 rounds.append(self._round(sampler, step, len(rounds)))
         first = rounds[0]
-        if len(rounds) == 1 and not c.grpo.dynamic_sampling:
+        if not c.grpo.dynamic_sampling:
             selected, local, scores, extra = first.episodes, first.result, first.scores, {}
             own = np.arange(len(local)) + self.block[0] * self.group_size
         else:
@@ -316,9 +321,7 @@ class Collector:
             turn_adv[own], local.completion_mask)
         batch, stats = self.train_batch(local, advantages, selected)
         if extra:  # the regular prompts' statistics, as a step without dynamic sampling logs them
-            adv_info = jax.device_get(_advantages(jnp.asarray(np.asarray(first.episodes.rewards, np.float32)),
-                                                  self.group_size, c.grpo.advantage_scale, return_info=True,
-                                                  baseline=c.grpo.advantage_baseline)[1])
+            adv_info = _group_advantages(first.episodes.rewards, self.group_size, c.grpo)[1]
         row = {**_rollout_row(first.episodes, adv_info, sum(r.seconds for r in rounds)), **stats, **extra}
         return Collected(batch, row, first.result, first.scores)
 

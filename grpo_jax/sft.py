@@ -233,7 +233,8 @@ def warm_start(run, writer) -> None:
 
 # What a warm start is a function of (with `seed` and `platform`): the cache key's config groups.
 WARM_START_GROUPS = ("model", "lora", "tokenizer", "env", "sft", "mesh")
-_NOT_IN_KEY = {"sft": ("cache_dir", "log_every"), "env": ("rubric_weights", "rubric")}  # demonstrations are not scored
+# The seed enters as `warm_start_seed`; demonstrations are not scored (the rubric).
+_NOT_IN_KEY = {"sft": ("cache_dir", "log_every", "seed"), "env": ("rubric_weights", "rubric")}
 
 
 def warm_start_seed(config) -> int:
