@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from grpo_jax import platform
 from grpo_jax.collector import Collected, Collector
+from grpo_jax.utils import ConfigError
 
 
 class RolloutQueue:
@@ -72,8 +73,6 @@ def _with_staleness(collected: Collected, staleness: int, waited_s: float) -> Co
 
 def check_overlap(config) -> None:
     """Refuses a staleness the run cannot overlap (module docstring), naming the field."""
-    from grpo_jax.config_utils import ConfigError
-
     if not config.train.get("staleness", 0):
         return
     if jax.process_count() > 1:

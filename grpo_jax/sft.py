@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from grpo_jax.config_utils import ConfigError
@@ -258,8 +259,6 @@ def cached_warm_start(run, writer) -> None:
     `warm_start_key` left them there (ablation variants and seeds' re-runs share one warm start;
     the weights are those the warm start would make, bitwise on the same machine). A cache
     entry that does not restore is warned about and the warm start runs (and rewrites it)."""
-    import orbax.checkpoint as ocp
-
     cache = run.config.sft.cache_dir
     if not cache:
         return warm_start(run, writer)

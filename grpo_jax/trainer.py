@@ -244,7 +244,7 @@ def _run(config, workdir: str, stop_after: int | None) -> dict[str, Any]:
     _print_memory_plan(run)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
                                 async_save=c.checkpoint.async_save, owner=True)
-    writer, stop, stack = None, _StopFlag(), []
+    writer, stop, queue = None, _StopFlag(), None
     stop.install()
     try:
         # --- resume from the newest checkpoint, or begin: warm start, evaluate, checkpoint step 0
@@ -252,7 +252,6 @@ def _run(config, workdir: str, stop_after: int | None) -> dict[str, Any]:
         summary: dict[str, Any] = {"workdir": workdir, "eval_before": eval_before}
         late, monitor = _LateMetrics(writer, checkpointer, c), HackMonitor()
         queue = RolloutQueue(Collector(run), c.train.get("staleness", 0), c.train.num_steps)
-        stack.append(queue.close)
 
         last_step = start_step
         for step in range(start_step + 1, c.train.num_steps + 1):
@@ -295,8 +294,8 @@ def _run(config, workdir: str, stop_after: int | None) -> dict[str, Any]:
         checkpointer.wait()
         return _finish(summary, workdir, state, last_step, c.train.num_steps)
     finally:
-        for close in stack:  # the rollout queue: its worker stops before the writer closes
-            close()
+        if queue is not None:  # its worker stops before the writer closes
+            queue.close()
         stop.restore()
         if writer is not None:
             writer.close()

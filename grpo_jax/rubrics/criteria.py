@@ -14,6 +14,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from grpo_jax.components import build_env
+from grpo_jax.rollout_store import read_rollouts
+from grpo_jax.rubrics.judge import _render
 from grpo_jax.rubrics.search import _print
 
 
@@ -45,7 +48,6 @@ def proposal_prompt(task_description: str, samples: Sequence[tuple[Any, Any, flo
                     max_criteria: int = 5) -> list[dict]:
     """Chat messages showing a judge the task and sample episodes (prompt, completion, reward)
     and asking for a numbered list of at most `max_criteria` criteria, one a line."""
-    from grpo_jax.rubrics.judge import _render
 
     shown = []
     for i, (prompt, completion, reward) in enumerate(samples, 1):
@@ -147,7 +149,6 @@ def task_description(env) -> str:
 def sample_episodes(workdir: str | None, n: int) -> list[tuple[Any, Any, float | None]]:
     """`n` stored episodes of a run (the last step's, spread over its groups), as (prompt,
     completion, reward); [] without stored rollouts."""
-    from grpo_jax.rollout_store import read_rollouts
 
     if not workdir:
         return []
@@ -172,7 +173,6 @@ def propose_from_samples(settings: ProposalSettings, base_config, rollouts_from:
                          log: Callable[[str], None] = _print) -> Proposal:
     """`propose_criteria` for the tuner: the env's task description (or `settings.task_description`),
     samples from `rollouts_from` (else gold demonstrations)."""
-    from grpo_jax.components import build_env
 
     env = build_env(base_config.env)
     samples = sample_episodes(rollouts_from, settings.num_samples)

@@ -45,8 +45,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from grpo_jax import ablation
+from grpo_jax.components import build_env
+from grpo_jax.envs.base import replay_episodes
+from grpo_jax.rollout_store import read_rollouts, rescore
 from grpo_jax.rubrics.audit import AuditReport
 from grpo_jax.rubrics.criteria import ProposalSettings, propose_from_samples
+from grpo_jax.rubrics.numbers import format_number, parse_number
 from grpo_jax.rubrics.rubric import rubric_weights
 from grpo_jax.rubrics.search import (Candidate, Round, _fmt, _print, dedupe, grid_candidates, judge_candidate,
                                      random_candidates, successive_halving)
@@ -60,7 +65,6 @@ METRIC = "eval/accuracy"
 
 
 def _wrong_number(answer: Any) -> str:
-    from grpo_jax.rubrics.numbers import format_number, parse_number
 
     value = parse_number(str(answer))
     return format_number(value + 1) if value is not None else "0"
@@ -83,7 +87,6 @@ def tool_hack_scores(env, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]
     """Mean reward of `TOOL_HACKS` replayed through a tool env (the tools really run, so the
     state's tool counters are those of a policy that calls them); {} for an env without tool
     calls in its gold demonstrations."""
-    from grpo_jax.envs.base import replay_episodes
 
     try:
         golds = [env.gold_completion(row) for row in rows]
@@ -128,7 +131,6 @@ def last_steps(episodes, n: int | None):
 
 def rescore_report(episodes, env, *, group_size: int, correct_fn: str) -> dict[str, float]:
     """`RESCORE_COLUMNS` of `rollout_store.rescore(episodes, env, ...)`."""
-    from grpo_jax.rollout_store import rescore
 
     summary = rescore(episodes, env, group_size=group_size, correct_fn=correct_fn).summary()
     return {k: float(summary.get(k, float("nan"))) for k in RESCORE_COLUMNS}
@@ -192,8 +194,6 @@ def tune(base_config, workdir: str, *, grid: Mapping[str, Sequence[float]] | Non
                  correctness on fewer than this share of episodes (None: report only).
     reuse:       an existing result with the same settings and a winner is returned as is.
     """
-    from grpo_jax import ablation
-    from grpo_jax.components import build_env
 
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, RESULT_FILE)
@@ -313,7 +313,6 @@ def tune(base_config, workdir: str, *, grid: Mapping[str, Sequence[float]] | Non
         first = HAND_WRITTEN if HAND_WRITTEN in alive else alive[0]
         log(f"training {first} first ({min_steps} steps, seed {seeds[0]}): its rollouts are re-scored")
         *_, source = train(first, min_steps, int(seeds[0]))
-    from grpo_jax.rollout_store import read_rollouts
 
     episodes = last_steps(read_rollouts(source, on_error="skip"), rescore_steps)
     result["rescored_from"] = {"workdir": source, "episodes": len(episodes),
